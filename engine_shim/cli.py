@@ -1,0 +1,147 @@
+"""``kvcache-shim``: run the reference engine with its stats endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SHIM_LISTEN = "127.0.0.1:8321"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``32MiB``, ``1.5GB``, ``4096`` -> bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64MiB)")
+    unit = (match.group(2) or "").lower().removesuffix("b")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _reference_parser(sub: Any) -> None:
+    p = sub.add_parser("reference", help="run the reference engine and its stats endpoint")
+    p.add_argument("--listen", type=parse_listen, default=DEFAULT_SHIM_LISTEN,
+                   help=f"address of the stats and completions endpoint (default {DEFAULT_SHIM_LISTEN})")
+    p.add_argument("--workload", choices=["none", "agentic", "chat", "burst"], default="none")
+    p.add_argument("--model-name", default="reference-tiny")
+    p.add_argument("--kv-memory", type=parse_size, default="32MiB", help="KV pool budget (default 32MiB)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-running", type=int, default=64)
+    p.add_argument("--iteration-time", type=float, default=0.005, help="simulated seconds per iteration")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--swa-layers", type=int, default=0, help="hybrid model: sliding-window layers")
+    p.add_argument("--sliding-window", type=int, default=None)
+    p.add_argument("--swa-pool-ratio", type=float, default=0.5)
+    p.add_argument("--host-tier", type=parse_size, default="0", help="host DRAM tier size in bytes")
+    p.add_argument("--storage-dir", type=Path, default=None)
+    p.add_argument("--storage-tier", type=parse_size, default="0", help="storage tier size in bytes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dp-rank", type=int, default=0)
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="file holding a bearer token that clients must send")
+    p.add_argument("--log-iterations", action="store_true", help="one log line per iteration")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvcache-shim", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _reference_parser(sub)
+    return parser
+
+
+def run_reference(args: argparse.Namespace) -> int:
+    # Imported here: only this command needs torch.
+    from .reference import EngineConfig, ModelShape, ReferenceEngine
+    from .reference.api import completions
+    from .reference.workload import Workload
+    from .server import ShimApp, ShimServer
+
+    try:
+        shape = ModelShape(
+            name=args.model_name, num_layers=args.layers, num_kv_heads=args.kv_heads,
+            head_dim=args.head_dim, dtype=args.dtype, swa_layers=args.swa_layers,
+            sliding_window=args.sliding_window,
+        )
+        bytes_per_token = shape.bytes_per_token(shape.num_layers)
+        config = EngineConfig(
+            shape=shape, block_size=args.block_size, kv_memory_bytes=args.kv_memory,
+            max_model_len=args.max_model_len, max_running=args.max_running,
+            iteration_time=args.iteration_time, swa_pool_ratio=args.swa_pool_ratio,
+            host_tier_tokens=args.host_tier // bytes_per_token, storage_dir=args.storage_dir,
+            storage_tier_tokens=args.storage_tier // bytes_per_token, device=args.device,
+            dp_rank=args.dp_rank, log_iterations=args.log_iterations, seed=args.seed,
+        )
+        engine = ReferenceEngine(config)
+    except ValueError as exc:
+        print(f"kvcache-shim: invalid engine settings: {exc}", file=sys.stderr)
+        return 2
+    token = args.token_file.read_text().strip() if args.token_file else None
+    app = ShimApp(
+        snapshots=lambda: [engine.snapshot()],
+        healthy=engine.alive,
+        completions=lambda body: completions(engine, body),
+        bearer_token=token,
+    )
+    host, port = args.listen
+    try:
+        server = ShimServer(app, host, port)
+    except OSError as exc:
+        print(f"kvcache-shim: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 2
+    engine.start()
+    server.start()
+    workload = None
+    if args.workload != "none":
+        workload = Workload(engine, args.workload, seed=args.seed)
+        workload.start()
+    full = engine.full_pool
+    print(
+        f"reference engine on {engine.device}: pool {full.num_blocks} blocks x {full.block_size}"
+        f" = {full.capacity_tokens} tokens, max concurrency {engine.max_concurrency:.2f};"
+        f" stats at http://{server.host}:{server.port}/v1/kv/stats",
+        flush=True,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    if workload is not None:
+        workload.stop()
+    server.stop()
+    engine.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "reference":
+        return run_reference(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""A radix tree over full blocks of token ids, with ref-counts and LRU eviction.
+
+Each node is one full block of the pool (SGLang's radix cache with page-sized edges; vLLM's
+prefix cache with hash chains). A request pins every node on its path, so a node with
+``ref == 0`` has only unpinned descendants: those nodes are exactly the evictable tokens, and
+their count is kept incrementally, O(1) to read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .pool import BlockPool
+
+ROOT_HASH = b"\x00" * 16
+
+
+def block_hash(parent: bytes, tokens: tuple[int, ...]) -> bytes:
+    """Stable across processes (unlike ``hash()``): storage-tier files are named by it."""
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(b"".join(t.to_bytes(4, "little", signed=False) for t in tokens))
+    return h.digest()
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    key: tuple[int, ...]
+    block: int
+    hash: bytes
+    parent: Node | None
+    children: dict[tuple[int, ...], Node] = field(default_factory=dict)
+    ref: int = 0
+
+
+# Called with (node) just before an evicted node's block returns to the free list.
+EvictHook = Callable[[Node], None]
+
+
+class PrefixCache:
+    def __init__(self, pool: BlockPool, on_evict: EvictHook | None = None) -> None:
+        self.pool = pool
+        self.root = Node(key=(), block=-1, hash=ROOT_HASH, parent=None, ref=1)
+        self.on_evict = on_evict
+        self.evictable_blocks = 0
+        self.cached_blocks = 0
+        self.evicted_blocks = 0
+        # Unpinned leaves in LRU order (oldest first): the only nodes eviction may take.
+        self._lru_leaves: OrderedDict[Node, None] = OrderedDict()
+
+    # ----------------------------------------------------------------- lookups and pinning
+
+    def match(self, tokens: list[int]) -> list[Node]:
+        """Longest cached path of full blocks that prefixes ``tokens`` (does not pin)."""
+        bs = self.pool.block_size
+        node, path = self.root, []
+        for start in range(0, len(tokens) - bs + 1, bs):
+            child = node.children.get(tuple(tokens[start : start + bs]))
+            if child is None:
+                break
+            path.append(child)
+            node = child
+        return path
+
+    def pin(self, node: Node) -> None:
+        if node.ref == 0:
+            self.evictable_blocks -= 1
+            self._lru_leaves.pop(node, None)
+        node.ref += 1
+
+    def unpin(self, node: Node) -> None:
+        if node.ref <= 0:
+            raise AssertionError("unpin of an unpinned node")
+        node.ref -= 1
+        if node.ref == 0:
+            self.evictable_blocks += 1
+            if not node.children:
+                self._lru_leaves[node] = None  # most recently used
+
+    def insert(self, parent: Node, key: tuple[int, ...], block: int) -> Node | None:
+        """Cache a freshly filled block under ``parent``, pinned once by its writer.
+
+        Returns None when an identical block is already cached (two requests computed the
+        same prefix concurrently); the caller keeps its copy private and frees it later.
+        """
+        if key in parent.children:
+            return None
+        node = Node(key=key, block=block, hash=block_hash(parent.hash, key), parent=parent, ref=1)
+        parent.children[key] = node
+        self._lru_leaves.pop(parent, None)  # a parent with a child is no longer a leaf
+        self.cached_blocks += 1
+        return node
+
+    # ----------------------------------------------------------------------- eviction
+
+    def evict_one(self) -> int | None:
+        """Evict the least recently used unpinned leaf; returns its freed block id."""
+        if not self._lru_leaves:
+            return None
+        node, _ = self._lru_leaves.popitem(last=False)
+        if self.on_evict is not None:
+            self.on_evict(node)
+        parent = node.parent
+        assert parent is not None
+        del parent.children[node.key]
+        self.evictable_blocks -= 1
+        self.cached_blocks -= 1
+        self.evicted_blocks += 1
+        if parent is not self.root and parent.ref == 0 and not parent.children:
+            # Continue down this branch next: its leaf was older than anything reused since.
+            self._lru_leaves[parent] = None
+            self._lru_leaves.move_to_end(parent, last=False)
+        return node.block
+
+    def allocate(self) -> int | None:
+        """An empty block, evicting the LRU unpinned prefix block if none is empty."""
+        block = self.pool.pop_free()
+        if block is None:
+            block = self.evict_one()
+        return block
+
+    # ----------------------------------------------------------------------- checks
+
+    def iter_nodes(self) -> list[Node]:
+        out, stack = [], list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            out.append(node)
+            stack.extend(node.children.values())
+        return out
+
+    def brute_force_evictable_blocks(self) -> int:
+        """O(N) ground truth for tests and benchmarks: unpinned cached blocks."""
+        return sum(1 for n in self.iter_nodes() if n.ref == 0)

@@ -1,0 +1,375 @@
+"""The KV stats snapshot, schema ``kvcache.stats/v1``: what a shim or bridge tells the exporter.
+
+Pure data and pure parsing, no I/O and no torch, because both the engine side and the
+exporter import it. Unknown values are ``None`` (serialised as ``null``) and never guessed:
+a vLLM bridge cannot see evictable blocks, so it says ``null`` instead of ``0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SCHEMA_VERSION = "kvcache.stats/v1"
+
+EngineKind = Literal["reference", "vllm", "sglang"]
+ENGINE_KINDS: tuple[str, ...] = ("reference", "vllm", "sglang")
+HIT_TIERS: tuple[str, ...] = ("device", "host", "storage")
+GROUP_KINDS: tuple[str, ...] = ("full_attention", "sliding_window", "mamba", "other")
+MAX_NAME_LEN = 256
+
+
+class SnapshotError(ValueError):
+    """A snapshot that does not follow the schema; ``path`` names the offending field."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class EngineIdentity:
+    kind: EngineKind
+    version: str
+    model: str
+    dp_rank: int
+    # Changes whenever the engine restarts, so consumers can tell a reset from a decrease.
+    instance_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """One physical pool of KV slots. ``used + evictable + available == capacity``.
+
+    Counts are token slots. When ``evictable_tokens`` is unknown, ``available_tokens`` is
+    unknown too (the engine cannot split its free space), and ``capacity - used`` is what
+    could be reclaimed.
+    """
+
+    name: str
+    block_size: int
+    capacity_tokens: int
+    used_tokens: int
+    evictable_tokens: int | None
+    available_tokens: int | None
+    bytes_per_token: int | None = None
+    device: str | None = None
+    gpu_uuid: str | None = None
+
+    @property
+    def free_tokens(self) -> int:
+        """Slots not pinned by a running request: available plus evictable."""
+        return self.capacity_tokens - self.used_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class KVGroup:
+    """A KV cache group (vLLM's term): layers that share an attention type and a pool."""
+
+    name: str
+    kind: str
+    pool: str
+    # Blocks one request of max_model_len tokens holds in this group (vLLM's footprint).
+    blocks_per_request: int
+    sliding_window: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Requests:
+    running: int
+    waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """Monotonic since ``instance_id`` started; ``None`` where the engine does not count."""
+
+    prefix_query_tokens: int | None = None
+    # Hit tokens by tier; a tier the engine does not have is absent, not zero.
+    prefix_hit_tokens: Mapping[str, int] = field(default_factory=dict)
+    evicted_tokens: int | None = None
+    preemptions: int | None = None
+    iterations: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """A cache tier below the device pool (host DRAM, storage)."""
+
+    capacity_tokens: int
+    used_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    engine: EngineIdentity
+    time: float
+    sequence: int
+    max_model_len: int | None
+    pools: tuple[Pool, ...]
+    groups: tuple[KVGroup, ...]
+    max_concurrency: float | None
+    requests: Requests | None
+    counters: Counters
+    host_tier: Tier | None = None
+    storage_tier: Tier | None = None
+    schema: str = SCHEMA_VERSION
+
+    def pool(self, name: str) -> Pool | None:
+        return next((p for p in self.pools if p.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire form: plain JSON types, ``None`` for unknowns, key order stable."""
+        return _to_json(self)
+
+
+def _to_json(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    return value
+
+
+# --------------------------------------------------------------------------------- parsing
+
+
+class _Reader:
+    """Typed field access over one JSON object, with error paths like ``pools[1].used_tokens``."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, dict):
+            raise SnapshotError(path or "$", f"expected an object, got {_type_name(data)}")
+        self.data: dict[str, Any] = data
+        self.path = path
+
+    def _sub(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def _get(self, key: str, required: bool) -> Any:
+        if key not in self.data:
+            if required:
+                raise SnapshotError(self._sub(key), "missing")
+            return None
+        return self.data[key]
+
+    def string(self, key: str, required: bool = True) -> str | None:
+        value = self._get(key, required)
+        if value is None:
+            if required:
+                raise SnapshotError(self._sub(key), "must not be null")
+            return None
+        if not isinstance(value, str):
+            raise SnapshotError(self._sub(key), f"expected a string, got {_type_name(value)}")
+        if len(value) > MAX_NAME_LEN:
+            raise SnapshotError(self._sub(key), f"longer than {MAX_NAME_LEN} characters")
+        return value
+
+    def req_string(self, key: str) -> str:
+        value = self.string(key)
+        assert value is not None
+        return value
+
+    def count(self, key: str, required: bool = True) -> int | None:
+        """A non-negative integer; JSON floats with an integral value are accepted."""
+        value = self._get(key, required)
+        if value is None:
+            if required:
+                raise SnapshotError(self._sub(key), "must not be null")
+            return None
+        return _as_count(value, self._sub(key))
+
+    def req_count(self, key: str) -> int:
+        value = self.count(key)
+        assert value is not None
+        return value
+
+    def number(self, key: str, required: bool = True) -> float | None:
+        value = self._get(key, required)
+        if value is None:
+            if required:
+                raise SnapshotError(self._sub(key), "must not be null")
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SnapshotError(self._sub(key), f"expected a number, got {_type_name(value)}")
+        if not math.isfinite(value):
+            raise SnapshotError(self._sub(key), "must be finite")
+        if value < 0:
+            raise SnapshotError(self._sub(key), f"must not be negative, got {value}")
+        return float(value)
+
+    def obj(self, key: str, required: bool = True) -> _Reader | None:
+        value = self._get(key, required)
+        if value is None:
+            if required:
+                raise SnapshotError(self._sub(key), "must not be null")
+            return None
+        return _Reader(value, self._sub(key))
+
+    def array(self, key: str) -> list[Any]:
+        value = self._get(key, True)
+        if not isinstance(value, list):
+            raise SnapshotError(self._sub(key), f"expected an array, got {_type_name(value)}")
+        return value
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _as_count(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SnapshotError(path, f"expected an integer, got {_type_name(value)}")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise SnapshotError(path, "must be finite")
+        if not value.is_integer():
+            raise SnapshotError(path, f"expected an integer, got {value}")
+        value = int(value)
+    if value < 0:
+        raise SnapshotError(path, f"must not be negative, got {value}")
+    return int(value)
+
+
+def _parse_pool(data: Any, path: str) -> Pool:
+    r = _Reader(data, path)
+    pool = Pool(
+        name=r.req_string("name"),
+        block_size=r.req_count("block_size"),
+        capacity_tokens=r.req_count("capacity_tokens"),
+        used_tokens=r.req_count("used_tokens"),
+        evictable_tokens=r.count("evictable_tokens", required=False),
+        available_tokens=r.count("available_tokens", required=False),
+        bytes_per_token=r.count("bytes_per_token", required=False),
+        device=r.string("device", required=False),
+        gpu_uuid=r.string("gpu_uuid", required=False),
+    )
+    if pool.block_size == 0:
+        raise SnapshotError(f"{path}.block_size", "must be positive")
+    if pool.used_tokens > pool.capacity_tokens:
+        raise SnapshotError(
+            f"{path}.used_tokens",
+            f"{pool.used_tokens} exceeds capacity_tokens {pool.capacity_tokens}",
+        )
+    if (pool.evictable_tokens is None) != (pool.available_tokens is None):
+        raise SnapshotError(
+            path, "evictable_tokens and available_tokens must be both known or both null"
+        )
+    if pool.evictable_tokens is not None and pool.available_tokens is not None:
+        total = pool.used_tokens + pool.evictable_tokens + pool.available_tokens
+        if total != pool.capacity_tokens:
+            raise SnapshotError(
+                path,
+                f"used + evictable + available = {pool.used_tokens} + {pool.evictable_tokens}"
+                f" + {pool.available_tokens} = {total}, not capacity_tokens"
+                f" {pool.capacity_tokens}",
+            )
+    return pool
+
+
+def _parse_group(data: Any, path: str, pool_names: set[str]) -> KVGroup:
+    r = _Reader(data, path)
+    group = KVGroup(
+        name=r.req_string("name"),
+        kind=r.req_string("kind"),
+        pool=r.req_string("pool"),
+        blocks_per_request=r.req_count("blocks_per_request"),
+        sliding_window=r.count("sliding_window", required=False),
+    )
+    if group.kind not in GROUP_KINDS:
+        raise SnapshotError(f"{path}.kind", f"must be one of {', '.join(GROUP_KINDS)}")
+    if group.pool not in pool_names:
+        raise SnapshotError(f"{path}.pool", f"names no pool in pools: {group.pool!r}")
+    return group
+
+
+def _parse_counters(r: _Reader) -> Counters:
+    hits: dict[str, int] = {}
+    hits_reader = r.obj("prefix_hit_tokens", required=False)
+    if hits_reader is not None:
+        for tier, value in hits_reader.data.items():
+            if tier not in HIT_TIERS:
+                raise SnapshotError(
+                    f"{hits_reader.path}.{tier}", f"tier must be one of {', '.join(HIT_TIERS)}"
+                )
+            hits[tier] = _as_count(value, f"{hits_reader.path}.{tier}")
+    return Counters(
+        prefix_query_tokens=r.count("prefix_query_tokens", required=False),
+        prefix_hit_tokens=hits,
+        evicted_tokens=r.count("evicted_tokens", required=False),
+        preemptions=r.count("preemptions", required=False),
+        iterations=r.count("iterations", required=False),
+    )
+
+
+def _parse_tier(r: _Reader | None) -> Tier | None:
+    if r is None:
+        return None
+    tier = Tier(capacity_tokens=r.req_count("capacity_tokens"), used_tokens=r.req_count("used_tokens"))
+    if tier.used_tokens > tier.capacity_tokens:
+        raise SnapshotError(f"{r.path}.used_tokens", "exceeds capacity_tokens")
+    return tier
+
+
+def parse_snapshot(data: Any) -> Snapshot:
+    """Validate decoded JSON into a Snapshot, or raise SnapshotError naming the field."""
+    root = _Reader(data, "")
+    schema = root.req_string("schema")
+    if schema != SCHEMA_VERSION:
+        raise SnapshotError("schema", f"unsupported schema {schema!r}, expected {SCHEMA_VERSION!r}")
+
+    ident = root.obj("engine")
+    assert ident is not None
+    kind = ident.req_string("kind")
+    if kind not in ENGINE_KINDS:
+        raise SnapshotError("engine.kind", f"must be one of {', '.join(ENGINE_KINDS)}")
+    engine = EngineIdentity(
+        kind=kind,  # type: ignore[arg-type]
+        version=ident.req_string("version"),
+        model=ident.req_string("model"),
+        dp_rank=ident.req_count("dp_rank"),
+        instance_id=ident.req_string("instance_id"),
+    )
+
+    pools = tuple(_parse_pool(p, f"pools[{i}]") for i, p in enumerate(root.array("pools")))
+    if not pools:
+        raise SnapshotError("pools", "at least one pool is required")
+    names = [p.name for p in pools]
+    if len(set(names)) != len(names):
+        raise SnapshotError("pools", f"duplicate pool names: {names}")
+    groups = tuple(
+        _parse_group(g, f"groups[{i}]", set(names)) for i, g in enumerate(root.array("groups"))
+    )
+
+    requests_reader = root.obj("requests", required=False)
+    requests = (
+        None
+        if requests_reader is None
+        else Requests(
+            running=requests_reader.req_count("running"),
+            waiting=requests_reader.req_count("waiting"),
+        )
+    )
+    counters_reader = root.obj("counters")
+    assert counters_reader is not None
+    time_value = root.number("time")
+    assert time_value is not None
+    return Snapshot(
+        engine=engine,
+        time=time_value,
+        sequence=root.req_count("sequence"),
+        max_model_len=root.count("max_model_len", required=False),
+        pools=pools,
+        groups=groups,
+        max_concurrency=root.number("max_concurrency", required=False),
+        requests=requests,
+        counters=_parse_counters(counters_reader),
+        host_tier=_parse_tier(root.obj("host_tier", required=False)),
+        storage_tier=_parse_tier(root.obj("storage_tier", required=False)),
+    )

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def small_engine_config(tmp_path: Path) -> Iterator[object]:
+    from engine_shim.reference import EngineConfig, ModelShape
+
+    yield EngineConfig(
+        shape=ModelShape(num_layers=2, num_kv_heads=1, head_dim=8, vocab_size=512),
+        block_size=4,
+        kv_memory_bytes=64 * 4 * 2 * 1 * 8 * 2 * 2,  # 64 blocks of 4 tokens
+        max_model_len=96,
+        iteration_time=0.0,
+    )

@@ -1,0 +1,52 @@
+"""Group-aware max concurrency, checked against vLLM 0.33's worked examples."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine_shim.capacity import (
+    GroupFootprint,
+    full_attention_blocks,
+    kv_cache_size_tokens,
+    max_concurrency,
+    sliding_window_blocks,
+)
+
+
+def test_single_full_group_matches_vllm() -> None:
+    # vLLM: N = 28,493 blocks (null block included), L = 32,768, bs = 16.
+    per_req = full_attention_blocks(32768, 16)
+    assert per_req == 2048
+    conc = max_concurrency({"full": 28493}, [GroupFootprint("full", per_req)])
+    assert conc == pytest.approx(13.91259765625, abs=1e-12)
+    assert kv_cache_size_tokens(conc, 32768) == 455_888  # == N x bs for one full group
+
+
+@pytest.mark.parametrize(
+    ("max_model_len", "full_blocks", "swa_blocks", "concurrency", "size_tokens"),
+    [(4096, 256, 257, 194.93, 798_440), (32768, 2048, 521, 38.93, 1_275_515)],
+)
+def test_sliding_window_hybrid_matches_vllm_table(
+    max_model_len: int, full_blocks: int, swa_blocks: int, concurrency: float, size_tokens: int
+) -> None:
+    # Full + SWA sharing one pool of N = 100,000 blocks; W = 128, bs = 16, in flight 8192.
+    assert full_attention_blocks(max_model_len, 16) == full_blocks
+    assert sliding_window_blocks(max_model_len, 16, 128, 8192) == swa_blocks
+    groups = [GroupFootprint("shared", full_blocks), GroupFootprint("shared", swa_blocks)]
+    conc = max_concurrency({"shared": 100_000}, groups)
+    assert conc == pytest.approx(concurrency, abs=0.005)
+    assert kv_cache_size_tokens(conc, max_model_len) == size_tokens
+    # The naive figure every dashboard computes is wrong exactly by the SWA footprint:
+    naive = 100_000 * 16 / max_model_len
+    assert naive / conc == pytest.approx((full_blocks + swa_blocks) / full_blocks)
+
+
+def test_separate_pools_are_bounded_by_the_tightest() -> None:
+    # 1000 full blocks at 256 per request (3.906), 100 SWA blocks at 9 per request (11.1).
+    groups = [GroupFootprint("full", 256), GroupFootprint("swa", 9)]
+    assert max_concurrency({"full": 1000, "swa": 100}, groups) == pytest.approx(1000 / 256)
+    assert max_concurrency({"full": 1000, "swa": 20}, groups) == pytest.approx(20 / 9)
+
+
+def test_no_footprint_means_unknown() -> None:
+    assert max_concurrency({"full": 10}, []) is None

@@ -1,0 +1,159 @@
+"""Property tests: random request streams against the reference engine, checked every step.
+
+The engine is stepped synchronously (no loop thread) so every intermediate state is checked:
+pool states sum to capacity, counters never decrease, the O(1) evictable count equals a
+brute-force count over the radix tree, per-request tier hits add up to the counters, and no
+request holds more SWA blocks than its group footprint says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from engine_shim.reference import EngineConfig, ModelShape, ReferenceEngine, Request
+from engine_shim.snapshot import parse_snapshot
+
+PREFIXES = [[(7 * i + j) % 500 for j in range(40)] for i in range(4)]
+
+request_stream = st.lists(
+    st.tuples(
+        st.integers(0, len(PREFIXES)),  # a shared prefix to reuse (== len: none)
+        st.integers(0, 39),  # how much of it
+        st.lists(st.integers(0, 511), min_size=1, max_size=30),  # own suffix
+        st.integers(1, 40),  # max_tokens
+        st.integers(0, 2),  # steps to run after submitting
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+def make_engine(
+    base: EngineConfig, tmp: Path, hybrid: bool, tiers: bool, max_running: int
+) -> ReferenceEngine:
+    shape = base.shape
+    if hybrid:
+        shape = dataclasses.replace(shape, num_layers=3, swa_layers=1, sliding_window=10)
+    config = dataclasses.replace(
+        base,
+        shape=shape,
+        kv_memory_bytes=base.kv_memory_bytes // 2,  # 32 blocks: eviction and preemption are routine
+        max_running=max_running,
+        host_tier_tokens=64 if tiers else 0,
+        storage_dir=tmp if tiers else None,
+        storage_tier_tokens=256 if tiers else 0,
+    )
+    return ReferenceEngine(config)
+
+
+def check_invariants(engine: ReferenceEngine, previous: dict[str, int], finished: list[Request]) -> dict[str, int]:
+    snap = parse_snapshot(engine.snapshot().to_json())  # also proves the published JSON is valid
+    for pool in snap.pools:
+        assert pool.evictable_tokens is not None and pool.available_tokens is not None
+        assert pool.used_tokens + pool.evictable_tokens + pool.available_tokens == pool.capacity_tokens
+    full = snap.pool("full")
+    assert full is not None
+    bs = engine.config.block_size
+    assert full.evictable_tokens == engine.cache.brute_force_evictable_blocks() * bs
+    # Pinned blocks are exactly the distinct blocks the running requests hold (prefixes shared).
+    held = len({b for r in engine.running for b in r.block_table})
+    assert full.used_tokens == held * bs
+
+    c = snap.counters
+    now = {
+        "queries": c.prefix_query_tokens or 0,
+        "evicted": c.evicted_tokens or 0,
+        "preemptions": c.preemptions or 0,
+        "iterations": c.iterations or 0,
+        **{f"hit_{t}": v for t, v in c.prefix_hit_tokens.items()},
+    }
+    for key, value in previous.items():
+        assert now[key] >= value, f"{key} went backwards: {value} -> {now[key]}"
+
+    # Every admitted request's tier split is what the engine counted, and sums to its cached.
+    admitted = {r for r in [*engine.running, *engine.waiting, *finished] if r.admitted_once}
+    for tier, total in c.prefix_hit_tokens.items():
+        assert total == sum(r.cached_tokens[tier] for r in admitted)
+    assert sum(c.prefix_hit_tokens.values()) <= now["queries"]
+
+    swa_group = next((g for g in snap.groups if g.kind == "sliding_window"), None)
+    if swa_group is not None:
+        for r in engine.running:
+            assert sum(1 for b in r.swa_table if b >= 0) <= swa_group.blocks_per_request
+    return now
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    stream=request_stream,
+    hybrid=st.booleans(),
+    tiers=st.booleans(),
+    max_running=st.integers(1, 8),
+)
+def test_invariants_hold_after_every_step(
+    small_engine_config: EngineConfig,
+    tmp_path_factory: object,
+    stream: list[tuple[int, int, list[int], int, int]],
+    hybrid: bool,
+    tiers: bool,
+    max_running: int,
+) -> None:
+    tmp = tmp_path_factory.mktemp("storage")  # type: ignore[attr-defined]
+    engine = make_engine(small_engine_config, tmp, hybrid, tiers, max_running)
+    previous: dict[str, int] = {}
+    submitted: list[Request] = []
+    try:
+        for prefix_id, prefix_len, suffix, max_tokens, steps in stream:
+            prefix = PREFIXES[prefix_id][:prefix_len] if prefix_id < len(PREFIXES) else []
+            prompt = (prefix + suffix)[: engine.config.max_model_len - max_tokens]
+            submitted.append(engine.submit(prompt, max_tokens))
+            for _ in range(steps):
+                engine.step()
+                previous = check_invariants(engine, previous, submitted)
+        for _ in range(2000):
+            if all(r.done.is_set() for r in submitted):
+                break
+            engine.step()
+            previous = check_invariants(engine, previous, submitted)
+        assert all(r.done.is_set() for r in submitted), "the engine stalled"
+        assert all(len(r.output) == r.max_tokens for r in submitted)
+        # Idle: nothing is pinned, everything cached is evictable.
+        full = engine.snapshot().pool("full")
+        assert full is not None and full.used_tokens == 0
+        counters = engine.snapshot().counters
+        event(f"preempted: {bool(counters.preemptions)}")
+        event(f"evicted: {bool(counters.evicted_tokens)}")
+        event(f"lower-tier hit: {bool(engine.prefix_hit_tokens['host'] + engine.prefix_hit_tokens['storage'])}")
+    finally:
+        if engine.storage is not None:
+            engine.storage.close()
+
+
+def test_cached_runs_generate_what_cold_runs_generate(small_engine_config: EngineConfig, tmp_path: Path) -> None:
+    """K/V read back from the device cache, host DRAM or storage is the K/V that was written."""
+    engine = make_engine(small_engine_config, tmp_path, hybrid=True, tiers=True, max_running=4)
+
+    def run(e: ReferenceEngine, prompt: list[int]) -> Request:
+        r = e.submit(prompt, 6)
+        while not r.done.is_set():
+            e.step()
+        return r
+
+    try:
+        for i in range(12):
+            prompt = PREFIXES[i % 4] + [i, i + 1, i + 2]
+            # Twice in a row (a device hit), cycling through more prefixes than the pool
+            # holds (host and storage hits); each against a fresh engine with no cache.
+            for _ in range(2):
+                warm = run(engine, prompt)
+                cold = run(make_engine(small_engine_config, tmp_path, True, False, 4), prompt)
+                assert warm.output == cold.output, warm.cached_tokens
+        hits = engine.snapshot().counters.prefix_hit_tokens
+        assert hits["device"] > 0 and hits["host"] > 0 and hits["storage"] > 0, hits
+    finally:
+        assert engine.storage is not None
+        engine.storage.close()

@@ -1,0 +1,149 @@
+"""The kvcache.stats/v1 snapshot: round trip and precise rejection of bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from typing import Any
+
+import pytest
+
+from engine_shim.snapshot import SCHEMA_VERSION, SnapshotError, parse_snapshot
+
+
+def valid() -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION,
+        "engine": {
+            "kind": "reference",
+            "version": "0.1.0",
+            "model": "tiny",
+            "dp_rank": 0,
+            "instance_id": "abc",
+        },
+        "time": 1_700_000_000.5,
+        "sequence": 7,
+        "max_model_len": 4096,
+        "pools": [
+            {
+                "name": "full",
+                "block_size": 16,
+                "capacity_tokens": 1600,
+                "used_tokens": 160,
+                "evictable_tokens": 800,
+                "available_tokens": 640,
+                "bytes_per_token": 1024,
+                "device": "cuda:0",
+                "gpu_uuid": "GPU-1234",
+            }
+        ],
+        "groups": [
+            {"name": "full", "kind": "full_attention", "pool": "full", "blocks_per_request": 256}
+        ],
+        "max_concurrency": 0.390625,
+        "requests": {"running": 2, "waiting": 1},
+        "counters": {
+            "prefix_query_tokens": 1000,
+            "prefix_hit_tokens": {"device": 600, "host": 50, "storage": 10},
+            "evicted_tokens": 32,
+            "preemptions": 1,
+            "iterations": 99,
+        },
+        "host_tier": {"capacity_tokens": 4096, "used_tokens": 128},
+        "storage_tier": None,
+    }
+
+
+def test_round_trip_is_exact() -> None:
+    snap = parse_snapshot(valid())
+    assert snap.pool("full") is not None
+    assert snap.pool("full").free_tokens == 1440  # type: ignore[union-attr]
+    again = parse_snapshot(json.loads(json.dumps(snap.to_json())))
+    assert again == snap
+    wire = snap.to_json()
+    expected = valid()
+    expected["groups"][0]["sliding_window"] = None
+    assert wire == expected
+
+
+def test_unknown_evictable_is_allowed_when_available_is_unknown_too() -> None:
+    data = valid()
+    data["pools"][0]["evictable_tokens"] = None
+    data["pools"][0]["available_tokens"] = None
+    assert parse_snapshot(data).pools[0].evictable_tokens is None
+
+
+def mutate(path: str, value: Any) -> dict[str, Any]:
+    data = copy.deepcopy(valid())
+    target: Any = data
+    keys = path.split(".")
+    for key in keys[:-1]:
+        target = target[int(key)] if key.isdigit() else target[key]
+    last = keys[-1]
+    if value is DELETE:
+        del target[last]
+    else:
+        target[int(last) if last.isdigit() else last] = value
+    return data
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "where", "message"),
+    [
+        ("schema", "kvcache.stats/v2", "schema", "unsupported schema"),
+        ("schema", DELETE, "schema", "missing"),
+        ("engine.kind", "tgi", "engine.kind", "must be one of"),
+        ("engine.model", 3, "engine.model", "expected a string"),
+        ("engine.instance_id", DELETE, "engine.instance_id", "missing"),
+        ("engine.dp_rank", -1, "engine.dp_rank", "must not be negative"),
+        ("sequence", 1.5, "sequence", "expected an integer"),
+        ("sequence", True, "sequence", "expected an integer"),
+        ("time", math.nan, "time", "must be finite"),
+        ("time", "now", "time", "expected a number"),
+        ("max_concurrency", math.inf, "max_concurrency", "must be finite"),
+        ("pools", [], "pools", "at least one pool"),
+        ("pools", {}, "pools", "expected an array"),
+        ("pools.0.used_tokens", -16, "pools[0].used_tokens", "must not be negative"),
+        ("pools.0.used_tokens", math.nan, "pools[0].used_tokens", "must be finite"),
+        ("pools.0.used_tokens", "160", "pools[0].used_tokens", "expected an integer"),
+        ("pools.0.used_tokens", 176, "pools[0]", "not capacity_tokens 1600"),
+        ("pools.0.used_tokens", 1700, "pools[0].used_tokens", "exceeds capacity_tokens"),
+        ("pools.0.evictable_tokens", None, "pools[0]", "both known or both null"),
+        ("pools.0.block_size", 0, "pools[0].block_size", "must be positive"),
+        ("pools.0.capacity_tokens", DELETE, "pools[0].capacity_tokens", "missing"),
+        ("groups.0.pool", "swa", "groups[0].pool", "names no pool"),
+        ("groups.0.kind", "linear", "groups[0].kind", "must be one of"),
+        ("counters.prefix_hit_tokens.disk", 3, "counters.prefix_hit_tokens.disk", "tier must be"),
+        ("counters.preemptions", -1, "counters.preemptions", "must not be negative"),
+        ("counters", None, "counters", "must not be null"),
+        ("requests.waiting", None, "requests.waiting", "must not be null"),
+        ("host_tier.used_tokens", 5000, "host_tier.used_tokens", "exceeds capacity_tokens"),
+    ],
+)
+def test_rejects_with_a_precise_error(path: str, value: Any, where: str, message: str) -> None:
+    with pytest.raises(SnapshotError) as info:
+        parse_snapshot(mutate(path, value))
+    assert info.value.path == where
+    assert message in info.value.problem
+
+
+@pytest.mark.parametrize("data", [None, [], "x", 3, {"schema": SCHEMA_VERSION}])
+def test_rejects_non_snapshots(data: Any) -> None:
+    with pytest.raises(SnapshotError):
+        parse_snapshot(data)
+
+
+def test_duplicate_pool_names_are_rejected() -> None:
+    data = valid()
+    data["pools"].append(copy.deepcopy(data["pools"][0]))
+    with pytest.raises(SnapshotError, match="duplicate pool names"):
+        parse_snapshot(data)
+
+
+def test_overlong_strings_are_rejected() -> None:
+    with pytest.raises(SnapshotError, match="longer than"):
+        parse_snapshot(mutate("engine.model", "m" * 10_000))
