@@ -14,8 +14,18 @@ from typing import Any
 DEFAULT_SHIM_LISTEN = "127.0.0.1:8321"
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -36,15 +46,23 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def _reference_parser(sub: Any) -> None:
     p = sub.add_parser("reference", help="run the reference engine and its stats endpoint")
-    p.add_argument("--listen", type=parse_listen, default=DEFAULT_SHIM_LISTEN,
-                   help=f"address of the stats and completions endpoint (default {DEFAULT_SHIM_LISTEN})")
+    p.add_argument(
+        "--listen",
+        type=parse_listen,
+        default=DEFAULT_SHIM_LISTEN,
+        help=f"address of the stats and completions endpoint (default {DEFAULT_SHIM_LISTEN})",
+    )
     p.add_argument("--workload", choices=["none", "agentic", "chat", "burst"], default="none")
     p.add_argument("--model-name", default="reference-tiny")
-    p.add_argument("--kv-memory", type=parse_size, default="32MiB", help="KV pool budget (default 32MiB)")
+    p.add_argument(
+        "--kv-memory", type=parse_size, default="32MiB", help="KV pool budget (default 32MiB)"
+    )
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-running", type=int, default=64)
-    p.add_argument("--iteration-time", type=float, default=0.005, help="simulated seconds per iteration")
+    p.add_argument(
+        "--iteration-time", type=float, default=0.005, help="simulated seconds per iteration"
+    )
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=32)
@@ -54,11 +72,17 @@ def _reference_parser(sub: Any) -> None:
     p.add_argument("--swa-pool-ratio", type=float, default=0.5)
     p.add_argument("--host-tier", type=parse_size, default="0", help="host DRAM tier size in bytes")
     p.add_argument("--storage-dir", type=Path, default=None)
-    p.add_argument("--storage-tier", type=parse_size, default="0", help="storage tier size in bytes")
+    p.add_argument(
+        "--storage-tier", type=parse_size, default="0", help="storage tier size in bytes"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dp-rank", type=int, default=0)
-    p.add_argument("--token-file", type=Path, default=None,
-                   help="file holding a bearer token that clients must send")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="file holding a bearer token that clients must send",
+    )
     p.add_argument("--log-iterations", action="store_true", help="one log line per iteration")
     p.add_argument("--seed", type=int, default=0)
 
@@ -80,18 +104,30 @@ def run_reference(args: argparse.Namespace) -> int:
 
     try:
         shape = ModelShape(
-            name=args.model_name, num_layers=args.layers, num_kv_heads=args.kv_heads,
-            head_dim=args.head_dim, dtype=args.dtype, swa_layers=args.swa_layers,
+            name=args.model_name,
+            num_layers=args.layers,
+            num_kv_heads=args.kv_heads,
+            head_dim=args.head_dim,
+            dtype=args.dtype,
+            swa_layers=args.swa_layers,
             sliding_window=args.sliding_window,
         )
         bytes_per_token = shape.bytes_per_token(shape.num_layers)
         config = EngineConfig(
-            shape=shape, block_size=args.block_size, kv_memory_bytes=args.kv_memory,
-            max_model_len=args.max_model_len, max_running=args.max_running,
-            iteration_time=args.iteration_time, swa_pool_ratio=args.swa_pool_ratio,
-            host_tier_tokens=args.host_tier // bytes_per_token, storage_dir=args.storage_dir,
-            storage_tier_tokens=args.storage_tier // bytes_per_token, device=args.device,
-            dp_rank=args.dp_rank, log_iterations=args.log_iterations, seed=args.seed,
+            shape=shape,
+            block_size=args.block_size,
+            kv_memory_bytes=args.kv_memory,
+            max_model_len=args.max_model_len,
+            max_running=args.max_running,
+            iteration_time=args.iteration_time,
+            swa_pool_ratio=args.swa_pool_ratio,
+            host_tier_tokens=args.host_tier // bytes_per_token,
+            storage_dir=args.storage_dir,
+            storage_tier_tokens=args.storage_tier // bytes_per_token,
+            device=args.device,
+            dp_rank=args.dp_rank,
+            log_iterations=args.log_iterations,
+            seed=args.seed,
         )
         engine = ReferenceEngine(config)
     except ValueError as exc:
@@ -136,8 +172,10 @@ def run_reference(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if args.command == "reference":
         return run_reference(args)
     return 2

@@ -73,8 +73,10 @@ def _handler(app: ShimApp) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?", 1)[0]
             if path == "/healthz":
                 ok = app.healthy()
-                self._send(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
-                           {"status": "ok" if ok else "engine loop not running"})
+                self._send(
+                    HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
+                    {"status": "ok" if ok else "engine loop not running"},
+                )
             elif path == "/v1/kv/stats":
                 if not self._authorised():
                     return
@@ -87,8 +89,12 @@ def _handler(app: ShimApp) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             path = self.path.split("?", 1)[0]
             if path != "/v1/completions" or app.completions is None:
-                self._error(HTTPStatus.METHOD_NOT_ALLOWED if path == "/v1/kv/stats"
-                            else HTTPStatus.NOT_FOUND, f"POST {path} is not served")
+                self._error(
+                    HTTPStatus.METHOD_NOT_ALLOWED
+                    if path == "/v1/kv/stats"
+                    else HTTPStatus.NOT_FOUND,
+                    f"POST {path} is not served",
+                )
                 self.close_connection = True
                 return
             if not self._authorised():
@@ -111,8 +117,10 @@ def _handler(app: ShimApp) -> type[BaseHTTPRequestHandler]:
                 raise HTTPError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
             if length < 0 or length > MAX_BODY_BYTES:
                 self.close_connection = True
-                raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                f"body must be at most {MAX_BODY_BYTES} bytes")
+                raise HTTPError(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"body must be at most {MAX_BODY_BYTES} bytes",
+                )
             raw = self.rfile.read(length)
             try:
                 body = json.loads(raw)
@@ -131,12 +139,19 @@ def _handler(app: ShimApp) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _QuietThreadingHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-response is routine, not a traceback on stderr.
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+
 class ShimServer:
     """A threaded HTTP server; ``port=0`` picks a free one (see ``.port``)."""
 
     def __init__(self, app: ShimApp, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.httpd = ThreadingHTTPServer((host, port), _handler(app))
-        self.httpd.daemon_threads = True
+        self.httpd = _QuietThreadingHTTPServer((host, port), _handler(app))
         self._thread: threading.Thread | None = None
 
     @property
@@ -148,7 +163,9 @@ class ShimServer:
         return str(self.httpd.server_address[0])
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="shim-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, name="shim-http", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:

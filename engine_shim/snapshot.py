@@ -124,7 +124,8 @@ class Snapshot:
 
     def to_json(self) -> dict[str, Any]:
         """The wire form: plain JSON types, ``None`` for unknowns, key order stable."""
-        return _to_json(self)
+        wire: dict[str, Any] = _to_json(self)
+        return wire
 
 
 def _to_json(value: Any) -> Any:
@@ -311,7 +312,9 @@ def _parse_counters(r: _Reader) -> Counters:
 def _parse_tier(r: _Reader | None) -> Tier | None:
     if r is None:
         return None
-    tier = Tier(capacity_tokens=r.req_count("capacity_tokens"), used_tokens=r.req_count("used_tokens"))
+    tier = Tier(
+        capacity_tokens=r.req_count("capacity_tokens"), used_tokens=r.req_count("used_tokens")
+    )
     if tier.used_tokens > tier.capacity_tokens:
         raise SnapshotError(f"{r.path}.used_tokens", "exceeds capacity_tokens")
     return tier

@@ -14,7 +14,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from engine_shim.reference import EngineConfig, ModelShape, ReferenceEngine, Request
+from engine_shim.reference import EngineConfig, ReferenceEngine, Request
 from engine_shim.snapshot import parse_snapshot
 
 PREFIXES = [[(7 * i + j) % 500 for j in range(40)] for i in range(4)]
@@ -50,11 +50,15 @@ def make_engine(
     return ReferenceEngine(config)
 
 
-def check_invariants(engine: ReferenceEngine, previous: dict[str, int], finished: list[Request]) -> dict[str, int]:
+def check_invariants(
+    engine: ReferenceEngine, previous: dict[str, int], finished: list[Request]
+) -> dict[str, int]:
     snap = parse_snapshot(engine.snapshot().to_json())  # also proves the published JSON is valid
     for pool in snap.pools:
         assert pool.evictable_tokens is not None and pool.available_tokens is not None
-        assert pool.used_tokens + pool.evictable_tokens + pool.available_tokens == pool.capacity_tokens
+        assert (
+            pool.used_tokens + pool.evictable_tokens + pool.available_tokens == pool.capacity_tokens
+        )
     full = snap.pool("full")
     assert full is not None
     bs = engine.config.block_size
@@ -87,7 +91,9 @@ def check_invariants(engine: ReferenceEngine, previous: dict[str, int], finished
     return now
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     stream=request_stream,
     hybrid=st.booleans(),
@@ -127,13 +133,16 @@ def test_invariants_hold_after_every_step(
         counters = engine.snapshot().counters
         event(f"preempted: {bool(counters.preemptions)}")
         event(f"evicted: {bool(counters.evicted_tokens)}")
-        event(f"lower-tier hit: {bool(engine.prefix_hit_tokens['host'] + engine.prefix_hit_tokens['storage'])}")
+        lower = engine.prefix_hit_tokens["host"] + engine.prefix_hit_tokens["storage"]
+        event(f"lower-tier hit: {bool(lower)}")
     finally:
         if engine.storage is not None:
             engine.storage.close()
 
 
-def test_cached_runs_generate_what_cold_runs_generate(small_engine_config: EngineConfig, tmp_path: Path) -> None:
+def test_cached_runs_generate_what_cold_runs_generate(
+    small_engine_config: EngineConfig, tmp_path: Path
+) -> None:
     """K/V read back from the device cache, host DRAM or storage is the K/V that was written."""
     engine = make_engine(small_engine_config, tmp_path, hybrid=True, tiers=True, max_running=4)
 

@@ -26,7 +26,9 @@ def _prompt_tokens(body: dict[str, Any], vocab_size: int) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return tokenizer.encode(prompt, vocab_size)
-    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if isinstance(prompt, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    ):
         return list(prompt)
     raise _bad("prompt must be a string or a list of token ids")
 

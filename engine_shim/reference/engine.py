@@ -121,7 +121,9 @@ class ReferenceEngine:
         full_bpt = shape.bytes_per_token(shape.full_layers)
         swa_bpt = shape.bytes_per_token(shape.swa_layers) if shape.hybrid else 0
         full_tokens = int(config.kv_memory_bytes / (full_bpt + config.swa_pool_ratio * swa_bpt))
-        self.full_pool = BlockPool("full", shape, shape.full_layers, full_tokens // bs, bs, self.device)
+        self.full_pool = BlockPool(
+            "full", shape, shape.full_layers, full_tokens // bs, bs, self.device
+        )
         self.swa_pool: BlockPool | None = None
         if shape.hybrid:
             swa_blocks = int(full_tokens * config.swa_pool_ratio) // bs
@@ -212,7 +214,11 @@ class ReferenceEngine:
         if -(-(len(prompt) + max_tokens) // cfg.block_size) > self.full_pool.num_blocks:
             raise RequestRejected("request needs more KV blocks than the whole pool holds")
         swa = next((g for g in self.groups if g.pool == "swa"), None)
-        if self.swa_pool is not None and swa is not None and swa.blocks_per_request > self.swa_pool.num_blocks:
+        if (
+            self.swa_pool is not None
+            and swa is not None
+            and swa.blocks_per_request > self.swa_pool.num_blocks
+        ):
             raise RequestRejected("the sliding-window pool is smaller than one request's window")
         request = Request(id=f"req-{next(self._ids)}", prompt=list(prompt), max_tokens=max_tokens)
         self._inbox.put(request)
@@ -280,7 +286,9 @@ class ReferenceEngine:
         self.iterations += 1
         self._publish()
         if self.config.log_iterations:
-            self._log_iteration(len(admitted), prefill_tokens, decoded, time.perf_counter() - started)
+            self._log_iteration(
+                len(admitted), prefill_tokens, decoded, time.perf_counter() - started
+            )
 
     # ------------------------------------------------------------------ admission
 
@@ -329,7 +337,9 @@ class ReferenceEngine:
                 self.prefix_hit_tokens[tier] += count
         return True
 
-    def _load_from_lower_tiers(self, request: Request, cacheable: int, hits: dict[str, int]) -> None:
+    def _load_from_lower_tiers(
+        self, request: Request, cacheable: int, hits: dict[str, int]
+    ) -> None:
         if self.host is None and self.storage is None:
             return
         bs = self.config.block_size
@@ -342,7 +352,10 @@ class ReferenceEngine:
             digest = block_hash(parent.hash, key)
             tier, data = "host", self.host.get(digest) if self.host is not None else None
             if data is None:
-                tier, data = "storage", self.storage.get(digest) if self.storage is not None else None
+                tier, data = (
+                    "storage",
+                    self.storage.get(digest) if self.storage is not None else None,
+                )
             if data is None:
                 return
             block = self.cache.allocate()
@@ -388,7 +401,8 @@ class ReferenceEngine:
             kv_start = min(start, swa_start)
         kv = self.model.kv(tokens[kv_start:end], kv_start)
         self.full_pool.write(
-            self.full_pool.slots(request.block_table, start, end), kv[start - kv_start :, :full_layers]
+            self.full_pool.slots(request.block_table, start, end),
+            kv[start - kv_start :, :full_layers],
         )
         if self.swa_pool is not None:
             slots = self.swa_pool.slots(request.swa_table, swa_start, end)
@@ -406,7 +420,9 @@ class ReferenceEngine:
             parent = self.cache.root if i == 0 else request.nodes[i - 1]
             if parent is None:
                 return  # an uncached (duplicate) block breaks the chain: the rest stays private
-            node = self.cache.insert(parent, tuple(tokens[i * bs : (i + 1) * bs]), request.block_table[i])
+            node = self.cache.insert(
+                parent, tuple(tokens[i * bs : (i + 1) * bs]), request.block_table[i]
+            )
             if node is None:
                 return
             request.nodes[i] = node
@@ -579,7 +595,9 @@ class ReferenceEngine:
     def _publish(self) -> None:
         self._snapshot = self._build_snapshot()
 
-    def _log_iteration(self, prefills: int, prefill_tokens: int, decodes: int, seconds: float) -> None:
+    def _log_iteration(
+        self, prefills: int, prefill_tokens: int, decodes: int, seconds: float
+    ) -> None:
         pool = self.full_pool
         used, evictable, _ = self.pool_counts(pool)
         used_blocks = used // pool.block_size

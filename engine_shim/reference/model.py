@@ -69,8 +69,12 @@ class ToyModel:
         per_layer = (2, shape.num_kv_heads, shape.head_dim)
         self.embed = torch.randn(shape.vocab_size, shape.num_layers, *per_layer, generator=gen)
         self.pos = torch.randn(256, shape.num_layers, *per_layer, generator=gen) * 0.1
-        self.query = torch.randn(shape.vocab_size, shape.num_kv_heads, shape.head_dim, generator=gen)
-        self.unembed = torch.randn(shape.num_kv_heads * shape.head_dim, shape.vocab_size, generator=gen)
+        self.query = torch.randn(
+            shape.vocab_size, shape.num_kv_heads, shape.head_dim, generator=gen
+        )
+        self.unembed = torch.randn(
+            shape.num_kv_heads * shape.head_dim, shape.vocab_size, generator=gen
+        )
         dtype = DTYPES[shape.dtype]
         self.embed = self.embed.to(device=device, dtype=dtype)
         self.pos = self.pos.to(device=device, dtype=dtype)

@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 class HostTier:
     """Evicted device blocks backed up into one pinned-size CPU tensor, LRU."""
 
-    def __init__(self, capacity_blocks: int, block_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    def __init__(
+        self, capacity_blocks: int, block_shape: tuple[int, ...], dtype: torch.dtype
+    ) -> None:
         self.capacity_blocks = capacity_blocks
         self.data = torch.zeros(capacity_blocks, *block_shape, dtype=dtype)
         self._slots: OrderedDict[bytes, int] = OrderedDict()
@@ -71,7 +73,9 @@ class StorageTier:
                 log.warning("ignoring a file that is not a KV block: %s", path)
         self._trim()
         self._queue: queue.Queue[tuple[bytes, torch.Tensor] | None] = queue.Queue()
-        self._writer = threading.Thread(target=self._write_loop, name="kv-storage-writer", daemon=True)
+        self._writer = threading.Thread(
+            target=self._write_loop, name="kv-storage-writer", daemon=True
+        )
         self._writer.start()
 
     @property
@@ -139,7 +143,4 @@ class StorageTier:
     def _trim(self) -> None:
         while len(self._index) > self.capacity_blocks:
             key, _ = self._index.popitem(last=False)
-            try:
-                self._path(key).unlink()
-            except FileNotFoundError:
-                pass
+            self._path(key).unlink(missing_ok=True)

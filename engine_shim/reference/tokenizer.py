@@ -13,7 +13,8 @@ _SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
 def encode(text: str, vocab_size: int) -> list[int]:
     return [
-        int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little") % vocab_size
+        int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little")
+        % vocab_size
         for word in text.split()
     ]
 

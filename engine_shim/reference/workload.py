@@ -24,7 +24,9 @@ WORKLOADS = ("agentic", "chat", "burst")
 
 
 class Workload:
-    def __init__(self, engine: ReferenceEngine, kind: str, seed: int = 0, pause: float = 1.5) -> None:
+    def __init__(
+        self, engine: ReferenceEngine, kind: str, seed: int = 0, pause: float = 1.5
+    ) -> None:
         if kind not in WORKLOADS:
             raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {kind!r}")
         self.engine = engine
@@ -49,7 +51,9 @@ class Workload:
         else:
             targets = [self._bursts]
         for i, target in enumerate(targets):
-            thread = threading.Thread(target=self._guard(target), name=f"workload-{self.kind}-{i}", daemon=True)
+            thread = threading.Thread(
+                target=self._guard(target), name=f"workload-{self.kind}-{i}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
 

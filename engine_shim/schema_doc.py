@@ -1,0 +1,102 @@
+"""Render ``docs/snapshot-schema.md`` from the snapshot dataclasses.
+
+``python -m engine_shim.schema_doc > docs/snapshot-schema.md``; a test fails when the committed
+page differs, or when a field has no description here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+
+from . import snapshot as s
+
+DESCRIPTIONS: dict[str, str] = {
+    "Snapshot.engine": "who produced the snapshot",
+    "Snapshot.time": "Unix time (seconds) at which the engine published it",
+    "Snapshot.sequence": "increases by one per published snapshot of this instance",
+    "Snapshot.max_model_len": "longest request (prompt + output) the engine accepts, in tokens",
+    "Snapshot.pools": "one entry per physical KV pool (`full`; `swa`, `mamba` where separate)",
+    "Snapshot.groups": "KV cache groups and their per-request footprint at max_model_len",
+    "Snapshot.max_concurrency": "group-aware requests of max_model_len that fit in the pools",
+    "Snapshot.requests": "requests running and waiting",
+    "Snapshot.counters": "monotonic counters since `engine.instance_id` started",
+    "Snapshot.host_tier": "host-DRAM tier (HiCache L2), null when the engine has none",
+    "Snapshot.storage_tier": "storage tier (HiCache L3), null when the engine has none",
+    "Snapshot.schema": f"always `{s.SCHEMA_VERSION}`",
+    "EngineIdentity.kind": f"one of {', '.join(f'`{k}`' for k in s.ENGINE_KINDS)}",
+    "EngineIdentity.version": "engine (or shim) version",
+    "EngineIdentity.model": "served model name",
+    "EngineIdentity.dp_rank": "data-parallel rank; one snapshot per rank",
+    "EngineIdentity.instance_id": "changes on every engine restart: counters restart with it",
+    "Pool.name": "`full`, `swa`, `mamba`, ...",
+    "Pool.block_size": "tokens per block (page)",
+    "Pool.capacity_tokens": "token slots in the pool",
+    "Pool.used_tokens": "slots pinned by running requests",
+    "Pool.evictable_tokens": "cached slots no request references (reclaimable); null if unknown",
+    "Pool.available_tokens": "empty slots; null exactly when evictable is null",
+    "Pool.bytes_per_token": "bytes of K/V per token slot in this pool",
+    "Pool.device": "`cpu`, `cuda:0`, ...",
+    "Pool.gpu_uuid": "NVML UUID of the GPU that holds the pool (joins to NVML metrics)",
+    "KVGroup.name": "group name",
+    "KVGroup.kind": f"one of {', '.join(f'`{k}`' for k in s.GROUP_KINDS)}",
+    "KVGroup.pool": "name of the pool the group's blocks come from",
+    "KVGroup.blocks_per_request": "blocks one max_model_len request holds in this group",
+    "KVGroup.sliding_window": "window in tokens for sliding-window groups",
+    "Requests.running": "requests holding KV and being computed",
+    "Requests.waiting": "requests queued for admission (including preempted ones)",
+    "Counters.prefix_query_tokens": "prompt tokens looked up in the prefix cache",
+    "Counters.prefix_hit_tokens": (
+        f"object: hit tokens by tier ({', '.join(f'`{t}`' for t in s.HIT_TIERS)}); "
+        "a tier the engine lacks is absent"
+    ),
+    "Counters.evicted_tokens": "device slots freed by evicting cached prefixes",
+    "Counters.preemptions": "running requests preempted for lack of KV",
+    "Counters.iterations": "scheduler iterations (engine steps)",
+    "Tier.capacity_tokens": "tokens the tier can hold",
+    "Tier.used_tokens": "tokens it holds",
+}
+
+CLASSES = [s.Snapshot, s.EngineIdentity, s.Pool, s.KVGroup, s.Requests, s.Counters, s.Tier]
+
+
+def _type_text(tp: object) -> str:
+    text = str(tp).replace("typing.", "").replace("engine_shim.snapshot.", "")
+    text = text.replace("<class '", "").replace("'>", "")
+    return text.replace("collections.abc.", "").replace("|", "\\|")  # inside a table
+
+
+def render() -> str:
+    lines = [
+        f"# KV stats snapshot, schema `{s.SCHEMA_VERSION}`",
+        "",
+        "What a shim or bridge serves at `GET /v1/kv/stats` (one object, or an array with one",
+        "object per data-parallel rank) and the exporter polls. Generated from",
+        "`engine_shim/snapshot.py` by `python -m engine_shim.schema_doc`; do not edit by hand.",
+        "",
+        "Rules the parser enforces (`engine_shim.snapshot.parse_snapshot`):",
+        "",
+        "- counts are non-negative integers; numbers are finite (no NaN or infinity);",
+        "- every pool has `used + evictable + available == capacity`, or both evictable and",
+        "  available are null (the engine cannot split its free space);",
+        "- `used <= capacity`; pool names are unique; each group names an existing pool;",
+        "- unknown values are `null` (or an absent hit tier), never a guessed 0.",
+        "",
+    ]
+    for cls in CLASSES:
+        hints = typing.get_type_hints(cls)
+        lines += [f"## {cls.__name__}", ""]
+        doc = inspect.getdoc(cls)
+        if doc and not doc.startswith(cls.__name__ + "("):
+            lines += [doc, ""]
+        lines += ["| field | type | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            meaning = DESCRIPTIONS[f"{cls.__name__}.{f.name}"]
+            lines.append(f"| `{f.name}` | `{_type_text(hints[f.name])}` | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render(), end="")

@@ -1,0 +1,40 @@
+# Sourced by scripts/demo and scripts/test: a project virtual environment in .venv with the
+# package installed editable. Idempotent and quiet when everything is already there.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+# The CPU build is enough for the reference engine; set TORCH_SPEC to choose another.
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_install() {
+  # Debian packages, installed only when one of the named commands is missing.
+  local missing=0
+  for cmd in $1; do command -v "$cmd" >/dev/null 2>&1 || missing=1; done
+  [ "$missing" = 0 ] && return 0
+  echo "installing Debian packages: ${*:2}" >&2
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${@:2}" >/dev/null
+}
+
+if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  apt_install "__no_such_command__" python3-venv
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VENV_PY="$ROOT/.venv/bin/python"
+pip_quiet() { "$VENV_PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v '^WARNING: Location' || true; }
+
+bootstrap_python() {
+  # $1: extras to install, e.g. "engine" or "engine,dev".
+  local stamp=".venv/.installed-$1"
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    "$VENV_PY" -c 'import torch' >/dev/null 2>&1 || pip_quiet "$TORCH_SPEC"
+    pip_quiet -e ".[$1]"
+    "$VENV_PY" -c 'import exporter, engine_shim' || { echo "install failed" >&2; exit 1; }
+    touch "$stamp"
+  fi
+}

@@ -1,0 +1,198 @@
+"""Reference engine behaviour on its own loop thread: workloads, tiers, hybrid capacity, logs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from engine_shim.capacity import cdiv
+from engine_shim.reference import EngineConfig, ModelShape, ReferenceEngine
+from engine_shim.reference.workload import Workload
+
+
+def running(config: EngineConfig) -> ReferenceEngine:
+    engine = ReferenceEngine(config)
+    engine.start()
+    return engine
+
+
+def wait_rounds(workload: Workload, rounds: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while workload.rounds < rounds:
+        assert time.monotonic() < deadline, f"only {workload.rounds} rounds in {timeout} s"
+        time.sleep(0.02)
+
+
+def test_agentic_workload_reproduces_sglangs_motivating_case() -> None:
+    """After sub-agents finish: active usage < 10 % while physical occupancy > 50 %."""
+    config = EngineConfig(kv_memory_bytes=8 * 2**20, max_model_len=2048, iteration_time=0.002)
+    engine = running(config)
+    workload = Workload(engine, "agentic", seed=1, pause=2.0)
+    workload.start()
+    try:
+        wait_rounds(workload, 4)
+        time.sleep(0.2)  # inside the pause between rounds: only the lead agent runs
+        full = engine.snapshot().pool("full")
+        assert full is not None and full.evictable_tokens is not None
+        active = full.used_tokens / full.capacity_tokens
+        physical = (full.used_tokens + full.evictable_tokens) / full.capacity_tokens
+        print(
+            f"agentic: active {active:.1%}, physical {physical:.1%}, evictable"
+            f" {full.evictable_tokens / full.capacity_tokens:.1%} of {full.capacity_tokens} tokens"
+        )
+        assert active < 0.10
+        assert physical > 0.50
+        assert engine.snapshot().counters.prefix_hit_tokens["device"] > 0
+    finally:
+        workload.stop()
+        engine.stop()
+
+
+def test_burst_workload_drives_the_pool_into_preemption() -> None:
+    config = EngineConfig(kv_memory_bytes=2 * 2**20, max_model_len=512, iteration_time=0.0)
+    engine = running(config)
+    workload = Workload(engine, "burst", seed=2, pause=0.1)
+    workload.start()
+    try:
+        wait_rounds(workload, 1)
+        snap = engine.snapshot()
+        assert snap.counters.preemptions and snap.counters.preemptions > 0
+    finally:
+        workload.stop()
+        engine.stop()
+
+
+def test_chat_workload_reuses_conversation_history() -> None:
+    engine = running(
+        EngineConfig(kv_memory_bytes=4 * 2**20, max_model_len=1024, iteration_time=0.001)
+    )
+    workload = Workload(engine, "chat", seed=3)
+    workload.start()
+    try:
+        wait_rounds(workload, 12)
+        counters = engine.snapshot().counters
+        assert counters.prefix_hit_tokens["device"] > 0
+        assert counters.prefix_query_tokens and counters.prefix_query_tokens > 0
+    finally:
+        workload.stop()
+        engine.stop()
+
+
+def test_storage_tier_hit_survives_an_engine_restart(tmp_path: Path) -> None:
+    config = EngineConfig(
+        kv_memory_bytes=2**20,
+        max_model_len=512,
+        iteration_time=0.0,
+        storage_dir=tmp_path / "l3",
+        storage_tier_tokens=4096,
+    )
+    prompt = list(range(100, 300))
+    first = running(config)
+    try:
+        before = first.generate(prompt, 8)
+    finally:
+        first.stop()  # flushes the write-through queue
+    assert list((tmp_path / "l3").glob("*.kvblock")), "nothing was persisted"
+
+    second = running(config)
+    try:
+        assert second.instance_id != first.instance_id
+        after = second.generate(prompt, 8)
+        assert after.cached_tokens["device"] == 0
+        assert after.cached_tokens["storage"] == (len(prompt) - 1) // 16 * 16
+        assert after.output == before.output
+        snap = second.snapshot()
+        assert snap.counters.prefix_hit_tokens["storage"] == after.cached_tokens["storage"]
+        assert snap.storage_tier is not None and snap.storage_tier.used_tokens > 0
+    finally:
+        second.stop()
+
+
+def test_host_tier_serves_prefixes_evicted_from_the_device() -> None:
+    config = EngineConfig(
+        kv_memory_bytes=2**20, max_model_len=512, iteration_time=0.0, host_tier_tokens=8192
+    )
+    engine = running(config)
+    try:
+        capacity = engine.full_pool.capacity_tokens
+        first = engine.generate(list(range(200)), 4)
+        # Push the first prompt's blocks out of the device pool with other prompts.
+        for i in range(capacity // 400 + 2):
+            engine.generate([(7 * i + j) % 4000 for j in range(400)], 4)
+        again = engine.generate(list(range(200)), 4)
+        assert again.cached_tokens["host"] > 0
+        assert again.output == first.output
+        snap = engine.snapshot()
+        assert snap.counters.evicted_tokens and snap.counters.evicted_tokens > 0
+        assert (
+            snap.host_tier is not None
+            and 0 < snap.host_tier.used_tokens <= snap.host_tier.capacity_tokens
+        )
+    finally:
+        engine.stop()
+
+
+def test_hybrid_max_concurrency_follows_the_group_aware_formula() -> None:
+    """Worked example: full + SWA pools; the SWA pool, not blocks x bs / L, is the bound."""
+    shape = ModelShape(
+        num_layers=4,
+        num_kv_heads=2,
+        head_dim=32,
+        dtype="float16",
+        swa_layers=2,
+        sliding_window=1024,
+    )
+    config = EngineConfig(
+        shape=shape,
+        block_size=16,
+        kv_memory_bytes=2**24,
+        max_model_len=4096,
+        swa_pool_ratio=0.1,
+        iteration_time=0.0,
+    )
+    engine = ReferenceEngine(config)
+    # 512 B per token in each pool; 16 MiB / (512 + 0.1 x 512) = 29789 full tokens.
+    assert engine.full_pool.num_blocks == 29789 // 16 == 1861
+    assert engine.swa_pool is not None and engine.swa_pool.num_blocks == 2978 // 16 == 186
+    full_per_req, swa_per_req = cdiv(4096, 16), cdiv(1024, 16) + 1
+    assert [g.blocks_per_request for g in engine.groups] == [256, 65]
+    naive = engine.full_pool.num_blocks * 16 / 4096  # 7.27: what dashboards compute
+    expected = min(1861 / full_per_req, 186 / swa_per_req)  # 2.86: the SWA pool binds
+    assert engine.max_concurrency == pytest.approx(expected)
+    assert engine.max_concurrency == pytest.approx(186 / 65)
+    assert naive == pytest.approx(7.26953125)
+    assert engine.snapshot().max_concurrency == engine.max_concurrency
+
+
+def test_iteration_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    config = dataclasses.replace(
+        EngineConfig(kv_memory_bytes=2**20, iteration_time=0.0), log_iterations=True
+    )
+    engine = ReferenceEngine(config)
+    caplog.set_level(logging.INFO, logger="engine_shim.iterations")
+    request = engine.submit(list(range(40)), 3)
+    while not request.done.is_set():
+        engine.step()
+    lines = [r.getMessage() for r in caplog.records if r.name == "engine_shim.iterations"]
+    assert len(lines) == 3
+    assert lines[0].startswith("iteration 1: prefill 1 req 40 tok, decode 0 req 0 tok,")
+    assert "kv cache: 4.7% (3/64 blocks, 40 tokens)" in lines[0]
+    assert "decode 1 req 1 tok" in lines[1]
+
+
+def test_rejects_requests_that_can_never_run() -> None:
+    from engine_shim.reference import RequestRejected
+
+    engine = ReferenceEngine(EngineConfig(kv_memory_bytes=2**20, max_model_len=128))
+    for prompt, max_tokens, message in [
+        ([], 4, "must not be empty"),
+        ([1] * 10, 0, "at least 1"),
+        ([1] * 120, 16, "exceeds max_model_len"),
+        ([10**6], 4, "token ids"),
+    ]:
+        with pytest.raises(RequestRejected, match=message):
+            engine.submit(prompt, max_tokens)
