@@ -92,7 +92,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _reference_parser(sub)
+    convert = sub.add_parser(
+        "convert", help="print the snapshots a bridge makes of an engine's /metrics"
+    )
+    convert.add_argument("--engine", choices=["vllm", "sglang"], required=True)
+    convert.add_argument("source", help="a file with /metrics text, - for stdin, or an http(s) URL")
     return parser
+
+
+def run_convert(engine: str, source: str) -> int:
+    import json
+
+    from .bridges import BridgeError, convert
+
+    try:
+        if source.startswith(("http://", "https://")):
+            import httpx
+
+            response = httpx.get(source, timeout=10)
+            response.raise_for_status()
+            text = response.text
+        elif source == "-":
+            text = sys.stdin.read()
+        else:
+            text = Path(source).read_text()
+        result = convert(engine, text)
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"kvcache-shim convert: cannot read {source}: {exc}", file=sys.stderr)
+        return 2
+    except BridgeError as exc:
+        print(f"kvcache-shim convert: {source}: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # httpx errors
+        print(f"kvcache-shim convert: cannot fetch {source}: {exc}", file=sys.stderr)
+        return 2
+    snapshots = [s.to_json() for s in result.snapshots]
+    print(json.dumps({"snapshots": snapshots, "missing": result.missing}, indent=2))
+    return 0
 
 
 def run_reference(args: argparse.Namespace) -> int:
@@ -178,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "reference":
         return run_reference(args)
+    if args.command == "convert":
+        return run_convert(args.engine, args.source)
     return 2
 
 

@@ -1,0 +1,105 @@
+"""Parsing and sample lookup shared by the bridges."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..snapshot import Snapshot
+
+MAX_TEXT_BYTES = 16 << 20
+
+
+class BridgeError(ValueError):
+    """The text cannot be turned into any truthful snapshot."""
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeResult:
+    snapshots: list[Snapshot]
+    # What the text did not tell, e.g. "engine 0: evictable tokens (vLLM does not export them)".
+    missing: list[str] = field(default_factory=list)
+
+
+Labels = dict[str, str]
+LabelFilter = Callable[[Labels], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    labels: Labels
+    value: float
+
+
+class Samples:
+    """Samples by sample name (``vllm:num_preemptions_total``), with duplicates refused."""
+
+    def __init__(self, text: str) -> None:
+        if len(text) > MAX_TEXT_BYTES:
+            raise BridgeError(f"metrics text of {len(text)} bytes exceeds {MAX_TEXT_BYTES}")
+        self.by_name: dict[str, list[Sample]] = {}
+        seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+        try:
+            for family in text_string_to_metric_families(text):
+                for s in family.samples:
+                    key = (s.name, tuple(sorted(s.labels.items())))
+                    if key in seen:
+                        raise BridgeError(f"duplicate series {s.name}{dict(key[1])}")
+                    seen.add(key)
+                    self.by_name.setdefault(s.name, []).append(
+                        Sample(dict(s.labels), float(s.value))
+                    )
+        except BridgeError:
+            raise
+        except Exception as exc:  # the parser raises ValueError, IndexError, ... on bad text
+            raise BridgeError(f"malformed metrics text: {type(exc).__name__}: {exc}") from None
+        if not self.by_name:
+            raise BridgeError("no metrics in the text")
+
+    def all(self, name: str, where: LabelFilter | None = None) -> list[Sample]:
+        return [s for s in self.by_name.get(name, []) if where is None or where(s.labels)]
+
+    def one(self, name: str, where: LabelFilter | None = None) -> float | None:
+        """The value of the single matching sample; None if absent or not a finite number."""
+        found = self.all(name, where)
+        if not found:
+            return None
+        if len(found) > 1:
+            labels = [s.labels for s in found]
+            raise BridgeError(f"{name}: expected one series, got {len(found)}: {labels}")
+        value = found[0].value
+        return value if math.isfinite(value) else None
+
+    def total(self, name: str, where: LabelFilter | None = None) -> float | None:
+        """Sum over matching samples (counters split by ``pid`` in multiprocess mode)."""
+        found = [s.value for s in self.all(name, where)]
+        if not found or not all(math.isfinite(v) for v in found):
+            return None
+        return sum(found)
+
+    def label_values(self, name: str, label: str) -> list[str]:
+        return sorted({s.labels[label] for s in self.all(name) if label in s.labels})
+
+
+def as_count(value: float | None) -> int | None:
+    """Prometheus floats -> token counts; negative or non-finite values are unknown."""
+    if value is None or not math.isfinite(value) or value < 0:
+        return None
+    return round(value)
+
+
+def first_present(*values: float | None) -> float | None:
+    return next((v for v in values if v is not None), None)
+
+
+def labels_match(**wanted: str) -> LabelFilter:
+    return lambda labels: all(labels.get(k) == v for k, v in wanted.items())
+
+
+def pick_lowest(values: Iterable[str]) -> str | None:
+    """The lowest rank label present ("0" normally)."""
+    ranks = sorted(values, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
+    return ranks[0] if ranks else None

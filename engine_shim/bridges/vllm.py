@@ -1,0 +1,172 @@
+"""vLLM (V1 engine, 0.9+) ``/metrics`` -> snapshots, one per engine (data-parallel rank).
+
+What a scrape can tell (see docs/engines.md): pinned blocks = ``kv_cache_usage_perc`` x usable
+blocks, where usable = ``num_gpu_blocks`` / number of engine series (the API server stamps the
+DP-summed total on every series) - 1 (the null block). Free and evictable blocks are not
+separable from outside the engine core: evictable is reported unknown, never 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot
+from ._samples import BridgeError, BridgeResult, Samples, as_count, labels_match
+
+# prompt_tokens_cached_by_source tiers that map onto the snapshot's tiers; p2p and
+# external_unspecified have no tier of ours and are reported as missing when non-zero.
+TIER_OF_SOURCE = {"device": "device", "host": "host", "disk": "storage"}
+
+
+def _config_value(labels: dict[str, str], name: str) -> str | None:
+    value = labels.get(name)
+    return None if value in (None, "None", "") else value
+
+
+def _instance_id(samples: Samples, engine: str) -> str:
+    """Process start from ``_created`` series (single-process mode); they change on restart."""
+    created = [
+        s.value
+        for name, found in samples.by_name.items()
+        if name.startswith("vllm:") and name.endswith("_created")
+        for s in found
+        if s.labels.get("engine") == engine and math.isfinite(s.value)
+    ]
+    return f"vllm-created-{min(created):.3f}" if created else "unknown"
+
+
+def convert_vllm(text: str, now: float) -> BridgeResult:
+    samples = Samples(text)
+    config_series = samples.all("vllm:cache_config_info")
+    if not config_series:
+        raise BridgeError(
+            "vllm:cache_config_info is missing: the engine is not ready, or this is not vLLM"
+        )
+    engines = sorted(
+        {s.labels.get("engine", "0") for s in config_series},
+        key=lambda e: (not e.isdigit(), int(e) if e.isdigit() else 0, e),
+    )
+    missing: list[str] = []
+    snapshots = []
+    for engine in engines:
+        config = next(s.labels for s in config_series if s.labels.get("engine", "0") == engine)
+        snapshot = _engine_snapshot(samples, engine, config, len(engines), now, missing)
+        if snapshot is not None:
+            snapshots.append(snapshot)
+    if not snapshots:
+        raise BridgeError("no engine could be read: " + "; ".join(missing))
+    return BridgeResult(snapshots, missing)
+
+
+def _engine_snapshot(
+    samples: Samples,
+    engine: str,
+    config: dict[str, str],
+    n_engines: int,
+    now: float,
+    missing: list[str],
+) -> Snapshot | None:
+    where = labels_match(engine=engine)
+    tag = f"engine {engine}"
+    total_blocks = _config_value(config, "num_gpu_blocks")
+    block_size = _config_value(config, "block_size")
+    if (
+        total_blocks is None
+        or block_size is None
+        or not total_blocks.isdigit()
+        or not block_size.isdigit()
+    ):
+        missing.append(f"{tag}: cache_config_info has no num_gpu_blocks/block_size")
+        return None
+    num_blocks = int(total_blocks) // n_engines  # summed over DP engines; includes the null block
+    bs = int(block_size)
+    usage = samples.one("vllm:kv_cache_usage_perc", where)
+    if usage is None or not 0 <= usage <= 1 or num_blocks < 2 or bs < 1:
+        missing.append(f"{tag}: no valid vllm:kv_cache_usage_perc")
+        return None
+    usable = num_blocks - 1
+    used_blocks = round(usage * usable)
+    missing.append(f"{tag}: evictable tokens (vLLM does not export them; use the in-process shim)")
+
+    concurrency_text = _config_value(config, "kv_cache_max_concurrency")
+    size_text = _config_value(config, "kv_cache_size_tokens")
+    concurrency = float(concurrency_text) if concurrency_text else None
+    if concurrency is not None and (not math.isfinite(concurrency) or concurrency <= 0):
+        concurrency = None
+    max_model_len = None
+    groups: tuple[KVGroup, ...] = ()
+    if concurrency is not None:
+        # vLLM: max_concurrency = num_blocks / sum(blocks per request over groups), so the
+        # group-aware footprint is recoverable even for hybrid models.
+        footprint = round(num_blocks / concurrency)
+        groups = (KVGroup(name="all", kind="other", pool="full", blocks_per_request=footprint),)
+        if size_text and size_text.isdigit():
+            candidate = round(int(size_text) / concurrency)
+            if int(concurrency * candidate) == int(size_text):
+                max_model_len = candidate
+    else:
+        missing.append(f"{tag}: kv_cache_max_concurrency (older vLLM)")
+
+    running = as_count(samples.one("vllm:num_requests_running", where))
+    waiting = as_count(samples.one("vllm:num_requests_waiting", where))
+    model = next(
+        (
+            s.labels["model_name"]
+            for s in samples.all("vllm:kv_cache_usage_perc", where)
+            if "model_name" in s.labels
+        ),
+        "unknown",
+    )
+
+    hits: dict[str, int] = {}
+    by_source = samples.all("vllm:prompt_tokens_cached_by_source_total", where)
+    if by_source:
+        for sample in by_source:
+            source = sample.labels.get("source", "")
+            tier = TIER_OF_SOURCE.get(source)
+            value = as_count(sample.value)
+            if tier is not None and value is not None:
+                hits[tier] = hits.get(tier, 0) + value
+            elif value:
+                missing.append(f"{tag}: {value} cached tokens from source {source!r} have no tier")
+    else:
+        device = as_count(samples.total("vllm:prefix_cache_hits_total", where))
+        if device is not None:
+            hits["device"] = device
+    queries = as_count(samples.total("vllm:prefix_cache_queries_total", where))
+    external = as_count(samples.total("vllm:external_prefix_cache_queries_total", where))
+    if queries is not None and external:
+        queries += external
+    preemptions = as_count(samples.total("vllm:num_preemptions_total", where))
+    for name, value in (("prefix cache queries", queries), ("preemptions", preemptions)):
+        if value is None:
+            missing.append(f"{tag}: {name}")
+
+    return Snapshot(
+        engine=EngineIdentity(
+            kind="vllm",
+            version="unknown",
+            model=model,
+            dp_rank=int(engine) if engine.isdigit() else 0,
+            instance_id=_instance_id(samples, engine),
+        ),
+        time=now,
+        sequence=0,
+        max_model_len=max_model_len,
+        pools=(
+            Pool(
+                name="full",
+                block_size=bs,
+                capacity_tokens=usable * bs,
+                used_tokens=used_blocks * bs,
+                evictable_tokens=None,
+                available_tokens=None,
+            ),
+        ),
+        groups=groups,
+        max_concurrency=concurrency,
+        requests=None if running is None or waiting is None else Requests(running, waiting),
+        counters=Counters(
+            prefix_query_tokens=queries, prefix_hit_tokens=hits, preemptions=preemptions
+        ),
+    )

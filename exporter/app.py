@@ -1,0 +1,135 @@
+"""The running exporter: poller + NVML + cached exposition behind a small HTTP server.
+
+``/metrics`` (text format 0.0.4, gzip when asked), ``/healthz`` (503 until every target was
+polled once, or when the poller died) and ``/`` (a landing page listing targets).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import ModuleType
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .collector import ExporterView, KVCacheCollector
+from .config import Config
+from .exposition import CachedExposition
+from .nvml import NvmlReader
+from .poller import Poller
+
+log = logging.getLogger(__name__)
+
+
+class Exporter:
+    def __init__(self, config: Config, nvml_module: ModuleType | None = None) -> None:
+        self.config = config
+        self.nvml = NvmlReader(nvml_module)
+        self.nvml_enabled = self.nvml.start(config.nvml)  # raises NvmlUnavailable for nvml: on
+        self.exposition = CachedExposition(KVCacheCollector(self.view))
+        self.poller = Poller(config, self.nvml, self.exposition.invalidate)
+        self._httpd: ThreadingHTTPServer | None = None
+
+    def view(self) -> ExporterView:
+        with self.poller.lock:
+            reports = [s.report() for s in self.poller.states]
+            gpus = list(self.poller.gpus)
+            nvml_errors = dict(self.nvml.errors)
+        return ExporterView(reports, gpus, nvml_errors, self.nvml_enabled, self.config.gpus)
+
+    def healthy(self) -> bool:
+        return self.poller.alive() and self.poller.rounds_completed.is_set()
+
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None
+        return int(self._httpd.server_address[1])
+
+    def start(self, host: str | None = None, port: int | None = None) -> None:
+        host = self.config.listen_host if host is None else host
+        port = self.config.listen_port if port is None else port
+        self._httpd = _Server((host, port), _handler(self))
+        self.poller.start()
+        threading.Thread(target=self._httpd.serve_forever, name="kvcache-http", daemon=True).start()
+        log.info(
+            "serving /metrics on %s:%d for %d targets", host, self.port, len(self.config.targets)
+        )
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        self.poller.stop()
+        self.nvml.stop()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+
+def _landing(exporter: Exporter) -> bytes:
+    rows = "".join(
+        f"<tr><td>{html.escape(t.name)}</td><td>{t.kind}</td><td>{html.escape(t.url)}</td>"
+        f"<td>{'up' if s.up else 'down'}</td></tr>"
+        for t, s in zip(exporter.config.targets, exporter.poller.states, strict=True)
+    )
+    return (
+        "<!doctype html><html><head><title>kvcache-exporter</title></head><body>"
+        "<h1>kvcache-exporter</h1>"
+        "<p><a href='/metrics'>/metrics</a> · <a href='/healthz'>/healthz</a></p>"
+        f"<table><tr><th>target</th><th>kind</th><th>url</th><th>state</th></tr>{rows}</table>"
+        "</body></html>"
+    ).encode()
+
+
+def _handler(exporter: Exporter) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "kvcache-exporter"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("%s " + format, self.address_string(), *args)
+
+        def _reply(
+            self, status: HTTPStatus, body: bytes, content_type: str, gzipped: bool = False
+        ) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            if gzipped:
+                self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                if "gzip" in self.headers.get("Accept-Encoding", ""):
+                    self._reply(
+                        HTTPStatus.OK, exporter.exposition.render_gzip(), CONTENT_TYPE_LATEST, True
+                    )
+                else:
+                    self._reply(HTTPStatus.OK, exporter.exposition.render(), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                ok = exporter.healthy()
+                self._reply(
+                    HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
+                    b"ok\n" if ok else b"not ready: targets not polled yet\n",
+                    "text/plain",
+                )
+            elif path == "/":
+                self._reply(HTTPStatus.OK, _landing(exporter), "text/html; charset=utf-8")
+            else:
+                self._reply(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+
+        do_HEAD = do_GET
+
+    return Handler

@@ -1,0 +1,119 @@
+"""``kvcache-exporter``: run the sidecar, check a config, run the demo, or watch live."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from .config import ConfigError, load_config, parse_listen
+
+USAGE = """\
+kvcache-exporter --config FILE [--listen HOST:PORT]   run the sidecar
+kvcache-exporter check-config FILE                     validate a config and exit
+kvcache-exporter demo [--workload agentic|chat|burst]  reference engine + exporter + live view
+kvcache-exporter watch [--url URL]                     live one-line-per-engine view"""
+
+
+def _listen(text: str) -> tuple[str, int]:
+    try:
+        return parse_listen(text, "--listen", "--listen")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.problem) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvcache-exporter", usage=USAGE, description=__doc__)
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument(
+        "--listen", type=_listen, help="HOST:PORT for /metrics (overrides the config)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command")
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("file")
+    demo = sub.add_parser("demo", help="run the reference engine and the exporter together")
+    demo.add_argument("--listen", dest="demo_listen", type=_listen, default=("127.0.0.1", 8322))
+    demo.add_argument("--workload", choices=["agentic", "chat", "burst"], default="agentic")
+    demo.add_argument("--interval", type=float, default=1.0, help="poll interval in seconds")
+    demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    demo.add_argument(
+        "engine_args",
+        nargs=argparse.REMAINDER,
+        help="after --: extra arguments for kvcache-shim reference",
+    )
+    watch = sub.add_parser("watch", help="live view of an exporter's /metrics")
+    watch.add_argument("--url", default="http://127.0.0.1:8322/metrics")
+    watch.add_argument("--interval", type=float, default=2.0)
+    watch.add_argument("--count", type=int, default=None, help="stop after this many refreshes")
+    return parser
+
+
+def run(config_path: str, listen: tuple[str, int] | None) -> int:
+    from .app import Exporter
+    from .nvml import NvmlUnavailable
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"kvcache-exporter: bad config: {exc}", file=sys.stderr)
+        return 2
+    try:
+        exporter = Exporter(config)
+    except NvmlUnavailable as exc:
+        print(f"kvcache-exporter: {exc}", file=sys.stderr)
+        return 2
+    host, port = listen if listen else (config.listen_host, config.listen_port)
+    try:
+        exporter.start(host, port)
+    except OSError as exc:
+        print(f"kvcache-exporter: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    exporter.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "check-config":
+        try:
+            config = load_config(args.file)
+        except ConfigError as exc:
+            print(f"kvcache-exporter: bad config: {exc}", file=sys.stderr)
+            return 2
+        print(
+            f"{args.file}: OK, {len(config.targets)} target(s): "
+            + ", ".join(f"{t.name} ({t.kind} {t.url})" for t in config.targets)
+        )
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        extra = [a for a in args.engine_args if a != "--"]
+        return run_demo(args.demo_listen, args.workload, args.interval, args.duration, extra)
+    if args.command == "watch":
+        from .watch import watch
+
+        return watch(args.url, args.interval, args.count)
+    if args.config is None:
+        parser.print_usage(sys.stderr)
+        print("kvcache-exporter: --config FILE is required to run the sidecar", file=sys.stderr)
+        return 2
+    return run(args.config, args.listen)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Prometheus families built fresh from the latest poll results (the metric contract).
+
+A custom collector, not long-lived Gauge objects: a target that went down or an engine that
+lost a pool simply has no series in the next render, so nothing stale is ever exported.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .nvml import GpuReading
+from .state import EngineView, TargetReport
+
+ENGINE = ["engine", "dp_rank", "model"]
+POOL = [*ENGINE, "pool"]
+GPU = ["gpu", "uuid"]
+
+
+@dataclass(frozen=True, slots=True)
+class ExporterView:
+    """Everything one render needs, taken at one instant."""
+
+    targets: Sequence[TargetReport]
+    gpus: Sequence[GpuReading]
+    nvml_errors: dict[tuple[str, str], int]
+    nvml_enabled: bool
+    # engine name -> GPU UUIDs from the config, for snapshots that carry none.
+    gpu_map: dict[str, tuple[str, ...]]
+
+
+def _gauge(name: str, doc: str, labels: list[str], unit: str = "") -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels, unit=unit)
+
+
+class KVCacheCollector(Collector):
+    def __init__(self, view: Callable[[], ExporterView]) -> None:
+        self._view = view
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # collect() must not run at registration
+
+    def collect(self) -> Iterator[Metric]:
+        view = self._view()
+        engines = [(t, rank, e) for t in view.targets for rank, e in sorted(t.engines.items())]
+        yield from self._pool_families(engines)
+        yield from self._engine_families(engines)
+        yield from self._counter_families(engines)
+        yield from self._gpu_families(view, engines)
+        yield from self._self_families(view)
+
+    # ------------------------------------------------------------------- per pool
+
+    def _pool_families(
+        self, engines: list[tuple[TargetReport, int, EngineView]]
+    ) -> Iterator[Metric]:
+        capacity = _gauge("kvcache_capacity_tokens", "Token slots in the KV pool.", POOL)
+        tokens = _gauge(
+            "kvcache_tokens",
+            "KV pool token slots by state: used (pinned by running requests), evictable (cached,"
+            " unreferenced, reclaimable), available (empty). The three sum to capacity; evictable"
+            " and available are absent where the engine cannot tell them apart.",
+            [*POOL, "state"],
+        )
+        physical = _gauge(
+            "kvcache_physical_usage_ratio",
+            "(used + evictable) / capacity: physical occupancy incl. prefix cache.",
+            POOL,
+        )
+        active = _gauge(
+            "kvcache_active_usage_ratio", "used / capacity: share pinned by running requests.", POOL
+        )
+        evictable = _gauge(
+            "kvcache_evictable_ratio", "evictable / capacity: reclaimable prefix cache.", POOL
+        )
+        block = _gauge("kvcache_block_size_tokens", "Tokens per KV block (page).", POOL)
+        pool_bytes = _gauge("kvcache_pool_bytes", "Physical bytes of the KV pool.", POOL)
+        for target, rank, view in engines:
+            for pool in view.snapshot.pools:
+                labels = [target.target.name, str(rank), view.model, pool.name]
+                ratios = view.ratios[pool.name]
+                capacity.add_metric(labels, pool.capacity_tokens)
+                block.add_metric(labels, pool.block_size)
+                tokens.add_metric([*labels, "used"], pool.used_tokens)
+                active.add_metric(labels, ratios.active)
+                if pool.evictable_tokens is not None and pool.available_tokens is not None:
+                    tokens.add_metric([*labels, "evictable"], pool.evictable_tokens)
+                    tokens.add_metric([*labels, "available"], pool.available_tokens)
+                if ratios.physical is not None and ratios.evictable is not None:
+                    physical.add_metric(labels, ratios.physical)
+                    evictable.add_metric(labels, ratios.evictable)
+                if pool.bytes_per_token is not None:
+                    pool_bytes.add_metric(labels, pool.bytes_per_token * pool.capacity_tokens)
+        yield from (capacity, tokens, physical, active, evictable, block, pool_bytes)
+
+    # ----------------------------------------------------------------- per engine
+
+    def _engine_families(
+        self, engines: list[tuple[TargetReport, int, EngineView]]
+    ) -> Iterator[Metric]:
+        max_conc = _gauge(
+            "kvcache_max_concurrency",
+            "Group-aware number of max_model_len requests the KV pools hold.",
+            ENGINE,
+        )
+        headroom = _gauge(
+            "kvcache_concurrency_headroom",
+            "More max_model_len requests that fit now in available + evictable KV.",
+            ENGINE,
+        )
+        max_len = _gauge(
+            "kvcache_max_model_len_tokens", "Longest request the engine accepts.", ENGINE
+        )
+        requests = _gauge("kvcache_requests", "Requests by state.", [*ENGINE, "state"])
+        eta = _gauge(
+            "kvcache_exhaustion_eta_seconds",
+            "Forecast seconds until used tokens reach capacity at the recent growth rate;"
+            " absent when used is not growing.",
+            ENGINE,
+        )
+        snap_time = _gauge(
+            "kvcache_snapshot_timestamp_seconds",
+            "When the engine published the snapshot last polled (Unix time).",
+            ENGINE,
+        )
+        tier_cap = _gauge(
+            "kvcache_tier_capacity_tokens", "Capacity of a lower cache tier.", [*ENGINE, "tier"]
+        )
+        tier_used = _gauge(
+            "kvcache_tier_used_tokens", "Tokens held in a lower cache tier.", [*ENGINE, "tier"]
+        )
+        info = _gauge(
+            "kvcache_engine_info",
+            "Engine identity; value 1.",
+            [*ENGINE, "engine_kind", "engine_version"],
+        )
+        for target, rank, view in engines:
+            labels = [target.target.name, str(rank), view.model]
+            snap = view.snapshot
+            if view.max_concurrency is not None:
+                max_conc.add_metric(labels, view.max_concurrency)
+            if view.headroom is not None:
+                headroom.add_metric(labels, view.headroom)
+            if snap.max_model_len is not None:
+                max_len.add_metric(labels, snap.max_model_len)
+            if snap.requests is not None:
+                requests.add_metric([*labels, "running"], snap.requests.running)
+                requests.add_metric([*labels, "waiting"], snap.requests.waiting)
+            if view.eta_seconds is not None:
+                eta.add_metric(labels, view.eta_seconds)
+            snap_time.add_metric(labels, snap.time)
+            for tier_name, tier in (("host", snap.host_tier), ("storage", snap.storage_tier)):
+                if tier is not None:
+                    tier_cap.add_metric([*labels, tier_name], tier.capacity_tokens)
+                    tier_used.add_metric([*labels, tier_name], tier.used_tokens)
+            info.add_metric([*labels, snap.engine.kind, snap.engine.version], 1)
+        yield from (
+            max_conc,
+            headroom,
+            max_len,
+            requests,
+            eta,
+            snap_time,
+            tier_cap,
+            tier_used,
+            info,
+        )
+
+    def _counter_families(
+        self, engines: list[tuple[TargetReport, int, EngineView]]
+    ) -> Iterator[Metric]:
+        queries = CounterMetricFamily(
+            "kvcache_prefix_query_tokens",
+            "Prompt tokens looked up in the prefix cache.",
+            labels=ENGINE,
+        )
+        hits = CounterMetricFamily(
+            "kvcache_prefix_hit_tokens",
+            "Prompt tokens served from cache, by tier (device, host, storage).",
+            labels=[*ENGINE, "tier"],
+        )
+        evicted = CounterMetricFamily(
+            "kvcache_evicted_tokens",
+            "Device KV slots freed by evicting cached prefixes.",
+            labels=ENGINE,
+        )
+        preempt = CounterMetricFamily(
+            "kvcache_preemptions", "Requests preempted for lack of KV.", labels=ENGINE
+        )
+        iterations = CounterMetricFamily(
+            "kvcache_iterations", "Engine scheduler iterations.", labels=ENGINE
+        )
+        simple = {
+            "prefix_query_tokens": queries,
+            "evicted_tokens": evicted,
+            "preemptions": preempt,
+            "iterations": iterations,
+        }
+        for target, rank, view in engines:
+            labels = [target.target.name, str(rank), view.model]
+            for key, value in view.counters.items():
+                if key.startswith("prefix_hit_tokens:"):
+                    hits.add_metric([*labels, key.split(":", 1)[1]], value)
+                else:
+                    simple[key].add_metric(labels, value)
+        yield from (queries, hits, evicted, preempt, iterations)
+
+    # ----------------------------------------------------------------------- GPUs
+
+    def _gpu_families(
+        self, view: ExporterView, engines: list[tuple[TargetReport, int, EngineView]]
+    ) -> Iterator[Metric]:
+        if not view.nvml_enabled:
+            return
+        memory = _gauge(
+            "kvcache_gpu_memory_bytes", "GPU memory by state, from NVML.", [*GPU, "state"]
+        )
+        total = _gauge("kvcache_gpu_memory_total_bytes", "GPU memory in total, from NVML.", GPU)
+        util = _gauge(
+            "kvcache_gpu_utilization_ratio", "GPU utilisation (0-1) over NVML's last sample.", GPU
+        )
+        non_kv = _gauge(
+            "kvcache_gpu_non_kv_memory_bytes",
+            "GPU memory used by anything but the KV pools on it (weights, activations, other"
+            " processes, fragmentation): NVML used minus the pools' bytes.",
+            GPU,
+        )
+        link = _gauge(
+            "kvcache_gpu_engine_info",
+            "Which engine's KV pools live on which GPU; value 1.",
+            [*GPU, *ENGINE],
+        )
+        pool_bytes_by_uuid: dict[str, int] = {}
+        engines_by_uuid: dict[str, set[tuple[str, str, str]]] = {}
+        for target, rank, engine_view in engines:
+            mapped = view.gpu_map.get(target.target.name, ())
+            for pool in engine_view.snapshot.pools:
+                uuids = [pool.gpu_uuid] if pool.gpu_uuid else list(mapped)
+                for uuid in uuids:
+                    engines_by_uuid.setdefault(uuid, set()).add(
+                        (target.target.name, str(rank), engine_view.model)
+                    )
+                    if pool.bytes_per_token is not None and len(uuids) == 1:
+                        pool_bytes_by_uuid[uuid] = pool_bytes_by_uuid.get(uuid, 0) + (
+                            pool.bytes_per_token * pool.capacity_tokens
+                        )
+        for gpu in view.gpus:
+            labels = [str(gpu.index), gpu.uuid]
+            memory.add_metric([*labels, "used"], gpu.memory_used)
+            memory.add_metric([*labels, "free"], gpu.memory_free)
+            total.add_metric(labels, gpu.memory_total)
+            if gpu.utilization is not None:
+                util.add_metric(labels, gpu.utilization)
+            if gpu.uuid in pool_bytes_by_uuid:
+                non_kv.add_metric(labels, max(0, gpu.memory_used - pool_bytes_by_uuid[gpu.uuid]))
+            for engine_labels in sorted(engines_by_uuid.get(gpu.uuid, ())):
+                link.add_metric([*labels, *engine_labels], 1)
+        yield from (memory, total, util, non_kv, link)
+
+    # -------------------------------------------------------------- self-metrics
+
+    def _self_families(self, view: ExporterView) -> Iterator[Metric]:
+        up = _gauge(
+            "kvcache_exporter_target_up",
+            "1 when the last poll of the target succeeded.",
+            ["engine"],
+        )
+        polls = CounterMetricFamily(
+            "kvcache_exporter_polls", "Polls of the target.", labels=["engine"]
+        )
+        errors = CounterMetricFamily(
+            "kvcache_exporter_poll_errors", "Failed polls by reason.", labels=["engine", "reason"]
+        )
+        last = _gauge(
+            "kvcache_exporter_last_success_timestamp_seconds",
+            "When the target was last polled successfully (Unix time).",
+            ["engine"],
+        )
+        restarts = CounterMetricFamily(
+            "kvcache_exporter_engine_restarts",
+            "Engine restarts seen (new instance id or counters going back).",
+            labels=["engine"],
+        )
+        duration = HistogramMetricFamily(
+            "kvcache_exporter_poll_duration_seconds",
+            "Time to poll and parse a target.",
+            labels=["engine"],
+        )
+        for state in view.targets:
+            name = [state.target.name]
+            up.add_metric(name, 1 if state.up else 0)
+            polls.add_metric(name, state.polls)
+            for reason, count in state.errors.items():
+                errors.add_metric([*name, reason], count)
+            if state.last_success is not None:
+                last.add_metric(name, state.last_success)
+            restarts.add_metric(name, state.restarts)
+            duration.add_metric(name, state.durations.cumulative(), state.durations.total)
+        nvml_up = _gauge("kvcache_exporter_nvml_up", "1 when NVML is in use.", [])
+        nvml_up.add_metric([], 1 if view.nvml_enabled else 0)
+        nvml_errors = CounterMetricFamily(
+            "kvcache_exporter_nvml_errors",
+            "NVML errors by GPU and error.",
+            labels=["gpu", "reason"],
+        )
+        for (gpu, reason), count in sorted(view.nvml_errors.items()):
+            nvml_errors.add_metric([gpu, reason], count)
+        build = _gauge(
+            "kvcache_exporter_build_info", "Exporter build; value 1.", ["version", "python_version"]
+        )
+        build.add_metric([__version__, platform.python_version()], 1)
+        yield from (up, polls, errors, last, restarts, duration, nvml_up, nvml_errors, build)

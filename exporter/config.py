@@ -1,0 +1,272 @@
+"""Exporter configuration: YAML validated into dataclasses.
+
+Every error names the file, the key (``targets[1].url``) and what is wrong, because a sidecar
+that starts with a typo'd config and silently exports nothing is worse than one that refuses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+DEFAULT_LISTEN = "0.0.0.0:8322"
+TARGET_KINDS = ("shim", "vllm", "sglang")
+NVML_MODES = ("auto", "on", "off")
+DEFAULT_PATHS = {"shim": "/v1/kv/stats", "vllm": "/metrics", "sglang": "/metrics"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class ConfigError(ValueError):
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        super().__init__(f"{source}: {key}: {problem}")
+        self.source = source
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    kind: str
+    url: str
+    timeout: float
+    bearer_token_env: str | None = None
+    # Label to use when the engine reports no model name (bridges of old engines).
+    model: str | None = None
+
+    def bearer_token(self) -> str | None:
+        return os.environ.get(self.bearer_token_env) if self.bearer_token_env else None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen_host: str
+    listen_port: int
+    poll_interval: float
+    timeout: float
+    max_response_bytes: int
+    max_series_per_target: int
+    max_backoff: float
+    eta_window: float
+    nvml: str
+    targets: tuple[Target, ...]
+    # engine name -> GPU UUIDs, for engines whose snapshots carry no UUID.
+    gpus: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    source: str = "<config>"
+
+
+def parse_duration(value: Any, source: str, key: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(source, key, f"expected a duration like 5s or 500ms, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+    else:
+        raise ConfigError(source, key, f"expected a duration like 5s or 500ms, got {value!r}")
+    if not seconds > 0:
+        raise ConfigError(source, key, "must be positive")
+    return seconds
+
+
+def parse_size(value: Any, source: str, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        size = int(m.group(1)) * _SIZE_UNITS[m.group(2) or "B"]
+    else:
+        raise ConfigError(source, key, f"expected a size like 4MiB, got {value!r}")
+    if size <= 0:
+        raise ConfigError(source, key, "must be positive")
+    return size
+
+
+def parse_listen(value: Any, source: str, key: str) -> tuple[str, int]:
+    if not isinstance(value, str):
+        raise ConfigError(source, key, f"expected HOST:PORT, got {value!r}")
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(
+            source, key, f"expected HOST:PORT with a port in 0-65535 (0: any free), got {value!r}"
+        )
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class _Section:
+    def __init__(self, data: Any, source: str, key: str, allowed: set[str]) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(source, key or "(top level)", "expected a mapping")
+        unknown = sorted(set(map(str, data)) - allowed)
+        if unknown:
+            where = f"{key}.{unknown[0]}" if key else unknown[0]
+            raise ConfigError(source, where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        self.data, self.source, self.key = data, source, key
+
+    def path(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+    def string(self, name: str, default: str | None = None) -> str | None:
+        value = self.data.get(name, default)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(self.source, self.path(name), f"expected a string, got {value!r}")
+        return value
+
+    def required_string(self, name: str) -> str:
+        value = self.string(name)
+        if not value:
+            raise ConfigError(self.source, self.path(name), "is required")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int = 1) -> int:
+        value = self.data.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(
+                self.source, self.path(name), f"expected an integer >= {minimum}, got {value!r}"
+            )
+        return value
+
+
+def _target(data: Any, source: str, key: str, default_timeout: float) -> Target:
+    s = _Section(data, source, key, {"name", "kind", "url", "timeout", "bearer_token_env", "model"})
+    name = s.required_string("name")
+    if not _NAME.match(name):
+        raise ConfigError(source, s.path("name"), "use 1-63 letters, digits, '_', '.', ':' or '-'")
+    kind = s.required_string("kind")
+    if kind not in TARGET_KINDS:
+        raise ConfigError(
+            source, s.path("kind"), f"must be one of {', '.join(TARGET_KINDS)}, got {kind!r}"
+        )
+    url = s.required_string("url")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(source, s.path("url"), f"expected an http(s) URL, got {url!r}")
+    if parts.path in ("", "/"):
+        url = url.rstrip("/") + DEFAULT_PATHS[kind]
+    timeout = parse_duration(s.data.get("timeout", default_timeout), source, s.path("timeout"))
+    token_env = s.string("bearer_token_env")
+    if token_env is not None and token_env not in os.environ:
+        raise ConfigError(
+            source, s.path("bearer_token_env"), f"environment variable {token_env} is not set"
+        )
+    return Target(
+        name=name,
+        kind=kind,
+        url=url,
+        timeout=timeout,
+        bearer_token_env=token_env,
+        model=s.string("model"),
+    )
+
+
+TOP_KEYS = {
+    "listen",
+    "poll_interval",
+    "timeout",
+    "max_response_bytes",
+    "max_series_per_target",
+    "max_backoff",
+    "eta_window",
+    "nvml",
+    "gpus",
+    "targets",
+}
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    if data is None:
+        data = {}
+    s = _Section(data, source, "", TOP_KEYS)
+    host, port = parse_listen(s.data.get("listen", DEFAULT_LISTEN), source, "listen")
+    interval = parse_duration(s.data.get("poll_interval", "5s"), source, "poll_interval")
+    timeout = parse_duration(s.data.get("timeout", min(2.0, interval)), source, "timeout")
+    nvml = s.data.get("nvml", "auto")
+    if nvml is True:
+        nvml = "on"
+    elif nvml is False:
+        nvml = "off"
+    if nvml not in NVML_MODES:
+        raise ConfigError(source, "nvml", f"must be one of {', '.join(NVML_MODES)}, got {nvml!r}")
+
+    raw_targets = s.data.get("targets")
+    if not isinstance(raw_targets, list) or not raw_targets:
+        raise ConfigError(source, "targets", "expected a non-empty list of targets")
+    targets = tuple(_target(t, source, f"targets[{i}]", timeout) for i, t in enumerate(raw_targets))
+    names = [t.name for t in targets]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(source, f"targets[{i}].name", f"duplicate target name {name!r}")
+    for i, t in enumerate(targets):
+        if t.timeout > interval:
+            raise ConfigError(
+                source,
+                f"targets[{i}].timeout",
+                f"{t.timeout} s is longer than poll_interval {interval} s",
+            )
+
+    gpus: dict[str, tuple[str, ...]] = {}
+    raw_gpus = s.data.get("gpus", {}) or {}
+    if not isinstance(raw_gpus, dict):
+        raise ConfigError(source, "gpus", "expected a mapping of target name to GPU UUIDs")
+    for engine, uuids in raw_gpus.items():
+        if engine not in names:
+            raise ConfigError(source, f"gpus.{engine}", "names no target")
+        if isinstance(uuids, str):
+            uuids = [uuids]
+        if not isinstance(uuids, list) or not all(isinstance(u, str) and u for u in uuids):
+            raise ConfigError(source, f"gpus.{engine}", "expected a GPU UUID or a list of them")
+        gpus[engine] = tuple(uuids)
+
+    return Config(
+        listen_host=host,
+        listen_port=port,
+        poll_interval=interval,
+        timeout=timeout,
+        max_response_bytes=parse_size(
+            s.data.get("max_response_bytes", "4MiB"), source, "max_response_bytes"
+        ),
+        max_series_per_target=s.integer("max_series_per_target", 2000),
+        max_backoff=parse_duration(
+            s.data.get("max_backoff", max(30.0, interval)), source, "max_backoff"
+        ),
+        eta_window=parse_duration(
+            s.data.get("eta_window", max(60.0, 6 * interval)), source, "eta_window"
+        ),
+        nvml=nvml,
+        targets=targets,
+        gpus=gpus,
+        source=source,
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(source, "(file)", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, where, f"invalid YAML: {problem}") from None
+    return parse_config(data, source)

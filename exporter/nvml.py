@@ -1,0 +1,109 @@
+"""GPU memory and utilisation from NVML (pynvml, from the nvidia-ml-py package).
+
+``auto`` turns NVML on when a driver answers and off otherwise (logged once); ``on`` makes a
+missing driver a startup error. A device that fails mid-run (GPU lost, Xid) is counted and
+skipped, never fatal: the KV metrics matter more than one GPU's memory figure.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class NvmlUnavailable(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    index: int
+    uuid: str
+    name: str
+    memory_used: int
+    memory_free: int
+    memory_total: int
+    utilization: float | None  # 0-1; None where the device does not report it
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class NvmlReader:
+    def __init__(self, module: ModuleType | None = None) -> None:
+        self._nvml = module
+        self.errors: dict[tuple[str, str], int] = {}
+        self.available = False
+
+    def start(self, mode: str) -> bool:
+        """Initialise NVML per ``mode`` (auto/on/off); returns whether it is in use."""
+        if mode == "off":
+            return False
+        try:
+            if self._nvml is None:
+                import pynvml
+
+                self._nvml = pynvml
+            self._nvml.nvmlInit()
+        except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, driver errors
+            if mode == "on":
+                raise NvmlUnavailable(f"nvml: on, but NVML cannot start: {exc}") from exc
+            log.info("NVML not available (%s); GPU metrics are off", exc)
+            return False
+        self.available = True
+        return True
+
+    def stop(self) -> None:
+        if self.available and self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception as exc:
+                log.debug("nvmlShutdown: %s", exc)
+        self.available = False
+
+    def _count_error(self, gpu: str, exc: Exception) -> None:
+        reason = type(exc).__name__
+        key = (gpu, reason)
+        self.errors[key] = self.errors.get(key, 0) + 1
+        if self.errors[key] == 1:
+            log.warning("NVML error on GPU %s: %s", gpu, exc)
+
+    def read(self) -> list[GpuReading]:
+        """One reading per device that answered; failing devices are counted and skipped."""
+        if not self.available or self._nvml is None:
+            return []
+        nvml = self._nvml
+        try:
+            count = nvml.nvmlDeviceGetCount()
+        except Exception as exc:
+            self._count_error("all", exc)
+            return []
+        readings = []
+        for index in range(count):
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                try:
+                    util: float | None = nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0
+                except Exception as exc:  # e.g. NVMLError_NotSupported on some MIG setups
+                    self._count_error(str(index), exc)
+                    util = None
+                readings.append(
+                    GpuReading(
+                        index=index,
+                        uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+                        name=_text(nvml.nvmlDeviceGetName(handle)),
+                        memory_used=int(memory.used),
+                        memory_free=int(memory.free),
+                        memory_total=int(memory.total),
+                        utilization=util,
+                    )
+                )
+            except Exception as exc:
+                self._count_error(str(index), exc)
+        return readings

@@ -1,0 +1,170 @@
+"""Concurrent polling: one asyncio task per target, so no target can delay another.
+
+A failing target is retried at the poll interval for its first few failures (a restart comes
+back within one poll), then with jittered exponential backoff up to ``max_backoff``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+
+from engine_shim.snapshot import Snapshot
+
+from .config import Config
+from .nvml import GpuReading, NvmlReader
+from .sources import PollError, body_parser, fetch, series_estimate
+from .state import TargetState
+
+log = logging.getLogger(__name__)
+
+FAILURES_BEFORE_BACKOFF = 3
+
+
+def next_delay(interval: float, failures: int, max_backoff: float, rng: random.Random) -> float:
+    """Seconds to the next poll after ``failures`` consecutive failures (0: success)."""
+    if failures <= FAILURES_BEFORE_BACKOFF:
+        return interval
+    backoff = min(max_backoff, interval * 2.0 ** (failures - FAILURES_BEFORE_BACKOFF))
+    return max(interval, backoff * rng.uniform(0.8, 1.2))
+
+
+class Poller:
+    def __init__(self, config: Config, nvml: NvmlReader, on_change: Callable[[], None]) -> None:
+        self.config = config
+        self.nvml = nvml
+        self.on_change = on_change
+        self.lock = threading.Lock()
+        self.states = [TargetState(t, config.eta_window) for t in config.targets]
+        self.gpus: list[GpuReading] = []
+        self.rounds_completed = threading.Event()  # set once every target was polled once
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping: asyncio.Event | None = None
+        self._rng = random.Random()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            self._stopping = asyncio.Event()
+            ready.set()
+            try:
+                loop.run_until_complete(self._main())
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="kvcache-poller", daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---------------------------------------------------------------------- loops
+
+    async def _main(self) -> None:
+        assert self._stopping is not None
+        limits = httpx.Limits(
+            max_connections=max(10, 2 * len(self.states)), max_keepalive_connections=None
+        )
+        async with httpx.AsyncClient(
+            limits=limits, follow_redirects=False, trust_env=False
+        ) as client:
+            first = [asyncio.Event() for _ in self.states]
+            tasks = [
+                asyncio.create_task(self._poll_target(client, s, e))
+                for s, e in zip(self.states, first, strict=True)
+            ]
+            if self.nvml.available:
+                tasks.append(asyncio.create_task(self._poll_nvml()))
+            waiter = asyncio.create_task(self._await_first_round(first))
+            await self._stopping.wait()
+            for task in [*tasks, waiter]:
+                task.cancel()
+            await asyncio.gather(*tasks, waiter, return_exceptions=True)
+
+    async def _await_first_round(self, first: list[asyncio.Event]) -> None:
+        await asyncio.gather(*(e.wait() for e in first))
+        self.rounds_completed.set()
+
+    async def _poll_target(
+        self, client: httpx.AsyncClient, state: TargetState, first: asyncio.Event
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.poll_interval
+        parse = body_parser(state.target.kind)
+        # Spread targets over the first tenth of an interval instead of a thundering herd.
+        await asyncio.sleep(self._rng.uniform(0, interval * 0.1))
+        while True:
+            started = loop.time()
+            await self.poll_once(client, state, parse)
+            first.set()
+            delay = next_delay(
+                interval, state.consecutive_failures, self.config.max_backoff, self._rng
+            )
+            await asyncio.sleep(max(0.0, started + delay - loop.time()))
+
+    async def poll_once(
+        self,
+        client: httpx.AsyncClient,
+        state: TargetState,
+        parse: Callable[[bytes], list[Snapshot]],
+    ) -> None:
+        started = time.perf_counter()
+        failure: tuple[str, str] | None = None
+        snapshots: list[Snapshot] = []
+        try:
+            body = await fetch(client, state.target, self.config.max_response_bytes)
+            snapshots = parse(body)
+            estimate = series_estimate(snapshots)
+            cap = self.config.max_series_per_target
+            if estimate > cap:
+                raise PollError(
+                    "too_many_series", f"~{estimate} series exceed max_series_per_target {cap}"
+                )
+        except PollError as exc:
+            failure = (exc.reason, exc.message)
+        except Exception as exc:  # a bug must be counted and visible, never kill the loop
+            log.exception("target %s: unexpected error", state.target.name)
+            failure = ("internal", repr(exc))
+        duration = time.perf_counter() - started
+        if failure is not None:
+            reason, message = failure
+            self._record(lambda: state.record_failure(reason, message, duration))
+            if state.consecutive_failures == 1:
+                log.warning("target %s: %s: %s", state.target.name, reason, message)
+            return
+        if state.consecutive_failures:
+            log.info("target %s is back", state.target.name)
+        self._record(lambda: state.record_success(snapshots, time.time(), duration))
+
+    def _record(self, update: Callable[[], None]) -> None:
+        with self.lock:
+            update()
+        self.on_change()
+
+    async def _poll_nvml(self) -> None:
+        while True:
+            readings = await asyncio.to_thread(self.nvml.read)
+            with self.lock:
+                self.gpus = readings
+            self.on_change()
+            await asyncio.sleep(self.config.poll_interval)

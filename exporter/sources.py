@@ -1,0 +1,114 @@
+"""Fetch a target and turn its answer into snapshots; every failure is a PollError with a reason.
+
+``shim`` targets serve ``kvcache.stats/v1`` JSON; ``vllm`` and ``sglang`` targets serve their
+engine's Prometheus text, which ``engine_shim.bridges`` translates into the same snapshots.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import httpx
+
+from engine_shim.snapshot import Snapshot, SnapshotError, parse_snapshot
+
+from .config import Target
+
+# Every reason a poll can fail; the error counter is pre-seeded with each at 0.
+ERROR_REASONS = (
+    "connect",
+    "timeout",
+    "http_status",
+    "too_large",
+    "invalid_body",
+    "invalid_snapshot",
+    "too_many_series",
+    "internal",
+)
+
+
+class PollError(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        assert reason in ERROR_REASONS, reason
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+async def fetch(client: httpx.AsyncClient, target: Target, max_bytes: int) -> bytes:
+    """GET the target's URL; the body is read in chunks and refused past ``max_bytes``."""
+    headers = {"Accept-Encoding": "identity"}
+    token = target.bearer_token()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        async with client.stream(
+            "GET", target.url, headers=headers, timeout=target.timeout
+        ) as response:
+            if response.status_code != 200:
+                raise PollError("http_status", f"HTTP {response.status_code} from {target.url}")
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise PollError("too_large", f"Content-Length {declared} exceeds {max_bytes} bytes")
+            chunks, size = [], 0
+            async for chunk in response.aiter_raw():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PollError("too_large", f"body exceeds {max_bytes} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except httpx.TimeoutException as exc:
+        raise PollError(
+            "timeout", f"no answer within {target.timeout} s ({type(exc).__name__})"
+        ) from None
+    except httpx.TransportError as exc:
+        raise PollError("connect", f"{type(exc).__name__}: {exc}") from None
+
+
+def parse_shim_body(body: bytes) -> list[Snapshot]:
+    """One snapshot object, or an array of them (one per data-parallel rank)."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PollError("invalid_body", f"not JSON: {exc}") from None
+    items = data if isinstance(data, list) else [data]
+    if not items:
+        raise PollError("invalid_snapshot", "an empty array of snapshots")
+    try:
+        snapshots = [parse_snapshot(item) for item in items]
+    except SnapshotError as exc:
+        raise PollError("invalid_snapshot", str(exc)) from None
+    ranks = [s.engine.dp_rank for s in snapshots]
+    if len(set(ranks)) != len(ranks):
+        raise PollError("invalid_snapshot", f"duplicate dp_rank in {ranks}")
+    return snapshots
+
+
+def _bridge_parser(kind: str) -> Callable[[bytes], list[Snapshot]]:
+    def parse(body: bytes) -> list[Snapshot]:
+        from engine_shim.bridges import BridgeError, convert
+
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PollError("invalid_body", f"metrics text is not UTF-8: {exc}") from None
+        try:
+            return convert(kind, text).snapshots
+        except BridgeError as exc:
+            raise PollError("invalid_snapshot", str(exc)) from None
+
+    return parse
+
+
+def body_parser(kind: str) -> Callable[[bytes], list[Snapshot]]:
+    return parse_shim_body if kind == "shim" else _bridge_parser(kind)
+
+
+def series_estimate(snapshots: list[Snapshot]) -> int:
+    """An upper bound on the series these snapshots become (for the per-target cap)."""
+    per_engine = 24
+    per_pool = 10
+    return sum(
+        per_engine + per_pool * len(s.pools) + len(s.counters.prefix_hit_tokens) for s in snapshots
+    )

@@ -1,0 +1,177 @@
+"""What the exporter remembers about each target between polls.
+
+A poll's outcome goes in (``record_success`` / ``record_failure``); immutable views come out
+for the collector. When a target fails its engines are dropped at once, so no stale values
+are ever served; counter bases survive, so counters continue where they were.
+"""
+
+from __future__ import annotations
+
+import bisect
+import unicodedata
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine_shim.snapshot import Snapshot
+
+from .config import Target
+from .derive import (
+    CounterContinuity,
+    PoolRatios,
+    concurrency_headroom,
+    counter_values,
+    engine_max_concurrency,
+    exhaustion_eta,
+    is_restart,
+    pool_ratios,
+)
+from .sources import ERROR_REASONS
+
+MAX_LABEL_LEN = 128
+POLL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def sanitize_label(value: str, max_len: int = MAX_LABEL_LEN) -> str:
+    """Printable, bounded label values: engines are not trusted to send sane model names."""
+    cleaned = "".join(
+        ch if unicodedata.category(ch)[0] not in ("C", "Z") or ch == " " else "_" for ch in value
+    ).strip()
+    if len(cleaned) > max_len:
+        cleaned = cleaned[: max_len - 3] + "..."
+    return cleaned or "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineView:
+    """One data-parallel rank's latest snapshot with everything derived from it."""
+
+    snapshot: Snapshot
+    model: str
+    counters: dict[str, int]
+    ratios: dict[str, PoolRatios]
+    max_concurrency: float | None
+    headroom: int | None
+    eta_seconds: float | None
+
+
+@dataclass(slots=True)
+class Histogram:
+    buckets: tuple[float, ...] = POLL_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(POLL_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip((*map(str, self.buckets), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, float(running)))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class TargetReport:
+    """An immutable copy of a target's state, taken under the poller's lock for one render."""
+
+    target: Target
+    up: bool
+    engines: dict[int, EngineView]
+    polls: int
+    errors: dict[str, int]
+    last_success: float | None
+    restarts: int
+    durations: Histogram
+
+
+@dataclass(slots=True)
+class _RankMemory:
+    previous: Snapshot | None = None
+    continuity: CounterContinuity = field(default_factory=CounterContinuity)
+    used_history: dict[str, deque[tuple[float, float]]] = field(default_factory=dict)
+
+
+class TargetState:
+    def __init__(self, target: Target, eta_window: float) -> None:
+        self.target = target
+        self.eta_window = eta_window
+        self.up = False
+        self.engines: dict[int, EngineView] = {}
+        self.polls = 0
+        self.errors = dict.fromkeys(ERROR_REASONS, 0)
+        self.last_error: str | None = None
+        self.consecutive_failures = 0
+        self.last_success: float | None = None
+        self.restarts = 0
+        self.durations = Histogram()
+        self._ranks: dict[int, _RankMemory] = {}
+
+    def report(self) -> TargetReport:
+        return TargetReport(
+            target=self.target,
+            up=self.up,
+            engines=self.engines,  # replaced, never mutated, by record_*
+            polls=self.polls,
+            errors=dict(self.errors),
+            last_success=self.last_success,
+            restarts=self.restarts,
+            durations=Histogram(
+                self.durations.buckets, list(self.durations.counts), self.durations.total
+            ),
+        )
+
+    def record_failure(self, reason: str, message: str, duration: float) -> None:
+        self.polls += 1
+        self.errors[reason] += 1
+        self.last_error = message
+        self.consecutive_failures += 1
+        self.durations.observe(duration)
+        self.up = False
+        self.engines = {}
+        for memory in self._ranks.values():
+            memory.used_history.clear()  # a gap in the data is not a trend
+
+    def record_success(self, snapshots: list[Snapshot], now: float, duration: float) -> None:
+        self.polls += 1
+        self.consecutive_failures = 0
+        self.durations.observe(duration)
+        engines = {}
+        for snapshot in snapshots:
+            engines[snapshot.engine.dp_rank] = self._view(snapshot, now)
+        self.engines = engines
+        self.up = True
+        self.last_success = now
+
+    def _view(self, snapshot: Snapshot, now: float) -> EngineView:
+        memory = self._ranks.setdefault(snapshot.engine.dp_rank, _RankMemory())
+        restarted = memory.previous is not None and is_restart(memory.previous, snapshot)
+        if restarted:
+            self.restarts += 1
+            memory.used_history.clear()
+        memory.previous = snapshot
+        counters = memory.continuity.update(counter_values(snapshot), restarted)
+
+        etas = []
+        for pool in snapshot.pools:
+            history = memory.used_history.setdefault(pool.name, deque())
+            history.append((now, float(pool.used_tokens)))
+            while history and history[0][0] < now - self.eta_window:
+                history.popleft()
+            eta = exhaustion_eta(list(history), float(pool.capacity_tokens))
+            if eta is not None:
+                etas.append(eta)
+
+        model = snapshot.engine.model
+        if self.target.model and model in ("", "unknown"):
+            model = self.target.model
+        return EngineView(
+            snapshot=snapshot,
+            model=sanitize_label(model),
+            counters=counters,
+            ratios={p.name: pool_ratios(p) for p in snapshot.pools},
+            max_concurrency=engine_max_concurrency(snapshot),
+            headroom=concurrency_headroom(snapshot),
+            eta_seconds=min(etas) if etas else None,
+        )

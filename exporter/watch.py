@@ -1,0 +1,135 @@
+"""A live one-line-per-engine terminal view of an exporter's ``/metrics``.
+
+    ref/0 reference-tiny  phys 72.1% (active 2.3%, evictable 69.8%) 53591/82448 tok |
+    max conc 13.9 | headroom 9 | run 3 wait 0 | hit dev 61% host 7% sto 1%
+
+Hit ratios are over the last refresh (rates, not lifetime averages) once two scrapes exist.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+EngineKey = tuple[str, str, str]  # engine, dp_rank, model
+TIER_SHORT = {"device": "dev", "host": "host", "storage": "sto"}
+
+
+@dataclass
+class EngineSample:
+    pools: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
+    values: dict[str, float] = field(default_factory=dict)
+    hits: dict[str, float] = field(default_factory=dict)
+
+
+def parse_exposition(text: str) -> tuple[dict[EngineKey, EngineSample], dict[str, float]]:
+    """Engines' samples, and target_up by engine name."""
+    engines: dict[EngineKey, EngineSample] = defaultdict(EngineSample)
+    up: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = s.labels
+            if s.name == "kvcache_exporter_target_up":
+                up[labels["engine"]] = s.value
+                continue
+            if not s.name.startswith("kvcache_") or "dp_rank" not in labels:
+                continue
+            key = (labels["engine"], labels["dp_rank"], labels.get("model", ""))
+            sample = engines[key]
+            if "pool" in labels:
+                name = s.name + (f":{labels['state']}" if "state" in labels else "")
+                sample.pools[labels["pool"]][name] = s.value
+            elif s.name == "kvcache_prefix_hit_tokens_total":
+                sample.hits[labels["tier"]] = s.value
+            elif s.name == "kvcache_requests":
+                sample.values[f"requests:{labels['state']}"] = s.value
+            else:
+                sample.values[s.name] = s.value
+    return dict(engines), up
+
+
+def _pct(value: float | None) -> str:
+    return "  -  " if value is None else f"{100 * value:.1f}%"
+
+
+def format_engine_line(key: EngineKey, now: EngineSample, before: EngineSample | None) -> str:
+    engine, rank, model = key
+    parts = []
+    for i, (pool_name, pool) in enumerate(sorted(now.pools.items(), key=lambda p: p[0] != "full")):
+        cap = pool.get("kvcache_capacity_tokens", 0.0)
+        used = pool.get("kvcache_tokens:used", 0.0)
+        evictable = pool.get("kvcache_tokens:evictable")
+        prefix = "" if i == 0 else f"{pool_name} "
+        if evictable is None:
+            parts.append(
+                f"{prefix}active {_pct(pool.get('kvcache_active_usage_ratio'))}"
+                f" (evictable unknown) {used:.0f}/{cap:.0f} tok"
+            )
+        else:
+            parts.append(
+                f"{prefix}phys {_pct(pool.get('kvcache_physical_usage_ratio'))}"
+                f" (active {_pct(pool.get('kvcache_active_usage_ratio'))},"
+                f" evictable {_pct(pool.get('kvcache_evictable_ratio'))})"
+                f" {used + evictable:.0f}/{cap:.0f} tok"
+            )
+    v = now.values
+    if "kvcache_max_concurrency" in v:
+        parts.append(f"max conc {v['kvcache_max_concurrency']:.1f}")
+    if "kvcache_concurrency_headroom" in v:
+        parts.append(f"headroom {v['kvcache_concurrency_headroom']:.0f}")
+    if "requests:running" in v:
+        parts.append(f"run {v['requests:running']:.0f} wait {v.get('requests:waiting', 0):.0f}")
+    if "kvcache_exhaustion_eta_seconds" in v:
+        parts.append(f"full in {v['kvcache_exhaustion_eta_seconds']:.0f}s")
+    queries = v.get("kvcache_prefix_query_tokens_total")
+    if queries is not None and now.hits:
+        base_q = before.values.get("kvcache_prefix_query_tokens_total", 0.0) if before else 0.0
+        dq = queries - base_q
+        if dq > 0:
+            hit_parts = []
+            for tier in ("device", "host", "storage"):
+                if tier in now.hits:
+                    dh = now.hits[tier] - (before.hits.get(tier, 0.0) if before else 0.0)
+                    hit_parts.append(f"{TIER_SHORT[tier]} {100 * dh / dq:.0f}%")
+            parts.append("hit " + " ".join(hit_parts))
+        else:
+            parts.append("hit (no queries)")
+    return f"{engine}/{rank} {model}  " + " | ".join(parts)
+
+
+def render_lines(
+    engines: dict[EngineKey, EngineSample],
+    up: dict[str, float],
+    before: dict[EngineKey, EngineSample],
+) -> list[str]:
+    lines = [format_engine_line(k, engines[k], before.get(k)) for k in sorted(engines)]
+    lines += [f"{name}  DOWN (target_up 0)" for name, value in sorted(up.items()) if value == 0]
+    return lines
+
+
+def watch(
+    url: str, interval: float, iterations: int | None = None, out: Callable[[str], None] = print
+) -> int:
+    before: dict[EngineKey, EngineSample] = {}
+    count = 0
+    with httpx.Client(timeout=5.0) as client:
+        while iterations is None or count < iterations:
+            try:
+                text = client.get(url).text
+            except httpx.HTTPError as exc:
+                out(f"{time.strftime('%H:%M:%S')} cannot scrape {url}: {exc}")
+            else:
+                engines, up = parse_exposition(text)
+                stamp = time.strftime("%H:%M:%S")
+                for line in render_lines(engines, up, before) or ["(no engines yet)"]:
+                    out(f"{stamp} {line}")
+                before = engines
+            count += 1
+            if iterations is None or count < iterations:
+                time.sleep(interval)
+    return 0
