@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +21,7 @@ from engine_shim.snapshot import Snapshot
 
 from .config import Config
 from .nvml import GpuReading, NvmlReader
-from .sources import PollError, body_parser, fetch, series_estimate
+from .sources import PollError, body_parser, fetch, new_transport, series_estimate
 from .state import TargetState
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,16 @@ def next_delay(interval: float, failures: int, max_backoff: float, rng: random.R
     return max(interval, backoff * rng.uniform(0.8, 1.2))
 
 
+def next_tick(origin: float, interval: float, started: float, delay: float, now: float) -> float:
+    """The grid point ``delay`` after the tick a poll started on (``started`` is that tick
+    plus wake-up latency); if that is already past, the next grid point after ``now``."""
+    current = origin + round((started - origin) / interval) * interval
+    tick = current + max(1, round(delay / interval)) * interval
+    if tick <= now:
+        tick = origin + math.floor((now - origin) / interval + 1) * interval
+    return tick
+
+
 class Poller:
     def __init__(self, config: Config, nvml: NvmlReader, on_change: Callable[[], None]) -> None:
         self.config = config
@@ -48,6 +60,7 @@ class Poller:
         self._thread: threading.Thread | None = None
         self._stopping: asyncio.Event | None = None
         self._rng = random.Random()
+        self._origin = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -82,37 +95,34 @@ class Poller:
 
     async def _main(self) -> None:
         assert self._stopping is not None
-        limits = httpx.Limits(
-            max_connections=max(10, 2 * len(self.states)), max_keepalive_connections=None
-        )
-        async with httpx.AsyncClient(
-            limits=limits, follow_redirects=False, trust_env=False
-        ) as client:
-            first = [asyncio.Event() for _ in self.states]
-            tasks = [
-                asyncio.create_task(self._poll_target(client, s, e))
-                for s, e in zip(self.states, first, strict=True)
-            ]
-            if self.nvml.available:
-                tasks.append(asyncio.create_task(self._poll_nvml()))
-            waiter = asyncio.create_task(self._await_first_round(first))
-            await self._stopping.wait()
-            for task in [*tasks, waiter]:
-                task.cancel()
-            await asyncio.gather(*tasks, waiter, return_exceptions=True)
+        tls = ssl.create_default_context()
+        clients = [new_transport(tls) for _ in self.states]
+        first = [asyncio.Event() for _ in self.states]
+        self._origin = asyncio.get_running_loop().time()
+        tasks = [
+            asyncio.create_task(self._poll_target(c, s, e))
+            for c, s, e in zip(clients, self.states, first, strict=True)
+        ]
+        if self.nvml.available:
+            tasks.append(asyncio.create_task(self._poll_nvml()))
+        waiter = asyncio.create_task(self._await_first_round(first))
+        await self._stopping.wait()
+        for task in [*tasks, waiter]:
+            task.cancel()
+        await asyncio.gather(*tasks, waiter, return_exceptions=True)
+        await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
 
     async def _await_first_round(self, first: list[asyncio.Event]) -> None:
         await asyncio.gather(*(e.wait() for e in first))
         self.rounds_completed.set()
 
     async def _poll_target(
-        self, client: httpx.AsyncClient, state: TargetState, first: asyncio.Event
+        self, client: httpx.AsyncHTTPTransport, state: TargetState, first: asyncio.Event
     ) -> None:
         loop = asyncio.get_running_loop()
         interval = self.config.poll_interval
         parse = body_parser(state.target.kind)
-        # Spread targets over the first tenth of an interval instead of a thundering herd.
-        await asyncio.sleep(self._rng.uniform(0, interval * 0.1))
+        origin = self._origin
         while True:
             started = loop.time()
             await self.poll_once(client, state, parse)
@@ -120,11 +130,15 @@ class Poller:
             delay = next_delay(
                 interval, state.consecutive_failures, self.config.max_backoff, self._rng
             )
-            await asyncio.sleep(max(0.0, started + delay - loop.time()))
+            # Wake on a grid shared by all targets: one event-loop wakeup per interval for the
+            # whole fleet instead of one per target. Each target is still its own task, so a
+            # slow one only delays itself (it skips the ticks it missed).
+            tick = next_tick(origin, interval, started, delay, loop.time())
+            await asyncio.sleep(max(0.0, tick - loop.time()))
 
     async def poll_once(
         self,
-        client: httpx.AsyncClient,
+        client: httpx.AsyncHTTPTransport,
         state: TargetState,
         parse: Callable[[bytes], list[Snapshot]],
     ) -> None:
