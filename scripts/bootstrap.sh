@@ -38,3 +38,19 @@ bootstrap_python() {
     touch "$stamp"
   fi
 }
+
+bootstrap_vllm() {
+  # vLLM 0.33.0 for the adapter tests, in its own venv: its pins must not touch .venv.
+  local stamp=".venv-vllm/.installed"
+  if [ ! -f "$stamp" ] || [ tests/vllm/requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
+    local vpip=(.venv-vllm/bin/python -m pip install -q --disable-pip-version-check)
+    { "${vpip[@]}" "$TORCH_SPEC" && "${vpip[@]}" --no-deps vllm==0.33.0 \
+        && "${vpip[@]}" -r tests/vllm/requirements.txt && "${vpip[@]}" --no-deps -e . ; } 2>&1 \
+      | grep -v -e '^WARNING: Location' -e 'requires .* which is incompatible' \
+        -e 'dependency conflicts' -e '^vllm 0.33.0 requires' || true
+    .venv-vllm/bin/python -c 'import vllm.v1.core.kv_cache_manager, engine_shim' \
+      || { echo "vLLM test environment is broken" >&2; exit 1; }
+    touch "$stamp"
+  fi
+}

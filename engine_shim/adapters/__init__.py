@@ -1,0 +1,1 @@
+"""In-process adapters that read a real engine's KV block pool (they import the engine)."""

@@ -1,0 +1,364 @@
+"""vLLM in-process adapter: the KV snapshot from inside the engine core, evictable blocks included.
+
+vLLM counts cached-but-unreferenced (evictable) prefix blocks as free and exports no token
+counts; only code in the EngineCore process can see its block pool. Enable with one flag::
+
+    vllm serve MODEL --scheduler-cls engine_shim.adapters.vllm.KVCacheShimScheduler
+
+Each engine core (one per data-parallel rank) then serves ``GET /v1/kv/stats`` on
+``KVCACHE_SHIM_LISTEN`` (default ``127.0.0.1:8321``), port + DP rank. Supported: vLLM 0.33
+(V1 engine); the block-pool internals it hooks are checked at start-up, and a mismatch is
+reported instead of producing wrong numbers.
+
+How evictable stays O(1): a block is evictable exactly when ``ref_cnt == 0``, it has a hash,
+and it is not the null block. The tracker swaps each block's class for a subclass whose
+``ref_cnt`` / ``_block_hash`` / ``is_null`` setters keep a running count, so every path that
+changes a block (allocate, touch, free, evict, reset, copy-on-write) is counted without
+scanning the pool. Snapshots are built on the scheduler thread after each step, so readers
+on the HTTP thread never see a pool in mid-update.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .. import __version__
+from ..capacity import GroupFootprint, cdiv, max_concurrency
+from ..snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:8321"
+
+
+class UnsupportedVllm(RuntimeError):
+    """The installed vLLM's block pool is not shaped as this adapter expects."""
+
+
+class _Count:
+    __slots__ = ("value",)
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def _tracked_block_class(base: type, count: _Count) -> type:
+    """A subclass of vLLM's KVCacheBlock whose state setters maintain ``count``."""
+    try:
+        ref_slot = base.__dict__["ref_cnt"]
+        hash_slot = base.__dict__["_block_hash"]
+        null_slot = base.__dict__["is_null"]
+    except KeyError as exc:
+        raise UnsupportedVllm(
+            f"KVCacheBlock has no slot {exc}; this vLLM is not supported"
+        ) from None
+
+    ref_get, ref_set = ref_slot.__get__, ref_slot.__set__
+    hash_get, hash_set = hash_slot.__get__, hash_slot.__set__
+    null_get, null_set = null_slot.__get__, null_slot.__set__
+
+    # Hot path of vLLM's allocator: only a 0 <-> non-0 ref_cnt change, or a hash appearing or
+    # going, can change evictability, and only then are the other two fields read.
+    def set_ref(self: Any, value: int) -> None:
+        old = ref_get(self)
+        ref_set(self, value)
+        if (old == 0) is not (value == 0) and hash_get(self) is not None and not null_get(self):
+            count.value += 1 if value == 0 else -1
+
+    def set_hash(self: Any, value: Any) -> None:
+        old = hash_get(self)
+        hash_set(self, value)
+        if (old is None) is not (value is None) and ref_get(self) == 0 and not null_get(self):
+            count.value += 1 if old is None else -1
+
+    def set_null(self: Any, value: bool) -> None:
+        was = ref_get(self) == 0 and hash_get(self) is not None and not null_get(self)
+        null_set(self, value)
+        now = ref_get(self) == 0 and hash_get(self) is not None and not value
+        if was is not now:
+            count.value += 1 if now else -1
+
+    return type(
+        f"Tracked{base.__name__}",
+        (base,),
+        {
+            "__slots__": (),
+            # Getters are the slots' own C-level __get__: reads cost what they did.
+            "ref_cnt": property(ref_get, set_ref),
+            "_block_hash": property(hash_get, set_hash),
+            "is_null": property(null_get, set_null),
+        },
+    )
+
+
+def brute_force_evictable(block_pool: Any) -> int:
+    """vLLM's own definition, O(N): for tests and start-up."""
+    return sum(
+        1
+        for b in block_pool.blocks
+        if b.ref_cnt == 0 and not b.is_null and b.block_hash is not None
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EngineFacts:
+    """What the snapshot needs besides the pool: fixed for the engine's lifetime."""
+
+    model: str
+    max_model_len: int
+    dp_rank: int = 0
+    block_size: int | None = None  # default: the smallest group block size
+    groups: tuple[KVGroup, ...] = ()  # default: derived from the KV cache config
+    max_concurrency: float | None = None  # default: vLLM's formula over the groups
+    bytes_per_token: int | None = None  # default: KV tensor bytes / token slots
+    device: str | None = None
+    gpu_uuid: str | None = None
+    version: str = "unknown"
+
+
+class BlockPoolTracker:
+    """Counts of a live vLLM KVCacheManager's block pool, maintained incrementally."""
+
+    def __init__(self, kv_cache_manager: Any, kv_cache_config: Any, facts: EngineFacts) -> None:
+        self.manager = kv_cache_manager
+        self.pool = kv_cache_manager.block_pool
+        for attr in ("blocks", "free_block_queue", "get_num_free_blocks", "num_gpu_blocks"):
+            if not hasattr(self.pool, attr):
+                raise UnsupportedVllm(f"BlockPool has no {attr}; this vLLM is not supported")
+        self.facts = facts
+        self.num_blocks = int(kv_cache_config.num_blocks)
+        specs = [g.kv_cache_spec for g in kv_cache_config.kv_cache_groups]
+        self.block_size = facts.block_size or min(int(s.block_size) for s in specs)
+        self.groups = facts.groups or tuple(
+            KVGroup(
+                name=f"group{i}",
+                kind=_group_kind(spec),
+                pool="full",
+                blocks_per_request=cdiv(facts.max_model_len, int(spec.block_size)),
+                sliding_window=getattr(spec, "sliding_window", None),
+            )
+            for i, spec in enumerate(specs)
+        )
+        self.max_concurrency = facts.max_concurrency or max_concurrency(
+            {"full": self.num_blocks},
+            [GroupFootprint("full", g.blocks_per_request) for g in self.groups],
+        )
+        tensor_bytes = sum(int(t.size) for t in kv_cache_config.kv_cache_tensors)
+        self.bytes_per_token = facts.bytes_per_token or (
+            tensor_bytes // (self.num_blocks * self.block_size) if tensor_bytes else None
+        )
+        self.instance_id = uuid.uuid4().hex
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
+        self.preemptions = 0
+        self.iterations = 0
+        self._sequence = 0
+        self._evictable = _Count(brute_force_evictable(self.pool))
+        block_class = type(self.pool.blocks[0])
+        tracked = _tracked_block_class(block_class, self._evictable)
+        for block in self.pool.blocks:
+            block.__class__ = tracked
+        self._wrap_prefix_stats()
+
+    def _wrap_prefix_stats(self) -> None:
+        """Count prefix queries/hits where the scheduler records them, whatever log_stats says."""
+        original: Callable[[Any, int], None] = self.manager.record_prefix_cache_stats
+        lookup_enabled = getattr(self.manager, "prefix_cache_lookup_enabled", lambda r: True)
+
+        def record(request: Any, num_hits: int) -> None:
+            if lookup_enabled(request) and getattr(request, "num_preemptions", 0) <= 0:
+                self.prefix_query_tokens += int(request.num_tokens)
+                self.prefix_hit_tokens += int(num_hits)
+            original(request, num_hits)
+
+        self.manager.record_prefix_cache_stats = record
+
+    @property
+    def evictable_blocks(self) -> int:
+        return self._evictable.value
+
+    def counts(self) -> tuple[int, int, int]:
+        """(used, evictable, available) blocks, the null block excluded. O(1)."""
+        usable = self.pool.num_gpu_blocks - 1
+        free = self.pool.get_num_free_blocks()
+        evictable = self._evictable.value
+        return usable - free, evictable, free - evictable
+
+    def snapshot(self, running: int, waiting: int) -> Snapshot:
+        used, evictable, available = self.counts()
+        bs = self.block_size
+        self._sequence += 1
+        return Snapshot(
+            engine=EngineIdentity(
+                kind="vllm",
+                version=self.facts.version,
+                model=self.facts.model,
+                dp_rank=self.facts.dp_rank,
+                instance_id=self.instance_id,
+            ),
+            time=time.time(),
+            sequence=self._sequence,
+            max_model_len=self.facts.max_model_len,
+            pools=(
+                Pool(
+                    name="full",
+                    block_size=bs,
+                    capacity_tokens=(used + evictable + available) * bs,
+                    used_tokens=used * bs,
+                    evictable_tokens=evictable * bs,
+                    available_tokens=available * bs,
+                    bytes_per_token=self.bytes_per_token,
+                    device=self.facts.device,
+                    gpu_uuid=self.facts.gpu_uuid,
+                ),
+            ),
+            groups=self.groups,
+            max_concurrency=self.max_concurrency,
+            requests=Requests(running=running, waiting=waiting),
+            counters=Counters(
+                prefix_query_tokens=self.prefix_query_tokens,
+                prefix_hit_tokens={"device": self.prefix_hit_tokens},
+                preemptions=self.preemptions,
+                iterations=self.iterations,
+            ),
+        )
+
+
+def _group_kind(spec: Any) -> str:
+    name = type(spec).__name__
+    if "SlidingWindow" in name:
+        return "sliding_window"
+    if "Mamba" in name:
+        return "mamba"
+    if "FullAttention" in name or "MLAAttention" in name:
+        return "full_attention"
+    return "other"
+
+
+def _listen_address(dp_rank: int) -> tuple[str, int]:
+    text = os.environ.get("KVCACHE_SHIM_LISTEN", DEFAULT_LISTEN)
+    host, _, port = text.rpartition(":")
+    return host or "127.0.0.1", int(port) + dp_rank
+
+
+def _facts_from_config(vllm_config: Any, kv_cache_config: Any) -> EngineFacts:
+    from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
+
+    model_config = vllm_config.model_config
+    served = model_config.served_model_name
+    model = served[0] if isinstance(served, list | tuple) else (served or model_config.model)
+    parallel = vllm_config.parallel_config
+    groups = tuple(
+        KVGroup(
+            name=f"group{i}",
+            kind=_group_kind(g.kv_cache_spec),
+            pool="full",
+            blocks_per_request=cdiv(
+                g.kv_cache_spec.max_memory_usage_bytes(vllm_config), g.kv_cache_spec.page_size_bytes
+            ),
+            sliding_window=getattr(g.kv_cache_spec, "sliding_window", None),
+        )
+        for i, g in enumerate(kv_cache_config.kv_cache_groups)
+        if not getattr(g, "host_resident", False)
+    )
+    world = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+    tensor_bytes = sum(int(t.size) for t in kv_cache_config.kv_cache_tensors) * world
+    block_size = min(int(g.kv_cache_spec.block_size) for g in kv_cache_config.kv_cache_groups)
+    gpu_uuid = None
+    device = str(vllm_config.device_config.device_type)
+    if device == "cuda" and world == 1:
+        try:
+            from vllm.platforms import current_platform
+
+            local = parallel.data_parallel_rank_local or 0
+            gpu_uuid = str(current_platform.get_device_uuid(local))
+        except Exception as exc:  # no NVML in this process: the exporter's gpus: map still works
+            log.info("kvcache shim: GPU UUID unknown (%s)", exc)
+    try:
+        from vllm import __version__ as vllm_version
+    except ImportError:
+        vllm_version = "unknown"
+    return EngineFacts(
+        model=str(model),
+        max_model_len=int(model_config.max_model_len),
+        dp_rank=int(parallel.data_parallel_rank or 0),
+        block_size=block_size,
+        groups=groups,
+        max_concurrency=float(
+            get_max_concurrency_for_kv_cache_config(vllm_config, kv_cache_config)
+        ),
+        bytes_per_token=tensor_bytes // (kv_cache_config.num_blocks * block_size)
+        if tensor_bytes
+        else None,
+        device=device,
+        gpu_uuid=gpu_uuid,
+        version=f"vllm {vllm_version}, shim {__version__}",
+    )
+
+
+def _scheduler_class() -> type:
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    from ..server import ShimApp, ShimServer
+
+    class KVCacheShimScheduler(AsyncScheduler):  # type: ignore[misc]
+        """vLLM's AsyncScheduler plus the KV stats endpoint (see the module docstring)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            facts = _facts_from_config(self.vllm_config, self.kv_cache_config)
+            self.kvcache_tracker = BlockPoolTracker(
+                self.kv_cache_manager, self.kv_cache_config, facts
+            )
+            self._kvcache_snapshot = self.kvcache_tracker.snapshot(0, 0)
+            host, port = _listen_address(facts.dp_rank)
+            token = os.environ.get("KVCACHE_SHIM_TOKEN") or None
+            self._kvcache_server = ShimServer(
+                ShimApp(
+                    snapshots=lambda: [self._kvcache_snapshot],
+                    healthy=lambda: True,
+                    bearer_token=token,
+                ),
+                host,
+                port,
+            )
+            self._kvcache_server.start()
+            log.info(
+                "kvcache shim: KV stats for DP rank %d at http://%s:%d/v1/kv/stats",
+                facts.dp_rank,
+                host,
+                self._kvcache_server.port,
+            )
+
+        def update_from_output(self, *args: Any, **kwargs: Any) -> Any:
+            result = super().update_from_output(*args, **kwargs)
+            tracker = self.kvcache_tracker
+            tracker.iterations += 1
+            running, waiting = self.get_request_counts()
+            self._kvcache_snapshot = tracker.snapshot(running, waiting)
+            return result
+
+        def _preempt_request(self, *args: Any, **kwargs: Any) -> Any:
+            self.kvcache_tracker.preemptions += 1
+            return super()._preempt_request(*args, **kwargs)
+
+        def shutdown(self) -> None:
+            self._kvcache_server.stop()
+            super().shutdown()
+
+    return KVCacheShimScheduler
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first access so that importing this module needs no vLLM (docs, tests).
+    if name == "KVCacheShimScheduler":
+        cls = _scheduler_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
