@@ -1,0 +1,340 @@
+"""Bridges from engines' own /metrics text, on the real-format fixtures, with values by hand."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine_shim.bridges import BridgeError, convert
+from engine_shim.snapshot import parse_snapshot
+from tests.conftest import FIXTURES
+from tests.helpers import CannedServer, body, wait_for
+
+VLLM = (FIXTURES / "vllm-0.33.0-dp1.prom").read_text()
+SGLANG = (FIXTURES / "sglang-0.5.23-hicache.prom").read_text()
+
+
+def roundtrip(kind: str, text: str) -> tuple[list, list[str]]:  # type: ignore[type-arg]
+    result = convert(kind, text, now=1000.0)
+    # Whatever a bridge builds must pass the same strict parser the exporter applies.
+    return [parse_snapshot(s.to_json()) for s in result.snapshots], result.missing
+
+
+# ---------------------------------------------------------------------------------- vLLM
+
+
+def test_vllm_fixture_by_hand() -> None:
+    (snap,), missing = roundtrip("vllm", VLLM)
+    # num_gpu_blocks 28493 with one engine series; minus the null block: 28492 usable.
+    # usage 0.8735083532219571 x 28492 = 24888.0 pinned blocks; block_size 16.
+    full = snap.pools[0]
+    assert (full.block_size, full.capacity_tokens, full.used_tokens) == (16, 28492 * 16, 24888 * 16)
+    assert full.evictable_tokens is None and full.available_tokens is None  # not knowable here
+    assert any("evictable tokens (vLLM does not export them" in m for m in missing)
+    assert snap.max_concurrency == 13.91259765625
+    # kv_cache_size_tokens 455888 = int(13.91259765625 x 32768): max_model_len recovered.
+    assert snap.max_model_len == 32768
+    # Group-aware footprint: num_blocks / max_concurrency = 28493 / 13.9126 = 2048 blocks.
+    assert [g.blocks_per_request for g in snap.groups] == [2048]
+    assert (snap.requests.running, snap.requests.waiting) == (12, 3)
+    c = snap.counters
+    assert c.prefix_query_tokens == 1_843_211
+    assert c.prefix_hit_tokens == {"device": 1_204_480, "host": 0, "storage": 0}  # disk -> storage
+    assert c.preemptions == 7
+    assert c.evicted_tokens is None and c.iterations is None
+    assert snap.engine.model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert (
+        snap.engine.instance_id == "vllm-created-1763820000.000"
+    )  # from _created: changes on restart
+    assert snap.time == 1000.0
+
+
+def vllm_dp2() -> str:
+    """Two DP engines behind one API server: every series doubled with engine="1", and
+    num_gpu_blocks stamped with the DP-summed total on both cache_config_info series."""
+    lines = []
+    for line in VLLM.splitlines():
+        if line.startswith("#") or 'engine="0"' not in line:
+            lines.append(line)
+            continue
+        if line.startswith("vllm:cache_config_info"):
+            line = line.replace('num_gpu_blocks="28493"', 'num_gpu_blocks="56986"')
+        lines.append(line)
+        second = line.replace('engine="0"', 'engine="1"')
+        if second.startswith("vllm:kv_cache_usage_perc"):
+            second = re.sub(r" [0-9.e+]+$", " 0.25", second)
+        if second.startswith("vllm:num_preemptions_total"):
+            second = re.sub(r" [0-9.e+]+$", " 2.0", second)
+        lines.append(second)
+    return "\n".join(lines) + "\n"
+
+
+def test_vllm_dp2_divides_the_summed_block_count() -> None:
+    snaps, _ = roundtrip("vllm", vllm_dp2())
+    assert [s.engine.dp_rank for s in snaps] == [0, 1]
+    # 56986 / 2 engines = 28493 blocks each, 28492 usable.
+    assert snaps[0].pools[0].used_tokens == 24888 * 16
+    assert snaps[1].pools[0].used_tokens == round(0.25 * 28492) * 16 == 7123 * 16
+    assert snaps[0].pools[0].capacity_tokens == snaps[1].pools[0].capacity_tokens == 28492 * 16
+    assert (snaps[0].counters.preemptions, snaps[1].counters.preemptions) == (7, 2)
+
+
+def test_vllm_without_created_series_and_with_other_labels() -> None:
+    # Multiprocess mode: no _created series. A newer vLLM: cache_config_info gains and loses labels.
+    text = "\n".join(ln for ln in VLLM.splitlines() if "_created" not in ln) + "\n"
+    text = text.replace(',cache_dtype="auto",', ',cache_dtype="auto",future_field="x",')
+    text = text.replace('mamba_block_size="None",', "")
+    (snap,), _ = roundtrip("vllm", text)
+    assert snap.engine.instance_id == "unknown"
+    assert snap.pools[0].used_tokens == 24888 * 16
+
+
+def test_older_vllm_without_concurrency_labels() -> None:
+    text = re.sub(r'kv_cache_max_concurrency="[^"]*",', "", VLLM)
+    text = re.sub(r'kv_cache_size_tokens="[^"]*",', "", text)
+    text = "\n".join(ln for ln in text.splitlines() if "cached_by_source" not in ln) + "\n"
+    (snap,), missing = roundtrip("vllm", text)
+    assert snap.max_concurrency is None and snap.max_model_len is None and snap.groups == ()
+    assert any("kv_cache_max_concurrency" in m for m in missing)
+    assert snap.counters.prefix_hit_tokens == {"device": 1_204_480}  # from prefix_cache_hits_total
+
+
+# -------------------------------------------------------------------------------- SGLang
+
+
+def test_sglang_fixture_by_hand() -> None:
+    (snap,), missing = roundtrip("sglang", SGLANG)
+    full = snap.pools[0]
+    # 187392 used + 117248 evictable + 121344 available = 425984 = max_total_num_tokens.
+    assert (
+        full.capacity_tokens,
+        full.used_tokens,
+        full.evictable_tokens,
+        full.available_tokens,
+    ) == (425_984, 187_392, 117_248, 121_344)
+    assert full.block_size == 64
+    assert len(snap.pools) == 1  # swa/mamba are 0 on this model: no sub-pools
+    assert (snap.requests.running, snap.requests.waiting) == (48, 3)
+    c = snap.counters
+    # prefill_effective_tokens_total modes:
+    # input 13105152 + device 18734592 + host 2461696 + storage 393216.
+    assert c.prefix_query_tokens == 34_694_656
+    assert c.prefix_hit_tokens == {"device": 18_734_592, "host": 2_461_696, "storage": 393_216}
+    assert c.evicted_tokens == 9_437_184
+    assert c.preemptions is None and any("retractions" in m for m in missing)
+    assert snap.host_tier is not None
+    assert (snap.host_tier.capacity_tokens, snap.host_tier.used_tokens) == (851_968, 612_352)
+
+
+def sglang_dp2_tp2() -> str:
+    """DP=2 x TP=2: scheduler series per dp_rank and tp_rank; rank 1 of TP repeats the
+    capacity constants (it must not be summed) and has no live stats."""
+    out = []
+    for line in SGLANG.splitlines():
+        if line.startswith("#") or 'tp_rank="0"' not in line:
+            out.append(line)
+            continue
+        for dp in ("0", "1"):
+            ranked = (
+                line.replace('tp_rank="0"', f'dp_rank="{dp}",tp_rank="0"')
+                if "dp_rank" not in line
+                else line.replace('dp_rank="0"', f'dp_rank="{dp}"')
+            )
+            if dp == "1" and ranked.startswith(
+                ("sglang:kv_used_tokens", "sglang:kv_available_tokens")
+            ):
+                used = ranked.startswith("sglang:kv_used_tokens")
+                ranked = re.sub(r" [0-9.e+]+$", " 100000.0" if used else " 208736.0", ranked)
+            out.append(ranked)
+            if ranked.startswith("sglang:max_total_num_tokens"):
+                out.append(ranked.replace('tp_rank="0"', 'tp_rank="1"'))
+    return "\n".join(out) + "\n"
+
+
+def test_sglang_dp2_tp2_reads_one_tp_rank_per_dp_rank() -> None:
+    snaps, _ = roundtrip("sglang", sglang_dp2_tp2())
+    assert [s.engine.dp_rank for s in snaps] == [0, 1]
+    assert [s.pools[0].capacity_tokens for s in snaps] == [425_984, 425_984]  # not 2x: one TP rank
+    assert snaps[1].pools[0].used_tokens == 100_000
+    assert snaps[1].pools[0].available_tokens == 208_736  # 100000 + 117248 + 208736 = 425984
+
+
+def test_sglang_before_0_5_11_has_no_evictable() -> None:
+    text = (
+        "\n".join(ln for ln in SGLANG.splitlines() if not re.match(r"(# \w+ )?sglang:kv_", ln))
+        + "\n"
+    )
+    (snap,), missing = roundtrip("sglang", text)
+    full = snap.pools[0]
+    assert full.used_tokens == 187_392 and full.evictable_tokens is None
+    assert any("SGLang < 0.5.11" in m for m in missing)
+
+
+def test_sglang_old_storage_label_and_tokenizer_counters() -> None:
+    text = "\n".join(ln for ln in SGLANG.splitlines() if "prefill_effective" not in ln) + "\n"
+    text = text.replace('cache_source="storage"', 'cache_source="storage_HiCacheFile"')
+    (snap,), _ = roundtrip("sglang", text)
+    assert snap.counters.prefix_hit_tokens == {
+        "device": 18_734_592,
+        "host": 2_461_696,
+        "storage": 393_216,
+    }
+    assert snap.counters.prefix_query_tokens is None
+
+
+def test_sglang_inconsistent_pool_is_left_out_not_guessed() -> None:
+    text = re.sub(r"(sglang:kv_used_tokens\{[^}]*\}) [0-9.e+]+", r"\1 187393.0", SGLANG)
+    (snap,), missing = roundtrip("sglang", text)
+    assert snap.pools[0].evictable_tokens is None  # fell back to num_used_tokens
+    assert any("do not sum to its capacity" in m for m in missing)
+
+
+# ------------------------------------------------------------------------------ bad text
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "message"),
+    [
+        ("vllm", "", "no metrics"),
+        ("vllm", 'vllm:kv_cache_usage_perc{engine="0"', "malformed"),
+        ("vllm", VLLM[: VLLM.index("vllm:cache_config_info{") + 40], "malformed"),
+        (
+            "vllm",
+            VLLM.replace("# TYPE vllm:cache_config_info gauge", "x 1\nx 1"),
+            "duplicate series",
+        ),
+        (
+            "vllm",
+            "\n".join(ln for ln in VLLM.splitlines() if "cache_config_info" not in ln),
+            "not ready",
+        ),
+        ("vllm", SGLANG, "cache_config_info is missing"),
+        ("sglang", VLLM, "max_total_num_tokens is missing"),
+        (
+            "vllm",
+            re.sub(r"(kv_cache_usage_perc\{[^}]*\}) [0-9.e+]+", r"\1 NaN", VLLM),
+            "no engine could be read",
+        ),
+        ("tgi", VLLM, "no bridge"),
+    ],
+)
+def test_bad_text_is_a_clear_error(kind: str, text: str, message: str) -> None:
+    with pytest.raises(BridgeError, match=message):
+        convert(kind, text)
+
+
+def test_convert_cli_prints_snapshots_and_what_is_missing() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine_shim.cli",
+            "convert",
+            "--engine",
+            "vllm",
+            str(FIXTURES / "vllm-0.33.0-dp1.prom"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["snapshots"][0]["pools"][0]["used_tokens"] == 398_208
+    assert out["missing"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "engine_shim.cli", "convert", "--engine", "sglang", "-"],
+        input="nonsense{",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1 and "malformed metrics text" in bad.stderr
+
+
+# --------------------------------------------------------------- through the exporter
+
+
+def test_exporter_publishes_contract_metrics_for_bridged_targets() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from exporter.app import Exporter
+    from exporter.config import parse_config
+
+    texts = {"vllm": VLLM.encode(), "sglang": SGLANG.encode()}
+    servers = {
+        k: CannedServer(body(v, content_type="text/plain; version=0.0.4")) for k, v in texts.items()
+    }
+    config = parse_config(
+        {
+            "listen": "127.0.0.1:0",
+            "poll_interval": 0.3,
+            "timeout": 0.25,
+            "nvml": "off",
+            "targets": [
+                {"name": k, "kind": k, "url": f"{s.url}/metrics"} for k, s in servers.items()
+            ],
+        }
+    )
+    exporter = Exporter(config)
+    exporter.start()
+    try:
+        import httpx
+
+        def sample_map() -> dict[tuple[str, str, str], float]:
+            text = httpx.get(f"http://127.0.0.1:{exporter.port}/metrics").text
+            return {
+                (
+                    s.name,
+                    s.labels.get("engine", ""),
+                    s.labels.get("state", s.labels.get("tier", "")),
+                ): s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+            }
+
+        wait_for(
+            lambda: (
+                sample_map().get(("kvcache_exporter_target_up", "sglang", "")) == 1
+                and sample_map().get(("kvcache_exporter_target_up", "vllm", "")) == 1
+            ),
+            5,
+            "both up",
+        )
+        m = sample_map()
+        assert m[("kvcache_tokens", "sglang", "evictable")] == 117_248
+        assert m[("kvcache_physical_usage_ratio", "sglang", "")] == (187_392 + 117_248) / 425_984
+        assert m[("kvcache_tier_used_tokens", "sglang", "host")] == 612_352
+        assert m[("kvcache_prefix_hit_tokens_total", "sglang", "storage")] == 393_216
+        assert m[("kvcache_tokens", "vllm", "used")] == 398_208
+        assert m[("kvcache_active_usage_ratio", "vllm", "")] == 398_208 / 455_872
+        assert ("kvcache_tokens", "vllm", "evictable") not in m  # unknown, so absent
+        assert ("kvcache_physical_usage_ratio", "vllm", "") not in m
+        assert m[("kvcache_max_concurrency", "vllm", "")] == 13.91259765625
+        # Headroom from the recovered footprint: (455872 - 398208) / 16 / 2048 = 1.76 -> 1.
+        assert m[("kvcache_concurrency_headroom", "vllm", "")] == 1
+        assert m[("kvcache_preemptions_total", "vllm", "")] == 7
+
+        # The vLLM server restarts: its counters start again from small values. The exporter's
+        # counters continue from where they were.
+        restarted = re.sub(r"(vllm:num_preemptions_total\{[^}]*\}) 7.0", r"\1 1.0", VLLM)
+        restarted = restarted.replace("1.843211e+06", "500.0").replace("1.76382e+09", "1.76399e+09")
+        servers["vllm"].respond = body(restarted.encode())
+        wait_for(
+            lambda: sample_map().get(("kvcache_exporter_engine_restarts_total", "vllm", "")) == 1,
+            5,
+            "restart",
+        )
+        time.sleep(0.4)
+        m = sample_map()
+        assert m[("kvcache_preemptions_total", "vllm", "")] == 8  # 7 before, 1 since
+        assert m[("kvcache_prefix_query_tokens_total", "vllm", "")] == 1_843_211 + 500
+    finally:
+        exporter.stop()
+        for s in servers.values():
+            s.close()
