@@ -1,4 +1,4 @@
-"""Dashboards, rules and routing, checked with the real promtool and amtool against a real scrape."""
+"""Dashboards, rules and routing: the real promtool and amtool, against a real scrape."""
 
 from __future__ import annotations
 
