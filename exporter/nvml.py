@@ -7,12 +7,16 @@ skipped, never fatal: the KV metrics matter more than one GPU's memory figure.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+NVML_MODULE_ENV = "KVCACHE_EXPORTER_PYNVML"
 
 
 class NvmlUnavailable(RuntimeError):
@@ -46,9 +50,9 @@ class NvmlReader:
             return False
         try:
             if self._nvml is None:
-                import pynvml
-
-                self._nvml = pynvml
+                # KVCACHE_EXPORTER_PYNVML names a pynvml-compatible module instead (tests on
+                # machines without a GPU, or NVML wrappers); unset, it is pynvml itself.
+                self._nvml = importlib.import_module(os.environ.get(NVML_MODULE_ENV) or "pynvml")
             self._nvml.nvmlInit()
         except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, driver errors
             if mode == "on":

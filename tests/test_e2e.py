@@ -1,0 +1,343 @@
+"""End to end: engine -> exporter -> real Prometheus -> real Alertmanager -> webhook pager.
+
+Started as local processes with the *same* configuration files as docker-compose.yml, rewritten
+for loopback ports, a scratch directory and compressed time (1 s scrapes and evaluations;
+alert ``for:`` minutes become seconds; Alertmanager groups after 1 s). The engine gets a small
+pool so pressure comes fast. NVML is the one fake: this machine has no GPU.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.helpers import free_port
+from tests.test_dashboards_and_rules import dashboard_exprs, substitute
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+GPU_UUID = "GPU-e2e00000-0000-0000-0000-000000000000"
+
+
+@dataclass
+class Webhook:
+    """The pager and the chat: records every notification Alertmanager delivers."""
+
+    received: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    auth: list[str] = field(default_factory=list)
+
+    def start(self) -> int:
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                hook.received.setdefault(self.path, []).append(body)
+                hook.auth.append(self.headers.get("Authorization", ""))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return int(self.httpd.server_address[1])
+
+    def alerts(self, path: str, name: str, status: str = "firing") -> list[dict[str, Any]]:
+        return [
+            a
+            for n in self.received.get(path, [])
+            for a in n["alerts"]
+            if a["labels"]["alertname"] == name and a["status"] == status
+        ]
+
+
+def compress_minutes(text: str) -> str:
+    """Alert ``for: 5m`` -> ``for: 5s`` and rule group intervals -> 1s: the test's time scale."""
+    text = re.sub(r"(\n\s+for: )(\d+)m\n", r"\g<1>\2s\n", text)
+    return re.sub(r"(\n\s+interval: )\d+[sm]\n", r"\g<1>1s\n", text)
+
+
+class Stack:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: dict[str, Path] = {}
+        self.ports = {
+            name: free_port() for name in ("engine", "exporter", "prometheus", "alertmanager")
+        }
+        self.webhook = Webhook()
+
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        self.logs[name] = self.tmp / f"{name}.log"
+        log = self.logs[name].open("wb")
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
+        )
+
+    def log_tail(self) -> str:
+        return "\n".join(
+            f"--- {n}\n{p.read_text()[-1500:]}" for n, p in self.logs.items() if p.exists()
+        )
+
+    def engine_command(self) -> list[str]:
+        """The compose engine's command, on loopback, a scratch dir and a small pool."""
+        cmd = list(COMPOSE["services"]["engine"]["command"])
+        assert cmd[:2] == ["kvcache-shim", "reference"]
+        values = {
+            "--listen": f"127.0.0.1:{self.ports['engine']}",
+            "--storage-dir": str(self.tmp / "kv"),
+            "--kv-memory": "4MiB",
+            "--host-tier": "4MiB",
+        }
+        for i, arg in enumerate(cmd):
+            if arg in values:
+                cmd[i + 1] = values[arg]
+        return [sys.executable, "-m", "engine_shim.cli", *cmd[1:], "--max-model-len", "1024"]
+
+    def start(self) -> None:
+        hook_port = self.webhook.start()
+        hook = f"http://127.0.0.1:{hook_port}"
+        self.spawn("engine", self.engine_command())
+
+        exporter = yaml.safe_load((ROOT / "deploy/exporter/exporter.yaml").read_text())
+        exporter.update(
+            listen=f"127.0.0.1:{self.ports['exporter']}",
+            poll_interval="1s",
+            timeout="800ms",
+            nvml="on",
+            gpus={"reference": [GPU_UUID]},
+        )
+        exporter["targets"][0]["url"] = f"http://127.0.0.1:{self.ports['engine']}"
+        (self.tmp / "exporter.yaml").write_text(yaml.safe_dump(exporter))
+        devices = [{"uuid": GPU_UUID, "used": 30 * 2**30, "utilization": 40}]
+        self.spawn(
+            "exporter",
+            [sys.executable, "-m", "exporter.cli", "--config", str(self.tmp / "exporter.yaml")],
+            {
+                "KVCACHE_EXPORTER_PYNVML": "tests.fake_nvml_module",
+                "FAKE_NVML_DEVICES": json.dumps(devices),
+            },
+        )
+
+        rules = self.tmp / "kvcache-rules.yml"
+        rules.write_text(compress_minutes((ROOT / "alerts/kvcache-rules.yml").read_text()))
+        prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+        prom["global"].update(
+            scrape_interval="1s", scrape_timeout="900ms", evaluation_interval="1s"
+        )
+        prom["rule_files"] = [str(rules)]
+        prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [
+            f"127.0.0.1:{self.ports['alertmanager']}"
+        ]
+        prom["scrape_configs"][0]["static_configs"][0]["targets"] = [
+            f"127.0.0.1:{self.ports['exporter']}"
+        ]
+        (self.tmp / "prometheus.yml").write_text(yaml.safe_dump(prom))
+        self.spawn(
+            "prometheus",
+            [
+                shutil.which("prometheus") or "prometheus",
+                f"--config.file={self.tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.tmp / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.ports['prometheus']}",
+            ],
+        )
+
+        am = yaml.safe_load((ROOT / "alerts/alertmanager.yml").read_text())
+        am["route"].update(group_wait="1s", group_interval="2s", repeat_interval="1m")
+        (self.tmp / "pager_token").write_text("e2e-token\n")
+        (self.tmp / "chat_webhook_url").write_text(f"{hook}/chat\n")
+        for receiver in am["receivers"]:
+            for hook_config in receiver.get("webhook_configs", []):
+                hook_config["url"] = f"{hook}/pager"
+                hook_config["http_config"]["authorization"]["credentials_file"] = str(
+                    self.tmp / "pager_token"
+                )
+            for slack in receiver.get("slack_configs", []):
+                slack["api_url_file"] = str(self.tmp / "chat_webhook_url")
+        (self.tmp / "alertmanager.yml").write_text(yaml.safe_dump(am))
+        self.spawn(
+            "alertmanager",
+            [
+                shutil.which("prometheus-alertmanager") or "prometheus-alertmanager",
+                f"--config.file={self.tmp / 'alertmanager.yml'}",
+                f"--storage.path={self.tmp / 'am'}",
+                f"--web.listen-address=127.0.0.1:{self.ports['alertmanager']}",
+                "--cluster.listen-address=",
+            ],
+        )
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.webhook.httpd.shutdown()
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        r = httpx.get(
+            f"http://127.0.0.1:{self.ports['prometheus']}/api/v1/query",
+            params={"query": expr},
+            timeout=5,
+        )
+        r.raise_for_status()
+        result: list[dict[str, Any]] = r.json()["data"]["result"]
+        return result
+
+    def wait(self, check: Callable[[], bool], timeout: float, what: str) -> float:
+        start = time.monotonic()
+        while True:
+            for name, proc in self.procs.items():
+                if name != "engine" and proc.poll() is not None:
+                    raise AssertionError(f"{name} exited ({proc.returncode})\n{self.log_tail()}")
+            try:
+                if check():
+                    return time.monotonic() - start
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() - start > timeout:
+                raise AssertionError(
+                    f"timed out after {timeout:.0f} s waiting for {what}\n{self.log_tail()}"
+                )
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    for binary in ("prometheus", "prometheus-alertmanager"):
+        assert shutil.which(binary), f"{binary} is missing: scripts/test installs Debian's packages"
+    s = Stack(tmp_path)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def burst(port: int, stop: threading.Event) -> None:
+    """Waves of long requests that need more KV than the small pool has."""
+    rng = random.Random(7)
+
+    def one() -> None:
+        prompt = " ".join(f"w{rng.randrange(100000)}" for _ in range(300))
+        with contextlib.suppress(httpx.HTTPError):  # the engine is stopped at the end
+            httpx.post(
+                f"http://127.0.0.1:{port}/v1/completions",
+                json={"prompt": prompt, "max_tokens": 600},
+                timeout=120,
+            )
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        while not stop.is_set():
+            list(pool.map(lambda _: one(), range(12)))
+
+
+def test_the_whole_chain_delivers_dashboards_and_pages(stack: Stack) -> None:
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    timings["target up"] = stack.wait(
+        lambda: any(
+            t["health"] == "up"
+            for t in httpx.get(
+                f"http://127.0.0.1:{stack.ports['prometheus']}/api/v1/targets"
+            ).json()["data"]["activeTargets"]
+        ),
+        90,
+        "Prometheus to scrape the exporter",
+    )
+    # The agentic workload runs: every dashboard query must return data (rates need a few samples).
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 30
+
+    def all_have_data() -> bool:
+        return all(stack.query(substitute(expr)) for _, expr in exprs)
+
+    timings["every dashboard query has data"] = stack.wait(
+        all_have_data, 90, "every dashboard query"
+    )
+    empty = [where for where, expr in exprs if not stack.query(substitute(expr))]
+    assert not empty, empty
+    assert stack.query('kvcache_physical_usage_ratio{pool="full"}')
+    assert stack.query(f'kvcache_gpu_engine_info{{uuid="{GPU_UUID}", engine="reference"}}')
+
+    # Pressure: the critical KV alert fires in Prometheus and reaches the pager.
+    stop = threading.Event()
+    thread = threading.Thread(target=burst, args=(stack.ports["engine"], stop), daemon=True)
+    thread.start()
+    try:
+        timings["KVCacheExhausted at the pager"] = stack.wait(
+            lambda: bool(stack.webhook.alerts("/pager", "KVCacheExhausted")),
+            150,
+            "KVCacheExhausted at the pager",
+        )
+    finally:
+        stop.set()
+    (alert,) = stack.webhook.alerts("/pager", "KVCacheExhausted")[:1]
+    assert alert["labels"] == {
+        "alertname": "KVCacheExhausted",
+        "severity": "critical",
+        "engine": "reference",
+        "dp_rank": "0",
+        "model": "reference-tiny",
+    }
+    assert alert["annotations"]["summary"] == "KV cache exhausted and requests are being preempted."
+    assert alert["annotations"]["description"].startswith(
+        "reference (DP rank 0, reference-tiny) has "
+    )
+    assert alert["annotations"]["runbook_url"] == "docs/runbooks.md#kvcacheexhausted"
+    assert "Bearer e2e-token" in stack.webhook.auth  # the pager's token came from its file
+
+    # The engine stops: the target-down page arrives.
+    stack.procs["engine"].kill()
+    timings["KVCacheTargetDown at the pager"] = stack.wait(
+        lambda: bool(stack.webhook.alerts("/pager", "KVCacheTargetDown")),
+        60,
+        "KVCacheTargetDown at the pager",
+    )
+    (down,) = stack.webhook.alerts("/pager", "KVCacheTargetDown")[:1]
+    assert down["labels"]["engine"] == "reference" and down["labels"]["severity"] == "critical"
+    assert down["labels"]["job"] == "kvcache-exporter"
+    delivered = {
+        a["labels"]["alertname"]
+        for notes in stack.webhook.received.values()
+        for n in notes
+        for a in n["alerts"]
+    }
+    print(
+        f"\ne2e: {time.monotonic() - started:.0f} s in all; "
+        + "; ".join(f"{k} after {v:.0f} s" for k, v in timings.items())
+    )
+    print(
+        "e2e: delivered: "
+        + ", ".join(
+            f"{path}: {sorted({a['labels']['alertname'] for n in notes for a in n['alerts']})}"
+            for path, notes in stack.webhook.received.items()
+        )
+    )
+    assert "KVCacheExhausted" in delivered and "KVCacheTargetDown" in delivered
