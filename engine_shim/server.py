@@ -45,6 +45,7 @@ def _handler(app: ShimApp) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "kvcache-shim"
         protocol_version = "HTTP/1.1"
+        timeout = 30  # a client that stops talking mid-request is dropped
         # Headers and body are two writes: without TCP_NODELAY, Nagle + delayed ACK add 40 ms.
         disable_nagle_algorithm = True
 

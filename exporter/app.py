@@ -21,13 +21,20 @@ from .config import Config
 from .exposition import CachedExposition
 from .nvml import NvmlReader
 from .poller import Poller
+from .webconfig import REALM, BasicAuth, WebConfig, load_web_config
 
 log = logging.getLogger(__name__)
 
 
 class Exporter:
-    def __init__(self, config: Config, nvml_module: ModuleType | None = None) -> None:
+    def __init__(
+        self, config: Config, nvml_module: ModuleType | None = None, web: WebConfig | None = None
+    ) -> None:
         self.config = config
+        if web is None and config.web_config_file is not None:
+            web = load_web_config(config.web_config_file)  # raises ConfigError
+        self.web = web or WebConfig()
+        self.auth = BasicAuth(self.web.basic_auth_users)
         self.nvml = NvmlReader(nvml_module)
         self.nvml_enabled = self.nvml.start(config.nvml)  # raises NvmlUnavailable for nvml: on
         self.exposition = CachedExposition(KVCacheCollector(self.view))
@@ -53,6 +60,12 @@ class Exporter:
         host = self.config.listen_host if host is None else host
         port = self.config.listen_port if port is None else port
         self._httpd = _Server((host, port), _handler(self))
+        tls = self.web.ssl_context()
+        if tls is not None:
+            # Handshake in the handler thread, not in accept(): a slow client blocks only itself.
+            self._httpd.socket = tls.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         self.poller.start()
         threading.Thread(target=self._httpd.serve_forever, name="kvcache-http", daemon=True).start()
         log.info(
@@ -93,6 +106,7 @@ def _handler(exporter: Exporter) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "kvcache-exporter"
         protocol_version = "HTTP/1.1"
+        timeout = 30  # a client that stops talking (or never finishes TLS) is dropped
         # Headers and body are two writes: without TCP_NODELAY, Nagle + delayed ACK add 40 ms.
         disable_nagle_algorithm = True
 
@@ -113,6 +127,13 @@ def _handler(exporter: Exporter) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
+            # /healthz says only "ok": left open for orchestrators' probes.
+            if path != "/healthz" and not exporter.auth.check(self.headers.get("Authorization")):
+                self.send_response(HTTPStatus.UNAUTHORIZED)
+                self.send_header("WWW-Authenticate", f'Basic realm="{REALM}"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if path == "/metrics":
                 if "gzip" in self.headers.get("Accept-Encoding", ""):
                     self._reply(

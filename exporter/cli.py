@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--listen", type=_listen, help="HOST:PORT for /metrics (overrides the config)"
     )
+    parser.add_argument(
+        "--web.config.file", dest="web_config", help="TLS / basic-auth file (overrides the config)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command")
     check = sub.add_parser("check-config", help="validate a config file")
@@ -51,17 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(config_path: str, listen: tuple[str, int] | None) -> int:
+def run(config_path: str, listen: tuple[str, int] | None, web_config: str | None = None) -> int:
     from .app import Exporter
     from .nvml import NvmlUnavailable
 
     try:
         config = load_config(config_path)
+        if web_config is not None:
+            config = dataclasses.replace(config, web_config_file=web_config)
+        exporter = Exporter(config)
     except ConfigError as exc:
         print(f"kvcache-exporter: bad config: {exc}", file=sys.stderr)
         return 2
-    try:
-        exporter = Exporter(config)
     except NvmlUnavailable as exc:
         print(f"kvcache-exporter: {exc}", file=sys.stderr)
         return 2
@@ -91,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         try:
             config = load_config(args.file)
+            if config.web_config_file is not None:
+                from .webconfig import load_web_config
+
+                load_web_config(config.web_config_file)
         except ConfigError as exc:
             print(f"kvcache-exporter: bad config: {exc}", file=sys.stderr)
             return 2
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("kvcache-exporter: --config FILE is required to run the sidecar", file=sys.stderr)
         return 2
-    return run(args.config, args.listen)
+    return run(args.config, args.listen, args.web_config)
 
 
 if __name__ == "__main__":

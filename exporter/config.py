@@ -6,6 +6,7 @@ that starts with a typo'd config and silently exports nothing is worse than one 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -71,6 +72,8 @@ class Config:
     # engine name -> GPU UUIDs, for engines whose snapshots carry no UUID.
     gpus: dict[str, tuple[str, ...]] = field(default_factory=dict)
     source: str = "<config>"
+    # exporter-toolkit style TLS / basic-auth file for /metrics (see exporter/webconfig.py).
+    web_config_file: str | None = None
 
 
 def parse_duration(value: Any, source: str, key: str) -> float:
@@ -187,6 +190,7 @@ TOP_KEYS = {
     "nvml",
     "gpus",
     "targets",
+    "web_config_file",
 }
 
 
@@ -253,6 +257,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         targets=targets,
         gpus=gpus,
         source=source,
+        web_config_file=s.string("web_config_file"),
     )
 
 
@@ -269,4 +274,9 @@ def load_config(path: str | Path) -> Config:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, where, f"invalid YAML: {problem}") from None
-    return parse_config(data, source)
+    config = parse_config(data, source)
+    if config.web_config_file is not None:
+        web = Path(config.web_config_file)
+        resolved = web if web.is_absolute() else Path(path).resolve().parent / web
+        config = dataclasses.replace(config, web_config_file=str(resolved))
+    return config

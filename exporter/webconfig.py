@@ -1,0 +1,145 @@
+"""TLS and basic auth for ``/metrics``, in the exporter-toolkit web config format users know::
+
+    tls_server_config:
+      cert_file: /etc/kvcache/tls.crt
+      key_file: /etc/kvcache/tls.key
+    basic_auth_users:
+      prometheus: $2y$10$...   # bcrypt, as `htpasswd -nBC 10 "" | tr -d ':\\n'` prints
+
+Passwords exist only as bcrypt hashes in a file; nothing secret is logged or exported. A
+successful check is cached (by a hash of the credentials) so a scrape does not pay bcrypt's
+deliberate slowness every time, as exporter-toolkit does.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ssl
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bcrypt
+import yaml
+
+from .config import ConfigError
+
+REALM = "kvcache-exporter"
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+    basic_auth_users: dict[str, bytes] = field(default_factory=dict)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.cert_file is None or self.key_file is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        if self.client_ca_file is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(self.client_ca_file)
+        return context
+
+
+def load_web_config(path: str | Path) -> WebConfig:
+    source = str(path)
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(source, "(file)", f"cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, "(file)", f"invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, "(top level)", "expected a mapping")
+    unknown = set(data) - {"tls_server_config", "basic_auth_users"}
+    if unknown:
+        raise ConfigError(
+            source, sorted(unknown)[0], "unknown key (allowed: basic_auth_users, tls_server_config)"
+        )
+    base = Path(path).resolve().parent
+    tls = data.get("tls_server_config") or {}
+    if not isinstance(tls, dict):
+        raise ConfigError(source, "tls_server_config", "expected a mapping")
+
+    def file_key(key: str) -> Path | None:
+        value = tls.get(key)
+        if value is None:
+            return None
+        resolved = base / str(value)
+        if not resolved.is_file():
+            raise ConfigError(source, f"tls_server_config.{key}", f"no such file: {resolved}")
+        return resolved
+
+    cert, key, ca = file_key("cert_file"), file_key("key_file"), file_key("client_ca_file")
+    if (cert is None) != (key is None):
+        raise ConfigError(source, "tls_server_config", "cert_file and key_file go together")
+    users = data.get("basic_auth_users") or {}
+    if not isinstance(users, dict):
+        raise ConfigError(
+            source, "basic_auth_users", "expected a mapping of user name to bcrypt hash"
+        )
+    hashed: dict[str, bytes] = {}
+    for user, digest in users.items():
+        if not isinstance(digest, str) or not digest.startswith(("$2a$", "$2b$", "$2y$")):
+            raise ConfigError(
+                source,
+                f"basic_auth_users.{user}",
+                "expected a bcrypt hash ($2y$...), not a password",
+            )
+        hashed[str(user)] = digest.encode()
+    web = WebConfig(cert, key, ca, hashed)
+    if cert is not None:
+        try:
+            web.ssl_context()
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                source, "tls_server_config", f"cannot load the certificate or key: {exc}"
+            ) from None
+    return web
+
+
+class BasicAuth:
+    """Checks ``Authorization: Basic ...`` against bcrypt hashes, caching successes."""
+
+    def __init__(self, users: dict[str, bytes]) -> None:
+        self.users = users
+        self._ok: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.users)
+
+    def check(self, header: str | None) -> bool:
+        if not self.enabled:
+            return True
+        if not header or not header.startswith("Basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        digest = self.users.get(user)
+        if digest is None:
+            bcrypt.checkpw(
+                b"x", bcrypt.hashpw(b"y", bcrypt.gensalt(4))
+            )  # same work: no user oracle
+            return False
+        key = hashlib.sha256(digest + b"\0" + password.encode()).digest()
+        with self._lock:
+            if any(hmac.compare_digest(key, k) for k in self._ok):
+                return True
+        if not bcrypt.checkpw(password.encode(), digest):
+            return False
+        with self._lock:
+            if len(self._ok) > 1024:
+                self._ok.clear()
+            self._ok.add(key)
+        return True

@@ -1,0 +1,168 @@
+"""/metrics over real TLS on loopback, basic auth from an exporter-toolkit web config."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import bcrypt
+import httpx
+import pytest
+import yaml
+
+from exporter.app import Exporter
+from exporter.config import ConfigError, load_config
+from exporter.webconfig import BasicAuth, load_web_config
+from tests.helpers import CannedServer, body, wait_for
+from tests.test_snapshot import valid
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Path:
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(tmp_path / "tls.key"),
+            "-out",
+            str(tmp_path / "tls.crt"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    digest = (
+        bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=6)).decode().replace("$2b$", "$2y$")
+    )
+    (tmp_path / "web.yml").write_text(
+        yaml.safe_dump(
+            {
+                "tls_server_config": {"cert_file": "tls.crt", "key_file": "tls.key"},
+                "basic_auth_users": {"prometheus": digest},
+            }
+        )
+    )
+    return tmp_path
+
+
+def test_tls_and_basic_auth(certs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    shim = CannedServer(body(json.dumps(valid()).encode()))
+    config_path = certs / "exporter.yaml"
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "listen": "127.0.0.1:0",
+                "poll_interval": 0.3,
+                "timeout": 0.25,
+                "nvml": "off",
+                "web_config_file": "web.yml",
+                "targets": [{"name": "a", "kind": "shim", "url": shim.url}],
+            }
+        )
+    )
+    caplog.set_level(logging.DEBUG)
+    exporter = Exporter(load_config(config_path))
+    exporter.start()
+    try:
+        url = f"https://127.0.0.1:{exporter.port}"
+        with httpx.Client(
+            verify=ssl.create_default_context(cafile=str(certs / "tls.crt"))
+        ) as client:
+            wait_for(
+                lambda: client.get(f"{url}/healthz").status_code == 200, 5, "healthy"
+            )  # open for probes
+            assert client.get(f"{url}/metrics").status_code == 401
+            assert (
+                client.get(f"{url}/metrics").headers["WWW-Authenticate"]
+                == 'Basic realm="kvcache-exporter"'
+            )
+            assert client.get(f"{url}/metrics", auth=("prometheus", "wrong")).status_code == 401
+            assert client.get(f"{url}/metrics", auth=("nobody", PASSWORD)).status_code == 401
+            ok = client.get(f"{url}/metrics", auth=("prometheus", PASSWORD))
+            assert ok.status_code == 200 and "kvcache_tokens" in ok.text
+            assert client.get(f"{url}/", auth=("prometheus", PASSWORD)).status_code == 200
+            assert PASSWORD not in ok.text
+        with pytest.raises(httpx.ConnectError):  # a client that does not trust the certificate
+            httpx.get(f"{url}/metrics")
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
+            httpx.get(f"http://127.0.0.1:{exporter.port}/metrics", timeout=3)
+    finally:
+        exporter.stop()
+        shim.close()
+    assert PASSWORD not in caplog.text
+
+
+def test_basic_auth_caches_only_successes() -> None:
+    digest = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4))
+    auth = BasicAuth({"u": digest})
+    import base64
+
+    header = "Basic " + base64.b64encode(b"u:pw").decode()
+    assert auth.check(header) and auth.check(header)
+    assert not auth.check("Basic " + base64.b64encode(b"u:nope").decode())
+    assert not auth.check("Basic !!!") and not auth.check("Bearer x") and not auth.check(None)
+    assert BasicAuth({}).check(None)  # no users configured: open
+
+
+@pytest.mark.parametrize(
+    ("web", "key", "problem"),
+    [
+        ({"basic_auth_users": {"u": "plaintext"}}, "basic_auth_users.u", "bcrypt hash"),
+        (
+            {"tls_server_config": {"cert_file": "nope.crt", "key_file": "tls.key"}},
+            "tls_server_config.cert_file",
+            "no such file",
+        ),
+        ({"tls_server_config": {"cert_file": "tls.crt"}}, "tls_server_config", "go together"),
+        (
+            {"tls_server_config": {"cert_file": "tls.key", "key_file": "tls.crt"}},
+            "tls_server_config",
+            "cannot load",
+        ),
+        ({"tls": {}}, "tls", "unknown key"),
+    ],
+)
+def test_bad_web_config_is_a_clear_error(certs: Path, web: dict, key: str, problem: str) -> None:  # type: ignore[type-arg]
+    path = certs / "bad-web.yml"
+    path.write_text(yaml.safe_dump(web))
+    with pytest.raises(ConfigError) as info:
+        load_web_config(path)
+    assert info.value.key == key and problem in info.value.problem
+
+
+def test_check_config_validates_the_web_config(certs: Path) -> None:
+    (certs / "bad-web.yml").write_text(yaml.safe_dump({"basic_auth_users": {"u": "hunter2"}}))
+    config = certs / "exporter.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "web_config_file": "bad-web.yml",
+                "targets": [{"name": "a", "kind": "shim", "url": "http://x"}],
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter.cli", "check-config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "basic_auth_users.u: expected a bcrypt hash" in result.stderr
+    assert "hunter2" not in result.stderr
