@@ -166,3 +166,92 @@ def test_check_config_validates_the_web_config(certs: Path) -> None:
     )
     assert result.returncode == 2 and "basic_auth_users.u: expected a bcrypt hash" in result.stderr
     assert "hunter2" not in result.stderr
+
+
+def test_client_certificates_can_be_required(certs: Path) -> None:
+    import json
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=certs)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=prometheus",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-out",
+        "client.crt",
+    )
+    (certs / "mtls.yml").write_text(
+        yaml.safe_dump(
+            {
+                "tls_server_config": {
+                    "cert_file": "tls.crt",
+                    "key_file": "tls.key",
+                    "client_ca_file": "ca.crt",
+                }
+            }
+        )
+    )
+    shim = CannedServer(body(json.dumps(valid()).encode()))
+    config_path = certs / "exporter.yaml"
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "listen": "127.0.0.1:0",
+                "poll_interval": 0.3,
+                "timeout": 0.25,
+                "nvml": "off",
+                "web_config_file": "mtls.yml",
+                "targets": [{"name": "a", "kind": "shim", "url": shim.url}],
+            }
+        )
+    )
+    exporter = Exporter(load_config(config_path))
+    exporter.start()
+    try:
+        url = f"https://127.0.0.1:{exporter.port}/metrics"
+        trusted = ssl.create_default_context(cafile=str(certs / "tls.crt"))
+        with pytest.raises(httpx.HTTPError):  # no client certificate: the handshake fails
+            httpx.get(url, verify=trusted)
+        trusted.load_cert_chain(str(certs / "client.crt"), str(certs / "client.key"))
+        wait_for(
+            lambda: "kvcache_tokens" in httpx.get(url, verify=trusted).text, 5, "metrics over mTLS"
+        )
+    finally:
+        exporter.stop()
+        shim.close()

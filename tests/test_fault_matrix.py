@@ -1,0 +1,288 @@
+"""The fault matrix: misbehaving targets on loopback, all polled by one exporter at once.
+
+Every fault must be counted under its reason, make only its own target's series vanish
+(target_up 0, nothing stale served), and never slow down or stop a healthy target polled
+beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine_shim.reference import EngineConfig, ReferenceEngine
+from engine_shim.reference.workload import Workload
+from engine_shim.server import ShimApp, ShimServer
+from engine_shim.snapshot import parse_snapshot
+from exporter.app import Exporter
+from exporter.config import parse_config
+from tests.helpers import CannedServer, body, wait_for
+from tests.test_snapshot import valid
+
+INTERVAL = 0.4
+
+
+def trickle(handler: BaseHTTPRequestHandler) -> None:
+    """Valid headers, then a byte every 0.2 s: each read is quick, the whole answer is not."""
+    payload = json.dumps(valid()).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    try:
+        for byte in payload:
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+            time.sleep(0.2)
+    except OSError:
+        pass
+
+
+def json_with(**changes: Any) -> bytes:
+    data = valid()
+    for path, value in changes.items():
+        target: Any = data
+        *head, last = path.split("__")
+        for key in head:
+            target = target[int(key)] if key.isdigit() else target[key]
+        target[last] = value
+    return json.dumps(data).encode()  # allow_nan: Python writes NaN, as a buggy engine might
+
+
+class SilentListener:
+    """Accepts connections and never answers (a hung process with its socket open)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+FAULTS: dict[str, tuple[Any, str]] = {
+    "notfound": (body(b"no", status=404, content_type="text/plain"), "http_status"),
+    "error500": (body(b"boom", status=500, content_type="text/plain"), "http_status"),
+    "truncated": (body(json.dumps(valid()).encode()[:-40]), "invalid_body"),
+    "garbage": (body(b"\x00\xff not json"), "invalid_body"),
+    "schema_v2": (body(json_with(schema="kvcache.stats/v2")), "invalid_snapshot"),
+    "nan": (body(json_with(pools__0__used_tokens=math.nan)), "invalid_snapshot"),
+    "negative": (
+        body(json_with(pools__0__evictable_tokens=-16, pools__0__available_tokens=656)),
+        "invalid_snapshot",
+    ),
+    "inconsistent": (body(json_with(pools__0__used_tokens=176)), "invalid_snapshot"),
+    "trickle": (trickle, "timeout"),
+}
+
+
+@pytest.fixture
+def matrix() -> Iterator[tuple[Exporter, dict[str, str]]]:
+    servers = {name: CannedServer(respond) for name, (respond, _) in FAULTS.items()}
+    good = CannedServer(body(json.dumps(valid()).encode()))
+    silent = SilentListener()
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))
+    refused_port = refused.getsockname()[1]
+    refused.close()  # nothing listens there now: connection refused
+    urls = {name: s.url for name, s in servers.items()}
+    urls.update(
+        good=good.url,
+        hang=silent.url,
+        refused=f"http://127.0.0.1:{refused_port}",
+        dns="http://no-such-host.invalid:8321",
+    )
+    config = parse_config(
+        {
+            "listen": "127.0.0.1:0",
+            "poll_interval": INTERVAL,
+            "timeout": 0.3,
+            "nvml": "off",
+            "targets": [{"name": n, "kind": "shim", "url": u} for n, u in urls.items()],
+        }
+    )
+    exporter = Exporter(config)
+    exporter.start()
+    try:
+        yield exporter, urls
+    finally:
+        exporter.stop()
+        for s in servers.values():
+            s.close()
+        good.close()
+        silent.close()
+
+
+def scrape(exporter: Exporter) -> list[tuple[str, dict[str, str], float]]:
+    text = httpx.get(f"http://127.0.0.1:{exporter.port}/metrics", timeout=5).text
+    return [
+        (s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples
+    ]
+
+
+def value(
+    samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str
+) -> float | None:
+    found = [
+        v for n, ls, v in samples if n == name and all(ls.get(k) == x for k, x in labels.items())
+    ]
+    return found[0] if found else None
+
+
+def test_every_fault_is_counted_by_reason_and_isolated(
+    matrix: tuple[Exporter, dict[str, str]],
+) -> None:
+    exporter, _ = matrix
+    expected = {name: reason for name, (_, reason) in FAULTS.items()}
+    expected.update(hang="timeout", refused="connect", dns="connect")
+
+    def all_counted() -> bool:
+        samples = scrape(exporter)
+        return all(
+            (value(samples, "kvcache_exporter_poll_errors_total", engine=n, reason=r) or 0) >= 2
+            for n, r in expected.items()
+        )
+
+    wait_for(all_counted, 20, "every fault counted twice")
+    samples = scrape(exporter)
+    for name, reason in expected.items():
+        assert value(samples, "kvcache_exporter_target_up", engine=name) == 0, name
+        assert value(samples, "kvcache_tokens", engine=name, state="used") is None, (
+            f"{name} served data"
+        )
+        others = {
+            ls["reason"]
+            for n, ls, v in samples
+            if n == "kvcache_exporter_poll_errors_total" and ls["engine"] == name and v > 0
+        }
+        assert others == {reason}, f"{name}: counted as {others}, expected {reason}"
+    # The healthy target beside them was polled on schedule, up, with fresh data.
+    assert value(samples, "kvcache_exporter_target_up", engine="good") == 1
+    assert value(samples, "kvcache_tokens", engine="good", state="used") == 160
+    polls_before = value(samples, "kvcache_exporter_polls_total", engine="good") or 0
+    time.sleep(10 * INTERVAL)
+    polls_after = value(scrape(exporter), "kvcache_exporter_polls_total", engine="good") or 0
+    assert polls_after - polls_before >= 8, "the healthy target was slowed down by the faulty ones"
+    # Hanging and trickling targets cost one timeout each, not a stuck poller.
+    assert value(samples, "kvcache_exporter_poll_duration_seconds_count", engine="hang")
+
+
+def test_a_flapping_target_never_serves_stale_values() -> None:
+    up = threading.Event()
+    up.set()
+    counter = {"queries": 1000}
+
+    def flapping(handler: BaseHTTPRequestHandler) -> None:
+        if up.is_set():
+            counter["queries"] += 10
+            data = valid()
+            data["counters"]["prefix_query_tokens"] = counter["queries"]
+            body(json.dumps(data).encode())(handler)
+        else:
+            body(b"down", status=503, content_type="text/plain")(handler)
+
+    server = CannedServer(flapping)
+    config = parse_config(
+        {
+            "listen": "127.0.0.1:0",
+            "poll_interval": 0.2,
+            "timeout": 0.15,
+            "nvml": "off",
+            "targets": [{"name": "flap", "kind": "shim", "url": server.url}],
+        }
+    )
+    exporter = Exporter(config)
+    exporter.start()
+    seen: list[float] = []
+    try:
+        for _ in range(4):
+            up.set()
+            wait_for(
+                lambda: value(scrape(exporter), "kvcache_exporter_target_up", engine="flap") == 1,
+                5,
+                "up",
+            )
+            queries = value(scrape(exporter), "kvcache_prefix_query_tokens_total", engine="flap")
+            assert queries is not None
+            seen.append(queries)
+            up.clear()
+            wait_for(
+                lambda: value(scrape(exporter), "kvcache_exporter_target_up", engine="flap") == 0,
+                5,
+                "down",
+            )
+            assert (
+                value(scrape(exporter), "kvcache_prefix_query_tokens_total", engine="flap") is None
+            )
+    finally:
+        exporter.stop()
+        server.close()
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)  # monotonic, and fresh each time
+
+
+def test_many_stats_clients_during_heavy_engine_load() -> None:
+    engine = ReferenceEngine(
+        EngineConfig(kv_memory_bytes=2 * 2**20, max_model_len=512, iteration_time=0.0)
+    )
+    engine.start()
+    server = ShimServer(ShimApp(snapshots=lambda: [engine.snapshot()], healthy=engine.alive))
+    server.start()
+    workload = Workload(engine, "burst", seed=5, pause=0.0)
+    workload.start()
+    errors: list[str] = []
+    sequences: list[int] = []
+
+    def client() -> None:
+        with httpx.Client() as c:
+            for _ in range(25):
+                try:
+                    snap = parse_snapshot(
+                        c.get(f"http://127.0.0.1:{server.port}/v1/kv/stats", timeout=10).json()
+                    )
+                    sequences.append(snap.sequence)
+                except Exception as exc:  # any failure is a test failure, collected
+                    errors.append(repr(exc))
+
+    try:
+        iterations_before = engine.iterations
+        threads = [threading.Thread(target=client) for _ in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors[:3]
+        assert len(sequences) == 32 * 25
+        assert engine.iterations > iterations_before + 10, (
+            "the engine loop stalled under stats load"
+        )
+        assert engine.snapshot().counters.preemptions, "the burst workload should have preempted"
+    finally:
+        workload.stop()
+        server.stop()
+        engine.stop()
