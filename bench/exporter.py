@@ -147,6 +147,18 @@ def bench_latency(base_url: str, sizes: list[int], repeats: int) -> None:
         )
 
 
+def wait_healthy(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not become healthy"
+        time.sleep(0.1)
+
+
 def proc_cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -173,15 +185,7 @@ def bench_steady(base_url: str, n: int, seconds: float) -> None:
         )
         try:
             url = "http://127.0.0.1:18399/metrics"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get("http://127.0.0.1:18399/healthz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "exporter did not start"
-                time.sleep(0.1)
+            wait_healthy("http://127.0.0.1:18399/healthz")
             time.sleep(2)  # past start-up
             cpu0, t0 = proc_cpu_seconds(proc.pid), time.monotonic()
             rss = []
@@ -260,15 +264,7 @@ def bench_freshness(changes: int, interval: float) -> None:
         try:
             metrics = "http://127.0.0.1:18398/metrics"
             with httpx.Client() as client:
-                deadline = time.monotonic() + 30
-                while True:
-                    try:
-                        if client.get("http://127.0.0.1:18398/healthz").status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    assert time.monotonic() < deadline
-                    time.sleep(0.1)
+                wait_healthy("http://127.0.0.1:18398/healthz")
                 for k in range(changes):
                     time.sleep(
                         interval * (0.13 + 0.71 * ((k * 7) % 10) / 10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import ssl
 import subprocess
@@ -60,9 +61,8 @@ def certs(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_tls_and_basic_auth(certs: Path, caplog: pytest.LogCaptureFixture) -> None:
-    import json
-
+def exporter_with_web_config(certs: Path, web_file: str) -> tuple[Exporter, CannedServer]:
+    """A started exporter whose config names ``web_file``, polling a canned shim."""
     shim = CannedServer(body(json.dumps(valid()).encode()))
     config_path = certs / "exporter.yaml"
     config_path.write_text(
@@ -72,14 +72,19 @@ def test_tls_and_basic_auth(certs: Path, caplog: pytest.LogCaptureFixture) -> No
                 "poll_interval": 0.3,
                 "timeout": 0.25,
                 "nvml": "off",
-                "web_config_file": "web.yml",
+                "web_config_file": web_file,
                 "targets": [{"name": "a", "kind": "shim", "url": shim.url}],
             }
         )
     )
-    caplog.set_level(logging.DEBUG)
     exporter = Exporter(load_config(config_path))
     exporter.start()
+    return exporter, shim
+
+
+def test_tls_and_basic_auth(certs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    exporter, shim = exporter_with_web_config(certs, "web.yml")
     try:
         url = f"https://127.0.0.1:{exporter.port}"
         with httpx.Client(
@@ -169,8 +174,6 @@ def test_check_config_validates_the_web_config(certs: Path) -> None:
 
 
 def test_client_certificates_can_be_required(certs: Path) -> None:
-    import json
-
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=certs)
 
@@ -227,22 +230,7 @@ def test_client_certificates_can_be_required(certs: Path) -> None:
             }
         )
     )
-    shim = CannedServer(body(json.dumps(valid()).encode()))
-    config_path = certs / "exporter.yaml"
-    config_path.write_text(
-        yaml.safe_dump(
-            {
-                "listen": "127.0.0.1:0",
-                "poll_interval": 0.3,
-                "timeout": 0.25,
-                "nvml": "off",
-                "web_config_file": "mtls.yml",
-                "targets": [{"name": "a", "kind": "shim", "url": shim.url}],
-            }
-        )
-    )
-    exporter = Exporter(load_config(config_path))
-    exporter.start()
+    exporter, shim = exporter_with_web_config(certs, "mtls.yml")
     try:
         url = f"https://127.0.0.1:{exporter.port}/metrics"
         trusted = ssl.create_default_context(cafile=str(certs / "tls.crt"))
