@@ -20,24 +20,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vllm.v1.core.kv_cache_manager import KVCacheManager
 
 from engine_shim.adapters.vllm import BlockPoolTracker, EngineFacts, brute_force_evictable
-from tests.vllm.test_vllm_adapter import BLOCK, MAX_LEN, Driver, kv_config
+from tests.vllm.test_vllm_adapter import MAX_LEN, Driver, new_manager
 
 
 def run(
     num_blocks: int, tracked: bool, steps: int, batch: int, seed: int
 ) -> tuple[list[float], float]:
-    config = kv_config(num_blocks)
-    m = KVCacheManager(
-        config,
-        max_model_len=MAX_LEN,
-        scheduler_block_size=BLOCK,
-        hash_block_size=BLOCK,
-        enable_caching=True,
-        log_stats=True,
-    )
+    m, config = new_manager(num_blocks)
     tracker = (
         BlockPoolTracker(m, config, EngineFacts(model="bench", max_model_len=MAX_LEN))
         if tracked

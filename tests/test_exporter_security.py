@@ -23,29 +23,29 @@ from tests.test_snapshot import valid
 PASSWORD = "correct horse battery staple"
 
 
+def openssl(cwd: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=cwd)
+
+
 @pytest.fixture
 def certs(tmp_path: Path) -> Path:
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(tmp_path / "tls.key"),
-            "-out",
-            str(tmp_path / "tls.crt"),
-        ],
-        check=True,
-        capture_output=True,
+    openssl(
+        tmp_path,
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1",
+        "-keyout",
+        "tls.key",
+        "-out",
+        "tls.crt",
     )
     digest = (
         bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=6)).decode().replace("$2b$", "$2y$")
@@ -174,10 +174,8 @@ def test_check_config_validates_the_web_config(certs: Path) -> None:
 
 
 def test_client_certificates_can_be_required(certs: Path) -> None:
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=certs)
-
     openssl(
+        certs,
         "req",
         "-x509",
         "-newkey",
@@ -193,6 +191,7 @@ def test_client_certificates_can_be_required(certs: Path) -> None:
         "ca.crt",
     )
     openssl(
+        certs,
         "req",
         "-newkey",
         "rsa:2048",
@@ -205,6 +204,7 @@ def test_client_certificates_can_be_required(certs: Path) -> None:
         "client.csr",
     )
     openssl(
+        certs,
         "x509",
         "-req",
         "-in",

@@ -67,9 +67,10 @@ def kv_config(num_blocks: int, sliding_window: int | None = None) -> KVCacheConf
     )
 
 
-def manager(
+def new_manager(
     num_blocks: int, sliding_window: int | None = None
-) -> tuple[KVCacheManager, BlockPoolTracker]:
+) -> tuple[KVCacheManager, KVCacheConfig]:
+    """A real KVCacheManager over a hand-made config, as vLLM's scheduler builds it."""
     config = kv_config(num_blocks, sliding_window)
     m = KVCacheManager(
         config,
@@ -79,6 +80,13 @@ def manager(
         enable_caching=True,
         log_stats=True,
     )
+    return m, config
+
+
+def manager(
+    num_blocks: int, sliding_window: int | None = None
+) -> tuple[KVCacheManager, BlockPoolTracker]:
+    m, config = new_manager(num_blocks, sliding_window)
     return m, BlockPoolTracker(m, config, EngineFacts(model="tiny", max_model_len=MAX_LEN))
 
 
