@@ -13,12 +13,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 
 from .app import Exporter
 from .config import Config, Target
-from .watch import parse_exposition, render_lines
+from .watch import EngineKey, EngineSample, parse_exposition, render_lines
 
 
 def free_port() -> int:
@@ -42,9 +43,11 @@ def start_engine(port: int, workload: str, extra: list[str]) -> subprocess.Popen
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
 
 
-def wait_until(check: object, timeout: float, what: str, engine: subprocess.Popen[bytes]) -> None:
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, engine: subprocess.Popen[bytes]
+) -> None:
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not check():
         if engine.poll() is not None:
             raise RuntimeError(
                 f"the reference engine exited (code {engine.returncode}) before {what}"
@@ -117,7 +120,7 @@ def run_demo(
             f"Ctrl-C to stop.\n",
             flush=True,
         )
-        before: dict = {}  # type: ignore[type-arg]
+        before: dict[EngineKey, EngineSample] = {}
         deadline = None if duration is None else time.monotonic() + duration
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
             engines, up = parse_exposition(exporter.exposition.render().decode())
