@@ -162,7 +162,7 @@ class Poller:
         duration = time.perf_counter() - started
         if failure is not None:
             reason, message = failure
-            self._record(lambda: state.record_failure(reason, message, duration))
+            self._record(lambda: state.record_failure(reason, duration))
             if state.consecutive_failures == 1:
                 log.warning("target %s: %s: %s", state.target.name, reason, message)
             return

@@ -101,7 +101,6 @@ class TargetState:
         self.engines: dict[int, EngineView] = {}
         self.polls = 0
         self.errors = dict.fromkeys(ERROR_REASONS, 0)
-        self.last_error: str | None = None
         self.consecutive_failures = 0
         self.last_success: float | None = None
         self.restarts = 0
@@ -122,10 +121,9 @@ class TargetState:
             ),
         )
 
-    def record_failure(self, reason: str, message: str, duration: float) -> None:
+    def record_failure(self, reason: str, duration: float) -> None:
         self.polls += 1
         self.errors[reason] += 1
-        self.last_error = message
         self.consecutive_failures += 1
         self.durations.observe(duration)
         self.up = False

@@ -84,9 +84,12 @@ class Request:
     # SWA pool: -1 where a block slid out of the window and was released.
     swa_table: list[int] = field(default_factory=list)
     num_computed: int = 0
+    # Cursors, so a decode step touches only its newest blocks: the leading blocks already in
+    # the prefix cache (always contiguous from 0), and the leading SWA blocks already released.
+    committed_blocks: int = 0
+    swa_released: int = 0
     cached_tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     admitted_once: bool = False
-    preemptions: int = 0
     finish_reason: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -161,7 +164,6 @@ class ReferenceEngine:
         self._snapshot = self._build_snapshot()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.last_iteration_seconds = 0.0
 
     # ------------------------------------------------------------------------- shape
 
@@ -262,7 +264,6 @@ class ReferenceEngine:
             started = time.perf_counter()
             self.step()
             spent = time.perf_counter() - started
-            self.last_iteration_seconds = spent
             if spent < self.config.iteration_time:
                 self._stop.wait(self.config.iteration_time - spent)
 
@@ -376,6 +377,7 @@ class ReferenceEngine:
         bs = self.config.block_size
         first = max(0, length - self.config.shape.sliding_window) // bs
         request.swa_table = [-1] * first
+        request.swa_released = first
         for _ in range(first, -(-length // bs)):
             block = self.swa_pool.pop_free()
             if block is None:
@@ -414,8 +416,9 @@ class ReferenceEngine:
         """Insert newly filled blocks into the prefix cache (and write them through to storage)."""
         bs = self.config.block_size
         tokens = request.tokens
-        for i in range(request.num_computed // bs):
+        for i in range(request.committed_blocks, request.num_computed // bs):
             if request.nodes[i] is not None:
+                request.committed_blocks = i + 1
                 continue
             parent = self.cache.root if i == 0 else request.nodes[i - 1]
             if parent is None:
@@ -426,6 +429,7 @@ class ReferenceEngine:
             if node is None:
                 return
             request.nodes[i] = node
+            request.committed_blocks = i + 1
             if self.storage is not None:
                 self.storage.put(node.hash, self.full_pool.block_data(node.block))
 
@@ -484,10 +488,11 @@ class ReferenceEngine:
         """Release SWA blocks that attention at ``position`` can no longer see."""
         assert self.swa_pool is not None and self.config.shape.sliding_window is not None
         first_visible = max(0, position - self.config.shape.sliding_window + 1)
-        for i in range(first_visible // self.config.block_size):
+        for i in range(request.swa_released, first_visible // self.config.block_size):
             if request.swa_table[i] >= 0:
                 self.swa_pool.release(request.swa_table[i])
                 request.swa_table[i] = -1
+            request.swa_released = i + 1
 
     def _emit(self, request: Request, token: int) -> None:
         request.output.append(token)
@@ -508,7 +513,6 @@ class ReferenceEngine:
         self._release(request)
         self.running.remove(request)
         self.waiting.appendleft(request)
-        request.preemptions += 1
         self.preemptions += 1
 
     def _release(self, request: Request) -> None:
@@ -522,6 +526,7 @@ class ReferenceEngine:
                 if block >= 0:
                     self.swa_pool.release(block)
         request.block_table, request.nodes, request.swa_table = [], [], []
+        request.committed_blocks = request.swa_released = 0
         request.num_computed = 0
 
     def _back_up(self, node: Node) -> None:

@@ -45,7 +45,6 @@ class PrefixCache:
         self.root = Node(key=(), block=-1, hash=ROOT_HASH, parent=None, ref=1)
         self.on_evict = on_evict
         self.evictable_blocks = 0
-        self.cached_blocks = 0
         self.evicted_blocks = 0
         # Unpinned leaves in LRU order (oldest first): the only nodes eviction may take.
         self._lru_leaves: OrderedDict[Node, None] = OrderedDict()
@@ -90,7 +89,6 @@ class PrefixCache:
         node = Node(key=key, block=block, hash=block_hash(parent.hash, key), parent=parent, ref=1)
         parent.children[key] = node
         self._lru_leaves.pop(parent, None)  # a parent with a child is no longer a leaf
-        self.cached_blocks += 1
         return node
 
     # ----------------------------------------------------------------------- eviction
@@ -106,7 +104,6 @@ class PrefixCache:
         assert parent is not None
         del parent.children[node.key]
         self.evictable_blocks -= 1
-        self.cached_blocks -= 1
         self.evicted_blocks += 1
         if parent is not self.root and parent.ref == 0 and not parent.children:
             # Continue down this branch next: its leaf was older than anything reused since.

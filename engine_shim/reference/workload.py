@@ -34,7 +34,6 @@ class Workload:
         self.pause = pause
         self.rng = random.Random(seed)
         self.rounds = 0
-        self.round_done = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         cfg = engine.config
@@ -111,7 +110,6 @@ class Workload:
             if not self._wait(agents):
                 return
             self.rounds += 1
-            self.round_done.set()
             self._stop.wait(self.pause)
 
     # ------------------------------------------------------------------- chat
@@ -138,5 +136,4 @@ class Workload:
             if not self._wait(wave):
                 return
             self.rounds += 1
-            self.round_done.set()
             self._stop.wait(self.pause)
