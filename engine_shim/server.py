@@ -142,7 +142,9 @@ def _handler(app: ShimApp) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class _QuietThreadingHTTPServer(ThreadingHTTPServer):
+class QuietThreadingHTTPServer(ThreadingHTTPServer):
+    """Threads per connection; a client hanging up mid-response logs at debug, no traceback."""
+
     daemon_threads = True
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -154,7 +156,7 @@ class ShimServer:
     """A threaded HTTP server; ``port=0`` picks a free one (see ``.port``)."""
 
     def __init__(self, app: ShimApp, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.httpd = _QuietThreadingHTTPServer((host, port), _handler(app))
+        self.httpd = QuietThreadingHTTPServer((host, port), _handler(app))
         self._thread: threading.Thread | None = None
 
     @property

@@ -10,11 +10,13 @@ import html
 import logging
 import threading
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import ModuleType
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from engine_shim.server import QuietThreadingHTTPServer
 
 from .collector import ExporterView, KVCacheCollector
 from .config import Config
@@ -39,7 +41,7 @@ class Exporter:
         self.nvml_enabled = self.nvml.start(config.nvml)  # raises NvmlUnavailable for nvml: on
         self.exposition = CachedExposition(KVCacheCollector(self.view))
         self.poller = Poller(config, self.nvml, self.exposition.invalidate)
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: QuietThreadingHTTPServer | None = None
 
     def view(self) -> ExporterView:
         with self.poller.lock:
@@ -59,7 +61,7 @@ class Exporter:
     def start(self, host: str | None = None, port: int | None = None) -> None:
         host = self.config.listen_host if host is None else host
         port = self.config.listen_port if port is None else port
-        self._httpd = _Server((host, port), _handler(self))
+        self._httpd = QuietThreadingHTTPServer((host, port), _handler(self))
         tls = self.web.ssl_context()
         if tls is not None:
             # Handshake in the handler thread, not in accept(): a slow client blocks only itself.
@@ -78,13 +80,6 @@ class Exporter:
             self._httpd.server_close()
         self.poller.stop()
         self.nvml.stop()
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("connection from %s ended with an error", client_address, exc_info=True)
 
 
 def _landing(exporter: Exporter) -> bytes:

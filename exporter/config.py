@@ -16,22 +16,14 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from engine_shim.units import host_port, size_bytes
+
 DEFAULT_LISTEN = "0.0.0.0:8322"
 TARGET_KINDS = ("shim", "vllm", "sglang")
 NVML_MODES = ("auto", "on", "off")
 DEFAULT_PATHS = {"shim": "/v1/kv/stats", "vllm": "/metrics", "sglang": "/metrics"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
-_SIZE_UNITS = {
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "KiB": 2**10,
-    "MiB": 2**20,
-    "GiB": 2**30,
-}
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -93,8 +85,11 @@ def parse_duration(value: Any, source: str, key: str) -> float:
 def parse_size(value: Any, source: str, key: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
-    elif isinstance(value, str) and (m := _SIZE.match(value)):
-        size = int(m.group(1)) * _SIZE_UNITS[m.group(2) or "B"]
+    elif isinstance(value, str):
+        try:
+            size = size_bytes(value)
+        except ValueError:
+            raise ConfigError(source, key, f"expected a size like 4MiB, got {value!r}") from None
     else:
         raise ConfigError(source, key, f"expected a size like 4MiB, got {value!r}")
     if size <= 0:
@@ -105,12 +100,10 @@ def parse_size(value: Any, source: str, key: str) -> int:
 def parse_listen(value: Any, source: str, key: str) -> tuple[str, int]:
     if not isinstance(value, str):
         raise ConfigError(source, key, f"expected HOST:PORT, got {value!r}")
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(
-            source, key, f"expected HOST:PORT with a port in 0-65535 (0: any free), got {value!r}"
-        )
-    return host.strip("[]") or "0.0.0.0", int(port)
+    try:
+        return host_port(value, "0.0.0.0")
+    except ValueError as exc:
+        raise ConfigError(source, key, str(exc)) from None
 
 
 class _Section:
