@@ -99,7 +99,26 @@ def labels_match(**wanted: str) -> LabelFilter:
     return lambda labels: all(labels.get(k) == v for k, v in wanted.items())
 
 
+def rank_order(value: str) -> tuple[bool, int, str]:
+    """Sort key for rank labels: numerically ("2" before "10"), anything else after."""
+    return (not value.isdigit(), int(value) if value.isdigit() else 0, value)
+
+
 def pick_lowest(values: Iterable[str]) -> str | None:
     """The lowest rank label present ("0" normally)."""
-    ranks = sorted(values, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
-    return ranks[0] if ranks else None
+    return min(values, key=rank_order, default=None)
+
+
+def per_rank(
+    ranks: Iterable[str], build: Callable[[str, list[str]], Snapshot | None], what: str
+) -> BridgeResult:
+    """One snapshot per rank (in rank order); ranks that cannot be read say why in ``missing``.
+
+    Raises BridgeError only when no rank at all could be read."""
+    missing: list[str] = []
+    snapshots = [
+        s for rank in sorted(set(ranks), key=rank_order) if (s := build(rank, missing)) is not None
+    ]
+    if not snapshots:
+        raise BridgeError(f"no {what} could be read: " + "; ".join(missing))
+    return BridgeResult(snapshots, missing)

@@ -16,6 +16,7 @@ from ._samples import (
     Labels,
     Samples,
     as_count,
+    per_rank,
     pick_lowest,
 )
 
@@ -43,22 +44,15 @@ def convert_sglang(text: str, now: float) -> BridgeResult:
             f"{SCHEDULER_PROBE} is missing: metrics are off (--enable-metrics),"
             " or this is not SGLang"
         )
-    dp_ranks = sorted({s.labels.get("dp_rank", "0") for s in probes}, key=lambda v: (len(v), v))
-    missing: list[str] = []
-    snapshots = []
-    for dp in dp_ranks:
-        tp = pick_lowest(
-            s.labels.get("tp_rank", "0") for s in probes if s.labels.get("dp_rank", "0") == dp
-        )
-        pp = pick_lowest(
-            s.labels.get("pp_rank", "0") for s in probes if s.labels.get("dp_rank", "0") == dp
-        )
-        snapshot = _rank_snapshot(samples, dp, tp, pp, len(dp_ranks), now, missing)
-        if snapshot is not None:
-            snapshots.append(snapshot)
-    if not snapshots:
-        raise BridgeError("no data-parallel rank could be read: " + "; ".join(missing))
-    return BridgeResult(snapshots, missing)
+    dp_ranks = {s.labels.get("dp_rank", "0") for s in probes}
+
+    def build(dp: str, missing: list[str]) -> Snapshot | None:
+        of_rank = [s.labels for s in probes if s.labels.get("dp_rank", "0") == dp]
+        tp = pick_lowest(labels.get("tp_rank", "0") for labels in of_rank)
+        pp = pick_lowest(labels.get("pp_rank", "0") for labels in of_rank)
+        return _rank_snapshot(samples, dp, tp, pp, len(dp_ranks), now, missing)
+
+    return per_rank(dp_ranks, build, "data-parallel rank")
 
 
 def _pool(

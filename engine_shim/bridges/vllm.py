@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from ..snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot
-from ._samples import BridgeError, BridgeResult, Samples, as_count, labels_match
+from ._samples import BridgeError, BridgeResult, Samples, as_count, labels_match, per_rank
 
 # prompt_tokens_cached_by_source tiers that map onto the snapshot's tiers; p2p and
 # external_unspecified have no tier of ours and are reported as missing when non-zero.
@@ -42,20 +42,13 @@ def convert_vllm(text: str, now: float) -> BridgeResult:
         raise BridgeError(
             "vllm:cache_config_info is missing: the engine is not ready, or this is not vLLM"
         )
-    engines = sorted(
-        {s.labels.get("engine", "0") for s in config_series},
-        key=lambda e: (not e.isdigit(), int(e) if e.isdigit() else 0, e),
-    )
-    missing: list[str] = []
-    snapshots = []
-    for engine in engines:
+    engines = [s.labels.get("engine", "0") for s in config_series]
+
+    def build(engine: str, missing: list[str]) -> Snapshot | None:
         config = next(s.labels for s in config_series if s.labels.get("engine", "0") == engine)
-        snapshot = _engine_snapshot(samples, engine, config, len(engines), now, missing)
-        if snapshot is not None:
-            snapshots.append(snapshot)
-    if not snapshots:
-        raise BridgeError("no engine could be read: " + "; ".join(missing))
-    return BridgeResult(snapshots, missing)
+        return _engine_snapshot(samples, engine, config, len(set(engines)), now, missing)
+
+    return per_rank(engines, build, "engine")
 
 
 def _engine_snapshot(
