@@ -19,7 +19,7 @@ import httpx
 
 from .app import Exporter
 from .config import Config, Target
-from .watch import EngineKey, EngineSample, parse_exposition, render_lines
+from .watch import LiveView, parse_exposition
 
 
 def free_port() -> int:
@@ -120,14 +120,10 @@ def run_demo(
             f"Ctrl-C to stop.\n",
             flush=True,
         )
-        before: dict[EngineKey, EngineSample] = {}
+        view = LiveView(lambda line: print(line, flush=True))
         deadline = None if duration is None else time.monotonic() + duration
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
-            engines, up = parse_exposition(exporter.exposition.render().decode())
-            stamp = time.strftime("%H:%M:%S")
-            for line in render_lines(engines, up, before) or ["(waiting for data)"]:
-                print(f"{stamp} {line}", flush=True)
-            before = engines
+            view.show(exporter.exposition.render().decode(), empty="(waiting for data)")
             stop.wait(max(interval, 2.0))
         return 0
     except RuntimeError as exc:

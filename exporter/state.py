@@ -157,7 +157,7 @@ class TargetState:
             history.append((now, float(pool.used_tokens)))
             while history and history[0][0] < now - self.eta_window:
                 history.popleft()
-            eta = exhaustion_eta(list(history), float(pool.capacity_tokens))
+            eta = exhaustion_eta(history, float(pool.capacity_tokens))
             if eta is not None:
                 etas.append(eta)
 

@@ -112,10 +112,25 @@ def render_lines(
     return lines
 
 
+class LiveView:
+    """Prints one stamped line per engine for each scrape, with hit ratios since the last one."""
+
+    def __init__(self, out: Callable[[str], None] = print) -> None:
+        self.out = out
+        self.before: dict[EngineKey, EngineSample] = {}
+
+    def show(self, exposition: str, empty: str = "(no engines yet)") -> None:
+        engines, up = parse_exposition(exposition)
+        stamp = time.strftime("%H:%M:%S")
+        for line in render_lines(engines, up, self.before) or [empty]:
+            self.out(f"{stamp} {line}")
+        self.before = engines
+
+
 def watch(
     url: str, interval: float, iterations: int | None = None, out: Callable[[str], None] = print
 ) -> int:
-    before: dict[EngineKey, EngineSample] = {}
+    view = LiveView(out)
     count = 0
     with httpx.Client(timeout=5.0) as client:
         while iterations is None or count < iterations:
@@ -124,11 +139,7 @@ def watch(
             except httpx.HTTPError as exc:
                 out(f"{time.strftime('%H:%M:%S')} cannot scrape {url}: {exc}")
             else:
-                engines, up = parse_exposition(text)
-                stamp = time.strftime("%H:%M:%S")
-                for line in render_lines(engines, up, before) or ["(no engines yet)"]:
-                    out(f"{stamp} {line}")
-                before = engines
+                view.show(text)
             count += 1
             if iterations is None or count < iterations:
                 time.sleep(interval)

@@ -123,14 +123,18 @@ class EngineProcess:
             self.proc.wait(timeout=10)
             self.proc = None
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            self.proc = None
+    def stop(self) -> int | None:
+        """Terminate gracefully; the exit code (None if it was not running)."""
+        if self.proc is None:
+            return None
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        code, self.proc = self.proc.returncode, None
+        return code
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:

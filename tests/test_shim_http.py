@@ -6,9 +6,7 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +15,7 @@ from engine_shim.reference import EngineConfig, ReferenceEngine
 from engine_shim.reference.api import completions
 from engine_shim.server import ShimApp, ShimServer
 from engine_shim.snapshot import parse_snapshot
+from tests.helpers import EngineProcess, wait_for
 
 
 @pytest.fixture
@@ -139,44 +138,18 @@ def test_health_reports_a_dead_engine_loop() -> None:
         server.stop()
 
 
-def test_cli_serves_the_reference_engine(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine_shim.cli",
-            "reference",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--kv-memory",
-            "2MiB",
-            "--workload",
-            "chat",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def test_cli_serves_the_reference_engine() -> None:
+    engine = EngineProcess(None, "--workload", "chat")
+    engine.start()  # waits until /healthz answers
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                snap = parse_snapshot(httpx.get(f"http://127.0.0.1:{port}/v1/kv/stats").json())
-                if snap.counters.iterations:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the shim never served a busy snapshot"
-            time.sleep(0.2)
-        assert snap.pool("full") is not None
+        wait_for(
+            lambda: bool(parse_snapshot(engine.stats()).counters.iterations),
+            60,
+            "the shim to serve a busy snapshot",
+        )
+        assert parse_snapshot(engine.stats()).pool("full") is not None
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-    assert proc.returncode == 0
+        assert engine.stop() == 0  # a clean exit on SIGTERM
 
 
 def test_cli_rejects_bad_settings() -> None:
