@@ -7,7 +7,7 @@
 (c) freshness: time from a change in the engine to the change at ``/metrics``
     (target <= poll interval + 50 ms).
 
-Targets are canned ``kvcache.stats/v1`` snapshots served from another process, so the
+Targets are canned ``kvcache.stats`` snapshots served from another process, so the
 exporter's own costs are what is measured.
 """
 
@@ -226,8 +226,8 @@ class _Mutable:
 
             def do_GET(self) -> None:
                 data = valid()
-                data["pools"][0]["used_tokens"] = outer.used
-                data["pools"][0]["available_tokens"] = 1600 - 800 - outer.used
+                data["pools"][0]["used_slots"] = outer.used
+                data["pools"][0]["available_slots"] = 1600 - 800 - outer.used
                 payload = json.dumps(data).encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(payload)))

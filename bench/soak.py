@@ -43,7 +43,7 @@ def rss_mb() -> float:
 def _template() -> str:
     """The snapshot JSON with placeholders: the fakes must cost far less than the exporter."""
     data = valid()
-    data["pools"][0].update(used_tokens=-101, available_tokens=-102)
+    data["pools"][0].update(used_slots=-101, available_slots=-102)
     data["engine"]["instance_id"] = "@instance@"
     data["sequence"] = -103
     data["counters"]["prefix_query_tokens"] = -104

@@ -316,11 +316,11 @@ def engine_detail() -> Dashboard:
     d = d.with_panel(
         timeseries(
             "Pool breakdown",
-            "Token slots of each pool by state, stacked: used (pinned by running requests), evictable (cached, "
+            "Token slots (blocks x block size) of each pool by state, stacked: used (pinned by running requests), evictable (cached, "
             "unreferenced), available (empty). They sum to capacity. A pool of mostly evictable slots is a warm "
             "cache; a pool of used slots is one burst away from preemption. Hybrid models show one stack per pool.",
             "short",
-            query(f"kvcache_tokens{{{SEL}}}", "{{pool}} {{state}}"),
+            query(f"kvcache_pool_slots{{{SEL}}}", "{{pool}} {{state}}"),
             width=24,
             stacked=True,
         )
@@ -333,6 +333,18 @@ def engine_detail() -> Dashboard:
             query(f"kvcache_active_usage_ratio{{{SEL}}}", "active {{pool}}"),
             query(f"kvcache_physical_usage_ratio{{{SEL}}}", "physical {{pool}}"),
             limits=USAGE_THRESHOLDS,
+        )
+    )
+    d = d.with_panel(
+        stat(
+            "Token capacity",
+            "Tokens the KV cache holds, as the engine states it (vLLM's kv_cache_size_tokens: max concurrency x "
+            "max_model_len). On hybrid models this is less than the pool's slots, since a token takes a slot in "
+            "every KV group. If it dropped after a restart, memory settings changed: check max concurrency.",
+            "short",
+            query(f"kvcache_capacity_tokens{{{SEL}}}", "tokens"),
+            thresholds((None, "blue")),
+            width=24,
         )
     )
     d = d.with_panel(

@@ -176,7 +176,7 @@ def run_reference(args: argparse.Namespace) -> int:
     full = engine.full_pool
     print(
         f"reference engine on {engine.device}: pool {full.num_blocks} blocks x {full.block_size}"
-        f" = {full.capacity_tokens} tokens, max concurrency {engine.max_concurrency:.2f};"
+        f" = {full.capacity_slots} tokens, max concurrency {engine.max_concurrency:.2f};"
         f" stats at http://{server.host}:{server.port}/v1/kv/stats",
         flush=True,
     )

@@ -24,7 +24,11 @@ DESCRIPTIONS: dict[str, str] = {
     "Snapshot.counters": "monotonic counters since `engine.instance_id` started",
     "Snapshot.host_tier": "host-DRAM tier (HiCache L2), null when the engine has none",
     "Snapshot.storage_tier": "storage tier (HiCache L3), null when the engine has none",
-    "Snapshot.schema": f"always `{s.SCHEMA_VERSION}`",
+    "Snapshot.capacity_tokens": (
+        "tokens the engine holds, as the engine itself states it (vLLM: `kv_cache_size_tokens`"
+        " = max_concurrency x max_model_len; SGLang: `max_total_num_tokens`); null if unknown"
+    ),
+    "Snapshot.schema": f"`{s.SCHEMA_VERSION}` (`{s.LEGACY_SCHEMA_V1}` is still read)",
     "EngineIdentity.kind": f"one of {', '.join(f'`{k}`' for k in s.ENGINE_KINDS)}",
     "EngineIdentity.version": "engine (or shim) version",
     "EngineIdentity.model": "served model name",
@@ -32,11 +36,14 @@ DESCRIPTIONS: dict[str, str] = {
     "EngineIdentity.instance_id": "changes on every engine restart: counters restart with it",
     "Pool.name": "`full`, `swa`, `mamba`, ...",
     "Pool.block_size": "tokens per block (page)",
-    "Pool.capacity_tokens": "token slots in the pool",
-    "Pool.used_tokens": "slots pinned by running requests",
-    "Pool.evictable_tokens": "cached slots no request references (reclaimable); null if unknown",
-    "Pool.available_tokens": "empty slots; null exactly when evictable is null",
-    "Pool.bytes_per_token": "bytes of K/V per token slot in this pool",
+    "Pool.capacity_slots": (
+        "token slots in the pool (blocks x block size); on a hybrid model sharing one pool, a"
+        " token takes a slot in every group, so this is not the token capacity"
+    ),
+    "Pool.used_slots": "slots pinned by running requests",
+    "Pool.evictable_slots": "cached slots no request references (reclaimable); null if unknown",
+    "Pool.available_slots": "empty slots; null exactly when evictable is null",
+    "Pool.bytes_per_slot": "bytes of K/V per token slot: pool bytes / capacity_slots",
     "Pool.device": "`cpu`, `cuda:0`, ...",
     "Pool.gpu_uuid": "NVML UUID of the GPU that holds the pool (joins to NVML metrics)",
     "KVGroup.name": "group name",
@@ -82,6 +89,18 @@ def render() -> str:
         "  available are null (the engine cannot split its free space);",
         "- `used <= capacity`; pool names are unique; each group names an existing pool;",
         "- unknown values are `null` (or an absent hit tier), never a guessed 0.",
+        "",
+        "Slots and tokens: a pool counts token *slots* (blocks x block size). A token of a",
+        "request takes a slot in every KV group it belongs to, so on a hybrid model whose",
+        "groups share one pool (vLLM: sliding-window + full attention) slots exceed the tokens",
+        "the engine can hold. `capacity_tokens` is that token figure, as the engine states it.",
+        "Ratios (usage, evictable share) are the same in slots and in blocks.",
+        "",
+        f"Changes from `{s.LEGACY_SCHEMA_V1}`: the pool fields `capacity_tokens`, `used_tokens`,",
+        "`evictable_tokens`, `available_tokens`, `bytes_per_token` are now `capacity_slots`,",
+        "`used_slots`, `evictable_slots`, `available_slots`, `bytes_per_slot` (same values);",
+        "`capacity_tokens` is new at the top level; hit tiers `p2p` and `external` are new.",
+        f"`{s.LEGACY_SCHEMA_V1}` snapshots are still read, with `capacity_tokens` null.",
         "",
     ]
     for cls in CLASSES:

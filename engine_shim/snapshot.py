@@ -13,11 +13,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-SCHEMA_VERSION = "kvcache.stats/v1"
+SCHEMA_VERSION = "kvcache.stats/v2"
+# v1 named pool slot counts ``*_tokens`` and had no engine-level token capacity; it is still
+# read (a vLLM running an older shim keeps working), with ``capacity_tokens`` unknown.
+LEGACY_SCHEMA_V1 = "kvcache.stats/v1"
 
 EngineKind = Literal["reference", "vllm", "sglang"]
 ENGINE_KINDS: tuple[str, ...] = ("reference", "vllm", "sglang")
-HIT_TIERS: tuple[str, ...] = ("device", "host", "storage")
+# Where prefix-hit tokens came from: this engine's device pool, its host-DRAM tier, its storage
+# tier, another instance over a KV connector (vLLM's ``p2p``: NIXL, Mooncake, ...), or a KV
+# connector that does not say (vLLM's ``external_unspecified``: LMCache, ...).
+HIT_TIERS: tuple[str, ...] = ("device", "host", "storage", "p2p", "external")
 GROUP_KINDS: tuple[str, ...] = ("full_attention", "sliding_window", "mamba", "other")
 MAX_NAME_LEN = 256
 
@@ -45,25 +51,28 @@ class EngineIdentity:
 class Pool:
     """One physical pool of KV slots. ``used + evictable + available == capacity``.
 
-    Counts are token slots. When ``evictable_tokens`` is unknown, ``available_tokens`` is
+    Counts are token *slots*: blocks x block size. A slot holds one token of one KV group's
+    layers, so on a hybrid model whose groups share one pool (vLLM) a token of a request takes
+    a slot in every group it is in: slots are not the engine's token capacity (that is
+    ``Snapshot.capacity_tokens``). When ``evictable_slots`` is unknown, ``available_slots`` is
     unknown too (the engine cannot split its free space), and ``capacity - used`` is what
     could be reclaimed.
     """
 
     name: str
     block_size: int
-    capacity_tokens: int
-    used_tokens: int
-    evictable_tokens: int | None
-    available_tokens: int | None
-    bytes_per_token: int | None = None
+    capacity_slots: int
+    used_slots: int
+    evictable_slots: int | None
+    available_slots: int | None
+    bytes_per_slot: int | None = None
     device: str | None = None
     gpu_uuid: str | None = None
 
     @property
-    def free_tokens(self) -> int:
+    def free_slots(self) -> int:
         """Slots not pinned by a running request: available plus evictable."""
-        return self.capacity_tokens - self.used_tokens
+        return self.capacity_slots - self.used_slots
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +126,9 @@ class Snapshot:
     counters: Counters
     host_tier: Tier | None = None
     storage_tier: Tier | None = None
+    # Tokens the engine holds, in the engine's own terms: vLLM's ``kv_cache_size_tokens``
+    # (max_concurrency x max_model_len, group-aware), SGLang's ``max_total_num_tokens``.
+    capacity_tokens: int | None = None
     schema: str = SCHEMA_VERSION
 
     def pool(self, name: str) -> Pool | None:
@@ -142,7 +154,7 @@ def _to_json(value: Any) -> Any:
 
 
 class _Reader:
-    """Typed field access over one JSON object, with error paths like ``pools[1].used_tokens``."""
+    """Typed field access over one JSON object, with error paths like ``pools[1].used_slots``."""
 
     def __init__(self, data: Any, path: str) -> None:
         if not isinstance(data, dict):
@@ -238,38 +250,49 @@ def _as_count(value: Any, path: str) -> int:
     return int(value)
 
 
+_V1_POOL_KEYS = {
+    f"{what}_tokens": f"{what}_slots" for what in ("capacity", "used", "evictable", "available")
+} | {"bytes_per_token": "bytes_per_slot"}
+
+
+def _upgrade_v1_pool(data: Any) -> Any:
+    if not isinstance(data, dict):
+        return data
+    return {_V1_POOL_KEYS.get(k, k): v for k, v in data.items()}
+
+
 def _parse_pool(data: Any, path: str) -> Pool:
     r = _Reader(data, path)
     pool = Pool(
         name=r.req_string("name"),
         block_size=r.req_count("block_size"),
-        capacity_tokens=r.req_count("capacity_tokens"),
-        used_tokens=r.req_count("used_tokens"),
-        evictable_tokens=r.count("evictable_tokens", required=False),
-        available_tokens=r.count("available_tokens", required=False),
-        bytes_per_token=r.count("bytes_per_token", required=False),
+        capacity_slots=r.req_count("capacity_slots"),
+        used_slots=r.req_count("used_slots"),
+        evictable_slots=r.count("evictable_slots", required=False),
+        available_slots=r.count("available_slots", required=False),
+        bytes_per_slot=r.count("bytes_per_slot", required=False),
         device=r.string("device", required=False),
         gpu_uuid=r.string("gpu_uuid", required=False),
     )
     if pool.block_size == 0:
         raise SnapshotError(f"{path}.block_size", "must be positive")
-    if pool.used_tokens > pool.capacity_tokens:
+    if pool.used_slots > pool.capacity_slots:
         raise SnapshotError(
-            f"{path}.used_tokens",
-            f"{pool.used_tokens} exceeds capacity_tokens {pool.capacity_tokens}",
+            f"{path}.used_slots",
+            f"{pool.used_slots} exceeds capacity_slots {pool.capacity_slots}",
         )
-    if (pool.evictable_tokens is None) != (pool.available_tokens is None):
+    if (pool.evictable_slots is None) != (pool.available_slots is None):
         raise SnapshotError(
-            path, "evictable_tokens and available_tokens must be both known or both null"
+            path, "evictable_slots and available_slots must be both known or both null"
         )
-    if pool.evictable_tokens is not None and pool.available_tokens is not None:
-        total = pool.used_tokens + pool.evictable_tokens + pool.available_tokens
-        if total != pool.capacity_tokens:
+    if pool.evictable_slots is not None and pool.available_slots is not None:
+        total = pool.used_slots + pool.evictable_slots + pool.available_slots
+        if total != pool.capacity_slots:
             raise SnapshotError(
                 path,
-                f"used + evictable + available = {pool.used_tokens} + {pool.evictable_tokens}"
-                f" + {pool.available_tokens} = {total}, not capacity_tokens"
-                f" {pool.capacity_tokens}",
+                f"used + evictable + available = {pool.used_slots} + {pool.evictable_slots}"
+                f" + {pool.available_slots} = {total}, not capacity_slots"
+                f" {pool.capacity_slots}",
             )
     return pool
 
@@ -324,8 +347,9 @@ def parse_snapshot(data: Any) -> Snapshot:
     """Validate decoded JSON into a Snapshot, or raise SnapshotError naming the field."""
     root = _Reader(data, "")
     schema = root.req_string("schema")
-    if schema != SCHEMA_VERSION:
+    if schema not in (SCHEMA_VERSION, LEGACY_SCHEMA_V1):
         raise SnapshotError("schema", f"unsupported schema {schema!r}, expected {SCHEMA_VERSION!r}")
+    legacy = schema == LEGACY_SCHEMA_V1
 
     ident = root.obj("engine")
     assert ident is not None
@@ -340,7 +364,10 @@ def parse_snapshot(data: Any) -> Snapshot:
         instance_id=ident.req_string("instance_id"),
     )
 
-    pools = tuple(_parse_pool(p, f"pools[{i}]") for i, p in enumerate(root.array("pools")))
+    pools = tuple(
+        _parse_pool(_upgrade_v1_pool(p) if legacy else p, f"pools[{i}]")
+        for i, p in enumerate(root.array("pools"))
+    )
     if not pools:
         raise SnapshotError("pools", "at least one pool is required")
     names = [p.name for p in pools]
@@ -375,4 +402,5 @@ def parse_snapshot(data: Any) -> Snapshot:
         counters=_parse_counters(counters_reader),
         host_tier=_parse_tier(root.obj("host_tier", required=False)),
         storage_tier=_parse_tier(root.obj("storage_tier", required=False)),
+        capacity_tokens=None if legacy else root.count("capacity_tokens", required=False),
     )

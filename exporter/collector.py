@@ -64,9 +64,14 @@ class KVCacheCollector(Collector):
     def _pool_families(
         self, engines: list[tuple[TargetReport, int, EngineView]]
     ) -> Iterator[Metric]:
-        capacity = _gauge("kvcache_capacity_tokens", "Token slots in the KV pool.", POOL)
+        capacity = _gauge(
+            "kvcache_pool_capacity_slots",
+            "Token slots in the KV pool (blocks x block size). On hybrid models sharing one pool a"
+            " token takes a slot per KV group: kvcache_capacity_tokens is the token capacity.",
+            POOL,
+        )
         tokens = _gauge(
-            "kvcache_tokens",
+            "kvcache_pool_slots",
             "KV pool token slots by state: used (pinned by running requests), evictable (cached,"
             " unreferenced, reclaimable), available (empty). The three sum to capacity; evictable"
             " and available are absent where the engine cannot tell them apart.",
@@ -89,18 +94,18 @@ class KVCacheCollector(Collector):
             for pool in view.snapshot.pools:
                 labels = [target.target.name, str(rank), view.model, pool.name]
                 ratios = view.ratios[pool.name]
-                capacity.add_metric(labels, pool.capacity_tokens)
+                capacity.add_metric(labels, pool.capacity_slots)
                 block.add_metric(labels, pool.block_size)
-                tokens.add_metric([*labels, "used"], pool.used_tokens)
+                tokens.add_metric([*labels, "used"], pool.used_slots)
                 active.add_metric(labels, ratios.active)
-                if pool.evictable_tokens is not None and pool.available_tokens is not None:
-                    tokens.add_metric([*labels, "evictable"], pool.evictable_tokens)
-                    tokens.add_metric([*labels, "available"], pool.available_tokens)
+                if pool.evictable_slots is not None and pool.available_slots is not None:
+                    tokens.add_metric([*labels, "evictable"], pool.evictable_slots)
+                    tokens.add_metric([*labels, "available"], pool.available_slots)
                 if ratios.physical is not None and ratios.evictable is not None:
                     physical.add_metric(labels, ratios.physical)
                     evictable.add_metric(labels, ratios.evictable)
-                if pool.bytes_per_token is not None:
-                    pool_bytes.add_metric(labels, pool.bytes_per_token * pool.capacity_tokens)
+                if pool.bytes_per_slot is not None:
+                    pool_bytes.add_metric(labels, pool.bytes_per_slot * pool.capacity_slots)
         yield from (capacity, tokens, physical, active, evictable, block, pool_bytes)
 
     # ----------------------------------------------------------------- per engine
@@ -120,6 +125,12 @@ class KVCacheCollector(Collector):
         )
         max_len = _gauge(
             "kvcache_max_model_len_tokens", "Longest request the engine accepts.", ENGINE
+        )
+        capacity_tokens = _gauge(
+            "kvcache_capacity_tokens",
+            "Tokens the engine's KV cache holds, as the engine states it (vLLM:"
+            " kv_cache_size_tokens = max concurrency x max_model_len, group-aware).",
+            ENGINE,
         )
         requests = _gauge("kvcache_requests", "Requests by state.", [*ENGINE, "state"])
         eta = _gauge(
@@ -153,6 +164,8 @@ class KVCacheCollector(Collector):
                 headroom.add_metric(labels, view.headroom)
             if snap.max_model_len is not None:
                 max_len.add_metric(labels, snap.max_model_len)
+            if view.capacity_tokens is not None:
+                capacity_tokens.add_metric(labels, view.capacity_tokens)
             if snap.requests is not None:
                 requests.add_metric([*labels, "running"], snap.requests.running)
                 requests.add_metric([*labels, "waiting"], snap.requests.waiting)
@@ -168,6 +181,7 @@ class KVCacheCollector(Collector):
             max_conc,
             headroom,
             max_len,
+            capacity_tokens,
             requests,
             eta,
             snap_time,
@@ -186,7 +200,7 @@ class KVCacheCollector(Collector):
         )
         hits = CounterMetricFamily(
             "kvcache_prefix_hit_tokens",
-            "Prompt tokens served from cache, by tier (device, host, storage).",
+            "Prompt tokens served from cache, by tier (device, host, storage, p2p, external).",
             labels=[*ENGINE, "tier"],
         )
         evicted = CounterMetricFamily(
@@ -250,9 +264,9 @@ class KVCacheCollector(Collector):
                     engines_by_uuid.setdefault(uuid, set()).add(
                         (target.target.name, str(rank), engine_view.model)
                     )
-                    if pool.bytes_per_token is not None and len(uuids) == 1:
+                    if pool.bytes_per_slot is not None and len(uuids) == 1:
                         pool_bytes_by_uuid[uuid] = pool_bytes_by_uuid.get(uuid, 0) + (
-                            pool.bytes_per_token * pool.capacity_tokens
+                            pool.bytes_per_slot * pool.capacity_slots
                         )
         for gpu in view.gpus:
             labels = [str(gpu.index), gpu.uuid]

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from engine_shim.capacity import GroupFootprint, cdiv, max_concurrency
+from engine_shim.capacity import GroupFootprint, cdiv, kv_cache_size_tokens, max_concurrency
 from engine_shim.snapshot import Pool, Snapshot
 
 
@@ -24,19 +24,19 @@ class PoolRatios:
 
 
 def pool_ratios(pool: Pool) -> PoolRatios:
-    cap = pool.capacity_tokens
+    cap = pool.capacity_slots
     if cap == 0:
         return PoolRatios(
             0.0,
-            None if pool.evictable_tokens is None else 0.0,
-            None if pool.evictable_tokens is None else 0.0,
+            None if pool.evictable_slots is None else 0.0,
+            None if pool.evictable_slots is None else 0.0,
         )
-    if pool.evictable_tokens is None:
-        return PoolRatios(pool.used_tokens / cap, None, None)
+    if pool.evictable_slots is None:
+        return PoolRatios(pool.used_slots / cap, None, None)
     return PoolRatios(
-        active=pool.used_tokens / cap,
-        physical=(pool.used_tokens + pool.evictable_tokens) / cap,
-        evictable=pool.evictable_tokens / cap,
+        active=pool.used_slots / cap,
+        physical=(pool.used_slots + pool.evictable_slots) / cap,
+        evictable=pool.evictable_slots / cap,
     )
 
 
@@ -54,13 +54,23 @@ def engine_max_concurrency(snapshot: Snapshot) -> float | None:
     """The engine's own figure when it reports one, else the group-aware formula."""
     if snapshot.max_concurrency is not None:
         return snapshot.max_concurrency
-    blocks = {p.name: p.capacity_tokens // p.block_size for p in snapshot.pools}
+    blocks = {p.name: p.capacity_slots // p.block_size for p in snapshot.pools}
     return max_concurrency(blocks, _footprints(snapshot))
+
+
+def engine_capacity_tokens(snapshot: Snapshot, concurrency: float | None) -> int | None:
+    """The engine's own token capacity; for engines that do not state one (older shims), vLLM's
+    definition: max concurrency x max_model_len."""
+    if snapshot.capacity_tokens is not None:
+        return snapshot.capacity_tokens
+    if concurrency is None or snapshot.max_model_len is None:
+        return None
+    return kv_cache_size_tokens(concurrency, snapshot.max_model_len)
 
 
 def concurrency_headroom(snapshot: Snapshot) -> int | None:
     """More max-length requests that fit now in available + evictable blocks, group-aware."""
-    free_blocks = {p.name: p.free_tokens // p.block_size for p in snapshot.pools}
+    free_blocks = {p.name: p.free_slots // p.block_size for p in snapshot.pools}
     fits = max_concurrency(free_blocks, _footprints(snapshot))
     return None if fits is None else math.floor(fits)
 

@@ -134,7 +134,7 @@ def body_parser(kind: str) -> Callable[[bytes], list[Snapshot]]:
 
 def series_estimate(snapshots: list[Snapshot]) -> int:
     """An upper bound on the series these snapshots become (for the per-target cap)."""
-    per_engine = 24
+    per_engine = 25
     per_pool = 10
     return sum(
         per_engine + per_pool * len(s.pools) + len(s.counters.prefix_hit_tokens) for s in snapshots

@@ -20,6 +20,7 @@ from .derive import (
     PoolRatios,
     concurrency_headroom,
     counter_values,
+    engine_capacity_tokens,
     engine_max_concurrency,
     exhaustion_eta,
     is_restart,
@@ -52,6 +53,7 @@ class EngineView:
     max_concurrency: float | None
     headroom: int | None
     eta_seconds: float | None
+    capacity_tokens: int | None = None
 
 
 @dataclass(slots=True)
@@ -154,13 +156,14 @@ class TargetState:
         etas = []
         for pool in snapshot.pools:
             history = memory.used_history.setdefault(pool.name, deque())
-            history.append((now, float(pool.used_tokens)))
+            history.append((now, float(pool.used_slots)))
             while history and history[0][0] < now - self.eta_window:
                 history.popleft()
-            eta = exhaustion_eta(history, float(pool.capacity_tokens))
+            eta = exhaustion_eta(history, float(pool.capacity_slots))
             if eta is not None:
                 etas.append(eta)
 
+        concurrency = engine_max_concurrency(snapshot)
         model = snapshot.engine.model
         if self.target.model and model in ("", "unknown"):
             model = self.target.model
@@ -169,7 +172,8 @@ class TargetState:
             model=sanitize_label(model),
             counters=counters,
             ratios={p.name: pool_ratios(p) for p in snapshot.pools},
-            max_concurrency=engine_max_concurrency(snapshot),
+            max_concurrency=concurrency,
+            capacity_tokens=engine_capacity_tokens(snapshot, concurrency),
             headroom=concurrency_headroom(snapshot),
             eta_seconds=min(etas) if etas else None,
         )

@@ -17,7 +17,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 EngineKey = tuple[str, str, str]  # engine, dp_rank, model
-TIER_SHORT = {"device": "dev", "host": "host", "storage": "sto"}
+TIER_SHORT = {"device": "dev", "host": "host", "storage": "sto", "p2p": "p2p", "external": "ext"}
 
 
 @dataclass
@@ -61,23 +61,25 @@ def format_engine_line(key: EngineKey, now: EngineSample, before: EngineSample |
     engine, rank, model = key
     parts = []
     for i, (pool_name, pool) in enumerate(sorted(now.pools.items(), key=lambda p: p[0] != "full")):
-        cap = pool.get("kvcache_capacity_tokens", 0.0)
-        used = pool.get("kvcache_tokens:used", 0.0)
-        evictable = pool.get("kvcache_tokens:evictable")
+        cap = pool.get("kvcache_pool_capacity_slots", 0.0)
+        used = pool.get("kvcache_pool_slots:used", 0.0)
+        evictable = pool.get("kvcache_pool_slots:evictable")
         prefix = "" if i == 0 else f"{pool_name} "
         if evictable is None:
             parts.append(
                 f"{prefix}active {_pct(pool.get('kvcache_active_usage_ratio'))}"
-                f" (evictable unknown) {used:.0f}/{cap:.0f} tok"
+                f" (evictable unknown) {used:.0f}/{cap:.0f} slots"
             )
         else:
             parts.append(
                 f"{prefix}phys {_pct(pool.get('kvcache_physical_usage_ratio'))}"
                 f" (active {_pct(pool.get('kvcache_active_usage_ratio'))},"
                 f" evictable {_pct(pool.get('kvcache_evictable_ratio'))})"
-                f" {used + evictable:.0f}/{cap:.0f} tok"
+                f" {used + evictable:.0f}/{cap:.0f} slots"
             )
     v = now.values
+    if "kvcache_capacity_tokens" in v:
+        parts.append(f"cap {v['kvcache_capacity_tokens']:.0f} tok")
     if "kvcache_max_concurrency" in v:
         parts.append(f"max conc {v['kvcache_max_concurrency']:.1f}")
     if "kvcache_concurrency_headroom" in v:
@@ -92,7 +94,7 @@ def format_engine_line(key: EngineKey, now: EngineSample, before: EngineSample |
         dq = queries - base_q
         if dq > 0:
             hit_parts = []
-            for tier in ("device", "host", "storage"):
+            for tier in TIER_SHORT:
                 if tier in now.hits:
                     dh = now.hits[tier] - (before.hits.get(tier, 0.0) if before else 0.0)
                     hit_parts.append(f"{TIER_SHORT[tier]} {100 * dh / dq:.0f}%")

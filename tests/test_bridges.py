@@ -33,8 +33,8 @@ def test_vllm_fixture_by_hand() -> None:
     # num_gpu_blocks 28493 with one engine series; minus the null block: 28492 usable.
     # usage 0.8735083532219571 x 28492 = 24888.0 pinned blocks; block_size 16.
     full = snap.pools[0]
-    assert (full.block_size, full.capacity_tokens, full.used_tokens) == (16, 28492 * 16, 24888 * 16)
-    assert full.evictable_tokens is None and full.available_tokens is None  # not knowable here
+    assert (full.block_size, full.capacity_slots, full.used_slots) == (16, 28492 * 16, 24888 * 16)
+    assert full.evictable_slots is None and full.available_slots is None  # not knowable here
     assert any("evictable tokens (vLLM does not export them" in m for m in missing)
     assert snap.max_concurrency == 13.91259765625
     # kv_cache_size_tokens 455888 = int(13.91259765625 x 32768): max_model_len recovered.
@@ -44,7 +44,17 @@ def test_vllm_fixture_by_hand() -> None:
     assert (snap.requests.running, snap.requests.waiting) == (12, 3)
     c = snap.counters
     assert c.prefix_query_tokens == 1_843_211
-    assert c.prefix_hit_tokens == {"device": 1_204_480, "host": 0, "storage": 0}  # disk -> storage
+    # Every source vLLM reports has a tier: disk -> storage, external_unspecified -> external.
+    assert c.prefix_hit_tokens == {
+        "device": 1_204_480,
+        "host": 0,
+        "storage": 0,
+        "p2p": 0,
+        "external": 0,
+    }
+    # vLLM's own token capacity, not blocks x block size; no kv_cache_memory_bytes: bytes unknown.
+    assert snap.capacity_tokens == 455_888
+    assert full.bytes_per_slot is None
     assert c.preemptions == 7
     assert c.evicted_tokens is None and c.iterations is None
     assert snap.engine.model == "meta-llama/Llama-3.1-8B-Instruct"
@@ -78,9 +88,9 @@ def test_vllm_dp2_divides_the_summed_block_count() -> None:
     snaps, _ = roundtrip("vllm", vllm_dp2())
     assert [s.engine.dp_rank for s in snaps] == [0, 1]
     # 56986 / 2 engines = 28493 blocks each, 28492 usable.
-    assert snaps[0].pools[0].used_tokens == 24888 * 16
-    assert snaps[1].pools[0].used_tokens == round(0.25 * 28492) * 16 == 7123 * 16
-    assert snaps[0].pools[0].capacity_tokens == snaps[1].pools[0].capacity_tokens == 28492 * 16
+    assert snaps[0].pools[0].used_slots == 24888 * 16
+    assert snaps[1].pools[0].used_slots == round(0.25 * 28492) * 16 == 7123 * 16
+    assert snaps[0].pools[0].capacity_slots == snaps[1].pools[0].capacity_slots == 28492 * 16
     assert (snaps[0].counters.preemptions, snaps[1].counters.preemptions) == (7, 2)
 
 
@@ -91,7 +101,7 @@ def test_vllm_without_created_series_and_with_other_labels() -> None:
     text = text.replace('mamba_block_size="None",', "")
     (snap,), _ = roundtrip("vllm", text)
     assert snap.engine.instance_id == "unknown"
-    assert snap.pools[0].used_tokens == 24888 * 16
+    assert snap.pools[0].used_slots == 24888 * 16
 
 
 def test_older_vllm_without_concurrency_labels() -> None:
@@ -112,10 +122,10 @@ def test_sglang_fixture_by_hand() -> None:
     full = snap.pools[0]
     # 187392 used + 117248 evictable + 121344 available = 425984 = max_total_num_tokens.
     assert (
-        full.capacity_tokens,
-        full.used_tokens,
-        full.evictable_tokens,
-        full.available_tokens,
+        full.capacity_slots,
+        full.used_slots,
+        full.evictable_slots,
+        full.available_slots,
     ) == (425_984, 187_392, 117_248, 121_344)
     assert full.block_size == 64
     assert len(snap.pools) == 1  # swa/mamba are 0 on this model: no sub-pools
@@ -159,9 +169,9 @@ def sglang_dp2_tp2() -> str:
 def test_sglang_dp2_tp2_reads_one_tp_rank_per_dp_rank() -> None:
     snaps, _ = roundtrip("sglang", sglang_dp2_tp2())
     assert [s.engine.dp_rank for s in snaps] == [0, 1]
-    assert [s.pools[0].capacity_tokens for s in snaps] == [425_984, 425_984]  # not 2x: one TP rank
-    assert snaps[1].pools[0].used_tokens == 100_000
-    assert snaps[1].pools[0].available_tokens == 208_736  # 100000 + 117248 + 208736 = 425984
+    assert [s.pools[0].capacity_slots for s in snaps] == [425_984, 425_984]  # not 2x: one TP rank
+    assert snaps[1].pools[0].used_slots == 100_000
+    assert snaps[1].pools[0].available_slots == 208_736  # 100000 + 117248 + 208736 = 425984
 
 
 def test_sglang_before_0_5_11_has_no_evictable() -> None:
@@ -171,7 +181,7 @@ def test_sglang_before_0_5_11_has_no_evictable() -> None:
     )
     (snap,), missing = roundtrip("sglang", text)
     full = snap.pools[0]
-    assert full.used_tokens == 187_392 and full.evictable_tokens is None
+    assert full.used_slots == 187_392 and full.evictable_slots is None
     assert any("SGLang < 0.5.11" in m for m in missing)
 
 
@@ -190,7 +200,7 @@ def test_sglang_old_storage_label_and_tokenizer_counters() -> None:
 def test_sglang_inconsistent_pool_is_left_out_not_guessed() -> None:
     text = re.sub(r"(sglang:kv_used_tokens\{[^}]*\}) [0-9.e+]+", r"\1 187393.0", SGLANG)
     (snap,), missing = roundtrip("sglang", text)
-    assert snap.pools[0].evictable_tokens is None  # fell back to num_used_tokens
+    assert snap.pools[0].evictable_slots is None  # fell back to num_used_tokens
     assert any("do not sum to its capacity" in m for m in missing)
 
 
@@ -245,7 +255,7 @@ def test_convert_cli_prints_snapshots_and_what_is_missing() -> None:
     )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert out["snapshots"][0]["pools"][0]["used_tokens"] == 398_208
+    assert out["snapshots"][0]["pools"][0]["used_slots"] == 398_208
     assert out["missing"]
     bad = subprocess.run(
         [sys.executable, "-m", "engine_shim.cli", "convert", "--engine", "sglang", "-"],
@@ -307,13 +317,13 @@ def test_exporter_publishes_contract_metrics_for_bridged_targets() -> None:
             "both up",
         )
         m = sample_map()
-        assert m[("kvcache_tokens", "sglang", "evictable")] == 117_248
+        assert m[("kvcache_pool_slots", "sglang", "evictable")] == 117_248
         assert m[("kvcache_physical_usage_ratio", "sglang", "")] == (187_392 + 117_248) / 425_984
         assert m[("kvcache_tier_used_tokens", "sglang", "host")] == 612_352
         assert m[("kvcache_prefix_hit_tokens_total", "sglang", "storage")] == 393_216
-        assert m[("kvcache_tokens", "vllm", "used")] == 398_208
+        assert m[("kvcache_pool_slots", "vllm", "used")] == 398_208
         assert m[("kvcache_active_usage_ratio", "vllm", "")] == 398_208 / 455_872
-        assert ("kvcache_tokens", "vllm", "evictable") not in m  # unknown, so absent
+        assert ("kvcache_pool_slots", "vllm", "evictable") not in m  # unknown, so absent
         assert ("kvcache_physical_usage_ratio", "vllm", "") not in m
         assert m[("kvcache_max_concurrency", "vllm", "")] == 13.91259765625
         # Headroom from the recovered footprint: (455872 - 398208) / 16 / 2048 = 1.76 -> 1.

@@ -210,7 +210,7 @@ def test_every_expression_parses_and_names_only_real_metrics(
     assert result.returncode == 0, result.stdout + result.stderr
     # The dashboards and rules use the contract's core metrics.
     for core in (
-        "kvcache_tokens",
+        "kvcache_pool_slots",
         "kvcache_active_usage_ratio",
         "kvcache_physical_usage_ratio",
         "kvcache_max_concurrency",

@@ -219,8 +219,8 @@ class Stack:
             try:
                 if check():
                     return time.monotonic() - start
-            except httpx.HTTPError:
-                pass
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass  # not ready yet: refused, 503 while starting, a non-JSON or partial answer
             if time.monotonic() - start > timeout:
                 raise AssertionError(
                     f"timed out after {timeout:.0f} s waiting for {what}\n{self.log_tail()}"
@@ -264,9 +264,9 @@ def test_the_whole_chain_delivers_dashboards_and_pages(stack: Stack) -> None:
     timings["target up"] = stack.wait(
         lambda: any(
             t["health"] == "up"
-            for t in httpx.get(
-                f"http://127.0.0.1:{stack.ports['prometheus']}/api/v1/targets"
-            ).json()["data"]["activeTargets"]
+            for t in httpx.get(f"http://127.0.0.1:{stack.ports['prometheus']}/api/v1/targets")
+            .raise_for_status()
+            .json()["data"]["activeTargets"]
         ),
         90,
         "Prometheus to scrape the exporter",

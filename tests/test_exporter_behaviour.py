@@ -127,7 +127,7 @@ def test_gpu_lost_mid_run_is_counted_not_fatal(servers: list[CannedServer]) -> N
             )[0]
             >= 1
         )
-        assert get(exporter, "kvcache_tokens", engine="a", state="used") == [
+        assert get(exporter, "kvcache_pool_slots", engine="a", state="used") == [
             160
         ]  # KV metrics carry on
         assert get(exporter, "kvcache_gpu_memory_total_bytes", uuid="GPU-b") == [80 * 2**30]
@@ -202,7 +202,7 @@ def test_bad_answers_are_counted_by_reason_and_serve_nothing(
             f"a {reason} error",
         )
         assert get(exporter, "kvcache_exporter_target_up", engine="bad") == [0]
-        assert not get(exporter, "kvcache_tokens", engine="bad")
+        assert not get(exporter, "kvcache_pool_slots", engine="bad")
     finally:
         exporter.stop()
 
@@ -232,7 +232,7 @@ def test_lying_engine_is_capped_and_label_values_sanitised(servers: list[CannedS
             )[0]
             >= 1
         )
-        models = {ls["model"] for n, ls, _ in samples(exporter) if n == "kvcache_tokens"}
+        models = {ls["model"] for n, ls, _ in samples(exporter) if n == "kvcache_pool_slots"}
         assert models == {sanitize_label(odd["engine"]["model"])}
         (model,) = models
         assert len(model) == 128 and "\n" not in model and "\x00" not in model
@@ -252,18 +252,18 @@ def test_dp_ranks_become_separate_series(servers: list[CannedServer]) -> None:
     for rank in range(2):
         snap = valid()
         snap["engine"]["dp_rank"] = rank
-        snap["pools"][0]["used_tokens"] = 160 * (rank + 1)
-        snap["pools"][0]["available_tokens"] = 1600 - 800 - 160 * (rank + 1)
+        snap["pools"][0]["used_slots"] = 160 * (rank + 1)
+        snap["pools"][0]["available_slots"] = 1600 - 800 - 160 * (rank + 1)
         ranks.append(snap)
     server = serve(servers, body(json.dumps(ranks).encode()))
     exporter = start([("dp", server.url)])
     try:
         wait_for(
-            lambda: len(get(exporter, "kvcache_tokens", engine="dp", state="used")) == 2,
+            lambda: len(get(exporter, "kvcache_pool_slots", engine="dp", state="used")) == 2,
             5,
             "two ranks",
         )
-        assert get(exporter, "kvcache_tokens", engine="dp", dp_rank="1", state="used") == [320]
+        assert get(exporter, "kvcache_pool_slots", engine="dp", dp_rank="1", state="used") == [320]
         assert get(exporter, "kvcache_active_usage_ratio", engine="dp", dp_rank="0") == [0.1]
     finally:
         exporter.stop()
@@ -274,13 +274,14 @@ def test_dp_ranks_become_separate_series(servers: list[CannedServer]) -> None:
 
 def test_watch_line_is_the_operators_view() -> None:
     text = """
-kvcache_capacity_tokens{engine="a",dp_rank="0",model="m",pool="full"} 82448
-kvcache_tokens{engine="a",dp_rank="0",model="m",pool="full",state="used"} 1896
-kvcache_tokens{engine="a",dp_rank="0",model="m",pool="full",state="evictable"} 57551
+kvcache_pool_capacity_slots{engine="a",dp_rank="0",model="m",pool="full"} 82448
+kvcache_pool_slots{engine="a",dp_rank="0",model="m",pool="full",state="used"} 1896
+kvcache_pool_slots{engine="a",dp_rank="0",model="m",pool="full",state="evictable"} 57551
 kvcache_physical_usage_ratio{engine="a",dp_rank="0",model="m",pool="full"} 0.721
 kvcache_active_usage_ratio{engine="a",dp_rank="0",model="m",pool="full"} 0.023
 kvcache_evictable_ratio{engine="a",dp_rank="0",model="m",pool="full"} 0.698
 kvcache_max_concurrency{engine="a",dp_rank="0",model="m"} 13.91
+kvcache_capacity_tokens{engine="a",dp_rank="0",model="m"} 82432
 kvcache_concurrency_headroom{engine="a",dp_rank="0",model="m"} 9
 kvcache_requests{engine="a",dp_rank="0",model="m",state="running"} 3
 kvcache_requests{engine="a",dp_rank="0",model="m",state="waiting"} 0
@@ -288,6 +289,7 @@ kvcache_prefix_query_tokens_total{engine="a",dp_rank="0",model="m"} 1000
 kvcache_prefix_hit_tokens_total{engine="a",dp_rank="0",model="m",tier="device"} 610
 kvcache_prefix_hit_tokens_total{engine="a",dp_rank="0",model="m",tier="host"} 70
 kvcache_prefix_hit_tokens_total{engine="a",dp_rank="0",model="m",tier="storage"} 10
+kvcache_prefix_hit_tokens_total{engine="a",dp_rank="0",model="m",tier="p2p"} 20
 kvcache_exporter_target_up{engine="a"} 1
 kvcache_exporter_target_up{engine="b"} 0
 """
@@ -295,8 +297,8 @@ kvcache_exporter_target_up{engine="b"} 0
     (key,) = engines
     line = format_engine_line(key, engines[key], None)
     assert line == (
-        "a/0 m  phys 72.1% (active 2.3%, evictable 69.8%) 59447/82448 tok | max conc 13.9"
-        " | headroom 9 | run 3 wait 0 | hit dev 61% host 7% sto 1%"
+        "a/0 m  phys 72.1% (active 2.3%, evictable 69.8%) 59447/82448 slots | cap 82432 tok"
+        " | max conc 13.9 | headroom 9 | run 3 wait 0 | hit dev 61% host 7% sto 1% p2p 2%"
     )
     assert up == {"a": 1.0, "b": 0.0}
 

@@ -92,21 +92,23 @@ def test_every_contract_metric_matches_the_engines_own_snapshot(engine: EnginePr
         full = truth.pool("full")
         assert (
             full is not None
-            and full.evictable_tokens is not None
-            and full.available_tokens is not None
+            and full.evictable_slots is not None
+            and full.available_slots is not None
         )
         p = {**e, "pool": "full"}
-        assert value(samples, "kvcache_capacity_tokens", **p) == full.capacity_tokens
-        assert value(samples, "kvcache_tokens", **p, state="used") == full.used_tokens
-        assert value(samples, "kvcache_tokens", **p, state="evictable") == full.evictable_tokens > 0
-        assert value(samples, "kvcache_tokens", **p, state="available") == full.available_tokens
-        cap = full.capacity_tokens
+        assert value(samples, "kvcache_pool_capacity_slots", **p) == full.capacity_slots
+        assert value(samples, "kvcache_pool_slots", **p, state="used") == full.used_slots
+        assert (
+            value(samples, "kvcache_pool_slots", **p, state="evictable") == full.evictable_slots > 0
+        )
+        assert value(samples, "kvcache_pool_slots", **p, state="available") == full.available_slots
+        cap = full.capacity_slots
         assert (
             value(samples, "kvcache_physical_usage_ratio", **p)
-            == (full.used_tokens + full.evictable_tokens) / cap
+            == (full.used_slots + full.evictable_slots) / cap
         )
-        assert value(samples, "kvcache_active_usage_ratio", **p) == full.used_tokens / cap
-        assert value(samples, "kvcache_evictable_ratio", **p) == full.evictable_tokens / cap
+        assert value(samples, "kvcache_active_usage_ratio", **p) == full.used_slots / cap
+        assert value(samples, "kvcache_evictable_ratio", **p) == full.evictable_slots / cap
         assert (
             value(samples, "kvcache_pool_bytes", **p) == cap * 1024
         )  # 4 layers x 2 x 2 heads x 32 x fp16
@@ -115,7 +117,7 @@ def test_every_contract_metric_matches_the_engines_own_snapshot(engine: EnginePr
         assert value(samples, "kvcache_max_concurrency", **e) == truth.max_concurrency == cap / 512
         # Idle: nothing pinned, so every max-length request's blocks are free: floor(cap/512).
         assert value(samples, "kvcache_concurrency_headroom", **e) == math.floor(
-            (cap - full.used_tokens) / 512
+            (cap - full.used_slots) / 512
         )
         assert value(samples, "kvcache_max_model_len_tokens", **e) == 512
         assert value(samples, "kvcache_requests", **e, state="running") == truth.requests.running  # type: ignore[union-attr]
@@ -181,7 +183,9 @@ def test_killed_engine_vanishes_and_restart_keeps_counters_monotonic(engine: Eng
         iterations_before = value(before, "kvcache_iterations_total", **e)
 
         engine.kill()
-        gone = wait_for(lambda: not has(scrape(exporter), "kvcache_tokens"), 5, "series to vanish")
+        gone = wait_for(
+            lambda: not has(scrape(exporter), "kvcache_pool_slots"), 5, "series to vanish"
+        )
         assert gone <= 2 * INTERVAL + 0.1, f"series vanished after {gone:.2f} s"
         down = scrape(exporter)
         assert value(down, "kvcache_exporter_target_up", engine="ref") == 0
@@ -192,7 +196,7 @@ def test_killed_engine_vanishes_and_restart_keeps_counters_monotonic(engine: Eng
 
         engine.start()
         polls_when_back = value(scrape(exporter), "kvcache_exporter_polls_total", engine="ref")
-        wait_for(lambda: has(scrape(exporter), "kvcache_tokens"), 10, "data to return")
+        wait_for(lambda: has(scrape(exporter), "kvcache_pool_slots"), 10, "data to return")
         # Data returns on the first poll after the engine is back (one poll may have been in
         # flight, and failed, while it came up). Backoff may have spaced the polls out.
         polls_with_data = value(scrape(exporter), "kvcache_exporter_polls_total", engine="ref")
@@ -223,7 +227,7 @@ def test_promtool_check_metrics_finds_nothing(engine: EngineProcess) -> None:
     try:
         wait_for(exporter.healthy, 10, "first poll")
         text = httpx.get(f"http://127.0.0.1:{exporter.port}/metrics").text
-        assert "kvcache_gpu_memory_bytes" in text and "kvcache_tokens" in text
+        assert "kvcache_gpu_memory_bytes" in text and "kvcache_pool_slots" in text
         result = subprocess.run(
             [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True
         )
@@ -271,7 +275,7 @@ def test_exporter_process_never_imports_torch(engine: EngineProcess) -> None:
         e = Exporter(config); e.start()
         time.sleep(1.0)
         import httpx
-        assert "kvcache_tokens" in httpx.get(f"http://127.0.0.1:{{e.port}}/metrics").text
+        assert "kvcache_pool_slots" in httpx.get(f"http://127.0.0.1:{{e.port}}/metrics").text
         e.stop()
         print("torch" in sys.modules)
     """)

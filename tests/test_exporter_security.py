@@ -101,7 +101,7 @@ def test_tls_and_basic_auth(certs: Path, caplog: pytest.LogCaptureFixture) -> No
             assert client.get(f"{url}/metrics", auth=("prometheus", "wrong")).status_code == 401
             assert client.get(f"{url}/metrics", auth=("nobody", PASSWORD)).status_code == 401
             ok = client.get(f"{url}/metrics", auth=("prometheus", PASSWORD))
-            assert ok.status_code == 200 and "kvcache_tokens" in ok.text
+            assert ok.status_code == 200 and "kvcache_pool_slots" in ok.text
             assert client.get(f"{url}/", auth=("prometheus", PASSWORD)).status_code == 200
             assert PASSWORD not in ok.text
         with pytest.raises(httpx.ConnectError):  # a client that does not trust the certificate
@@ -238,7 +238,9 @@ def test_client_certificates_can_be_required(certs: Path) -> None:
             httpx.get(url, verify=trusted)
         trusted.load_cert_chain(str(certs / "client.crt"), str(certs / "client.key"))
         wait_for(
-            lambda: "kvcache_tokens" in httpx.get(url, verify=trusted).text, 5, "metrics over mTLS"
+            lambda: "kvcache_pool_slots" in httpx.get(url, verify=trusted).text,
+            5,
+            "metrics over mTLS",
         )
     finally:
         exporter.stop()

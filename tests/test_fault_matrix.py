@@ -92,13 +92,13 @@ FAULTS: dict[str, tuple[Any, str]] = {
     "error500": (body(b"boom", status=500, content_type="text/plain"), "http_status"),
     "truncated": (body(json.dumps(valid()).encode()[:-40]), "invalid_body"),
     "garbage": (body(b"\x00\xff not json"), "invalid_body"),
-    "schema_v2": (body(json_with(schema="kvcache.stats/v2")), "invalid_snapshot"),
-    "nan": (body(json_with(pools__0__used_tokens=math.nan)), "invalid_snapshot"),
+    "schema_v9": (body(json_with(schema="kvcache.stats/v9")), "invalid_snapshot"),
+    "nan": (body(json_with(pools__0__used_slots=math.nan)), "invalid_snapshot"),
     "negative": (
-        body(json_with(pools__0__evictable_tokens=-16, pools__0__available_tokens=656)),
+        body(json_with(pools__0__evictable_slots=-16, pools__0__available_slots=656)),
         "invalid_snapshot",
     ),
-    "inconsistent": (body(json_with(pools__0__used_tokens=176)), "invalid_snapshot"),
+    "inconsistent": (body(json_with(pools__0__used_slots=176)), "invalid_snapshot"),
     "trickle": (trickle, "timeout"),
 }
 
@@ -207,7 +207,7 @@ def test_every_fault_is_counted_by_reason_and_isolated(
     samples = scrape(exporter)
     for name, reason in expected.items():
         assert value(samples, "kvcache_exporter_target_up", engine=name) == 0, name
-        assert value(samples, "kvcache_tokens", engine=name, state="used") is None, (
+        assert value(samples, "kvcache_pool_slots", engine=name, state="used") is None, (
             f"{name} served data"
         )
         others = {
@@ -218,7 +218,7 @@ def test_every_fault_is_counted_by_reason_and_isolated(
         assert others == {reason}, f"{name}: counted as {others}, expected {reason}"
     # The healthy target beside them was polled on schedule, up, with fresh data.
     assert value(samples, "kvcache_exporter_target_up", engine="good") == 1
-    assert value(samples, "kvcache_tokens", engine="good", state="used") == 160
+    assert value(samples, "kvcache_pool_slots", engine="good", state="used") == 160
     polls_before = value(samples, "kvcache_exporter_polls_total", engine="good") or 0
     time.sleep(10 * INTERVAL)
     polls_after = value(scrape(exporter), "kvcache_exporter_polls_total", engine="good") or 0

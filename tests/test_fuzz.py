@@ -80,10 +80,9 @@ def test_snapshot_parser_on_mutated_snapshots(data: st.DataObject) -> None:
     except SnapshotError:
         return
     for pool in parsed.pools:  # whatever passes keeps the schema's promises
-        if pool.evictable_tokens is not None and pool.available_tokens is not None:
+        if pool.evictable_slots is not None and pool.available_slots is not None:
             assert (
-                pool.used_tokens + pool.evictable_tokens + pool.available_tokens
-                == pool.capacity_tokens
+                pool.used_slots + pool.evictable_slots + pool.available_slots == pool.capacity_slots
             )
 
 

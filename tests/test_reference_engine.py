@@ -37,12 +37,12 @@ def test_agentic_workload_reproduces_sglangs_motivating_case() -> None:
         wait_rounds(workload, 4)
         time.sleep(0.2)  # inside the pause between rounds: only the lead agent runs
         full = engine.snapshot().pool("full")
-        assert full is not None and full.evictable_tokens is not None
-        active = full.used_tokens / full.capacity_tokens
-        physical = (full.used_tokens + full.evictable_tokens) / full.capacity_tokens
+        assert full is not None and full.evictable_slots is not None
+        active = full.used_slots / full.capacity_slots
+        physical = (full.used_slots + full.evictable_slots) / full.capacity_slots
         print(
             f"agentic: active {active:.1%}, physical {physical:.1%}, evictable"
-            f" {full.evictable_tokens / full.capacity_tokens:.1%} of {full.capacity_tokens} tokens"
+            f" {full.evictable_slots / full.capacity_slots:.1%} of {full.capacity_slots} tokens"
         )
         assert active < 0.10
         assert physical > 0.50
@@ -118,7 +118,7 @@ def test_host_tier_serves_prefixes_evicted_from_the_device() -> None:
     )
     engine = running(config)
     try:
-        capacity = engine.full_pool.capacity_tokens
+        capacity = engine.full_pool.capacity_slots
         first = engine.generate(list(range(200)), 4)
         # Push the first prompt's blocks out of the device pool with other prompts.
         for i in range(capacity // 400 + 2):

@@ -55,17 +55,15 @@ def check_invariants(
 ) -> dict[str, int]:
     snap = parse_snapshot(engine.snapshot().to_json())  # also proves the published JSON is valid
     for pool in snap.pools:
-        assert pool.evictable_tokens is not None and pool.available_tokens is not None
-        assert (
-            pool.used_tokens + pool.evictable_tokens + pool.available_tokens == pool.capacity_tokens
-        )
+        assert pool.evictable_slots is not None and pool.available_slots is not None
+        assert pool.used_slots + pool.evictable_slots + pool.available_slots == pool.capacity_slots
     full = snap.pool("full")
     assert full is not None
     bs = engine.config.block_size
-    assert full.evictable_tokens == engine.cache.brute_force_evictable_blocks() * bs
+    assert full.evictable_slots == engine.cache.brute_force_evictable_blocks() * bs
     # Pinned blocks are exactly the distinct blocks the running requests hold (prefixes shared).
     held = len({b for r in engine.running for b in r.block_table})
-    assert full.used_tokens == held * bs
+    assert full.used_slots == held * bs
 
     c = snap.counters
     now = {
@@ -129,7 +127,7 @@ def test_invariants_hold_after_every_step(
         assert all(len(r.output) == r.max_tokens for r in submitted)
         # Idle: nothing is pinned, everything cached is evictable.
         full = engine.snapshot().pool("full")
-        assert full is not None and full.used_tokens == 0
+        assert full is not None and full.used_slots == 0
         counters = engine.snapshot().counters
         event(f"preempted: {bool(counters.preemptions)}")
         event(f"evicted: {bool(counters.evicted_tokens)}")

@@ -1,4 +1,4 @@
-"""The kvcache.stats/v1 snapshot: round trip and precise rejection of bad input."""
+"""The kvcache.stats snapshot: round trip, the v1 reader and precise rejection of bad input."""
 
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ def valid() -> dict[str, Any]:
             {
                 "name": "full",
                 "block_size": 16,
-                "capacity_tokens": 1600,
-                "used_tokens": 160,
-                "evictable_tokens": 800,
-                "available_tokens": 640,
-                "bytes_per_token": 1024,
+                "capacity_slots": 1600,
+                "used_slots": 160,
+                "evictable_slots": 800,
+                "available_slots": 640,
+                "bytes_per_slot": 1024,
                 "device": "cuda:0",
                 "gpu_uuid": "GPU-1234",
             }
@@ -52,13 +52,14 @@ def valid() -> dict[str, Any]:
         },
         "host_tier": {"capacity_tokens": 4096, "used_tokens": 128},
         "storage_tier": None,
+        "capacity_tokens": 1600,
     }
 
 
 def test_round_trip_is_exact() -> None:
     snap = parse_snapshot(valid())
     assert snap.pool("full") is not None
-    assert snap.pool("full").free_tokens == 1440  # type: ignore[union-attr]
+    assert snap.pool("full").free_slots == 1440  # type: ignore[union-attr]
     again = parse_snapshot(json.loads(json.dumps(snap.to_json())))
     assert again == snap
     wire = snap.to_json()
@@ -67,11 +68,38 @@ def test_round_trip_is_exact() -> None:
     assert wire == expected
 
 
+def test_v1_snapshots_from_older_shims_are_still_read() -> None:
+    """A vLLM running last release's shim keeps being watched: v1 pool fields were *_tokens."""
+    old = valid()
+    old["schema"] = "kvcache.stats/v1"
+    del old["capacity_tokens"]
+    old["pools"] = [
+        {
+            "name": "full",
+            "block_size": 16,
+            "capacity_tokens": 1600,
+            "used_tokens": 160,
+            "evictable_tokens": 800,
+            "available_tokens": 640,
+            "bytes_per_token": 1024,
+        }
+    ]
+    snap = parse_snapshot(old)
+    full = snap.pools[0]
+    assert (full.capacity_slots, full.used_slots, full.evictable_slots) == (1600, 160, 800)
+    assert (full.available_slots, full.bytes_per_slot) == (640, 1024)
+    assert snap.capacity_tokens is None  # v1 never stated it; the exporter derives it
+    assert snap.host_tier is not None and snap.host_tier.capacity_tokens == 4096
+    old["pools"][0]["used_tokens"] = 161  # v1 pools are checked like v2 pools
+    with pytest.raises(SnapshotError, match="not capacity_slots"):
+        parse_snapshot(old)
+
+
 def test_unknown_evictable_is_allowed_when_available_is_unknown_too() -> None:
     data = valid()
-    data["pools"][0]["evictable_tokens"] = None
-    data["pools"][0]["available_tokens"] = None
-    assert parse_snapshot(data).pools[0].evictable_tokens is None
+    data["pools"][0]["evictable_slots"] = None
+    data["pools"][0]["available_slots"] = None
+    assert parse_snapshot(data).pools[0].evictable_slots is None
 
 
 def mutate(path: str, value: Any) -> dict[str, Any]:
@@ -94,7 +122,7 @@ DELETE = object()
 @pytest.mark.parametrize(
     ("path", "value", "where", "message"),
     [
-        ("schema", "kvcache.stats/v2", "schema", "unsupported schema"),
+        ("schema", "kvcache.stats/v9", "schema", "unsupported schema"),
         ("schema", DELETE, "schema", "missing"),
         ("engine.kind", "tgi", "engine.kind", "must be one of"),
         ("engine.model", 3, "engine.model", "expected a string"),
@@ -107,14 +135,14 @@ DELETE = object()
         ("max_concurrency", math.inf, "max_concurrency", "must be finite"),
         ("pools", [], "pools", "at least one pool"),
         ("pools", {}, "pools", "expected an array"),
-        ("pools.0.used_tokens", -16, "pools[0].used_tokens", "must not be negative"),
-        ("pools.0.used_tokens", math.nan, "pools[0].used_tokens", "must be finite"),
-        ("pools.0.used_tokens", "160", "pools[0].used_tokens", "expected an integer"),
-        ("pools.0.used_tokens", 176, "pools[0]", "not capacity_tokens 1600"),
-        ("pools.0.used_tokens", 1700, "pools[0].used_tokens", "exceeds capacity_tokens"),
-        ("pools.0.evictable_tokens", None, "pools[0]", "both known or both null"),
+        ("pools.0.used_slots", -16, "pools[0].used_slots", "must not be negative"),
+        ("pools.0.used_slots", math.nan, "pools[0].used_slots", "must be finite"),
+        ("pools.0.used_slots", "160", "pools[0].used_slots", "expected an integer"),
+        ("pools.0.used_slots", 176, "pools[0]", "not capacity_slots 1600"),
+        ("pools.0.used_slots", 1700, "pools[0].used_slots", "exceeds capacity_slots"),
+        ("pools.0.evictable_slots", None, "pools[0]", "both known or both null"),
         ("pools.0.block_size", 0, "pools[0].block_size", "must be positive"),
-        ("pools.0.capacity_tokens", DELETE, "pools[0].capacity_tokens", "missing"),
+        ("pools.0.capacity_slots", DELETE, "pools[0].capacity_slots", "missing"),
         ("groups.0.pool", "swa", "groups[0].pool", "names no pool"),
         ("groups.0.kind", "linear", "groups[0].kind", "must be one of"),
         ("counters.prefix_hit_tokens.disk", 3, "counters.prefix_hit_tokens.disk", "tier must be"),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -29,10 +30,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
-from ..capacity import GroupFootprint, cdiv, max_concurrency
+from ..capacity import GroupFootprint, cdiv, kv_cache_size_tokens, max_concurrency
 from ..snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot
 
-log = logging.getLogger(__name__)
+# A child of vLLM's own logger: vLLM configures only the ``vllm`` tree, so a logger of ours
+# outside it would print nothing inside a vLLM process.
+log = logging.getLogger(f"vllm.{__name__}")
 
 DEFAULT_LISTEN = "127.0.0.1:8321"
 
@@ -116,10 +119,27 @@ class EngineFacts:
     block_size: int | None = None  # default: the smallest group block size
     groups: tuple[KVGroup, ...] = ()  # default: derived from the KV cache config
     max_concurrency: float | None = None  # default: vLLM's formula over the groups
-    bytes_per_token: int | None = None  # default: KV tensor bytes / token slots
+    capacity_tokens: int | None = None  # default: int(max_concurrency x max_model_len)
+    bytes_per_slot: int | None = None  # default: KV allocation bytes / token slots
     device: str | None = None
     gpu_uuid: str | None = None
     version: str = "unknown"
+
+
+def kv_allocation_bytes(kv_cache_config: Any) -> int:
+    """Bytes of one worker's device KV allocation.
+
+    Since vLLM 0.32 every ``KVCacheTensor`` (one per group and spec) describes a placement in
+    *one* backing allocation of ``size`` bytes that the groups overlay (``offset``,
+    ``layer_stride``): summing their sizes counts the allocation once per group. Older layouts
+    (no strides) gave each tensor its own allocation, which do add up.
+    """
+    device = [t for t in kv_cache_config.kv_cache_tensors if not getattr(t, "host_resident", False)]
+    if not device:
+        return 0
+    if all(hasattr(t, "layer_stride") for t in device):
+        return max(int(t.size) for t in device)
+    return sum(int(t.size) for t in device)
 
 
 class BlockPoolTracker:
@@ -149,9 +169,14 @@ class BlockPoolTracker:
             {"full": self.num_blocks},
             [GroupFootprint("full", g.blocks_per_request) for g in self.groups],
         )
-        tensor_bytes = sum(int(t.size) for t in kv_cache_config.kv_cache_tensors)
-        self.bytes_per_token = facts.bytes_per_token or (
-            tensor_bytes // (self.num_blocks * self.block_size) if tensor_bytes else None
+        self.capacity_tokens = facts.capacity_tokens or (
+            kv_cache_size_tokens(self.max_concurrency, facts.max_model_len)
+            if self.max_concurrency is not None
+            else None
+        )
+        allocation = kv_allocation_bytes(kv_cache_config)
+        self.bytes_per_slot = facts.bytes_per_slot or (
+            allocation // (self.num_blocks * self.block_size) if allocation else None
         )
         self.instance_id = uuid.uuid4().hex
         self.prefix_query_tokens = 0
@@ -190,7 +215,8 @@ class BlockPoolTracker:
         evictable = self._evictable.value
         return usable - free, evictable, free - evictable
 
-    def snapshot(self, running: int, waiting: int) -> Snapshot:
+    def snapshot(self, running: int, waiting: int, at: float | None = None) -> Snapshot:
+        """The pool now; ``at`` is when this state was last known current (default: now)."""
         used, evictable, available = self.counts()
         bs = self.block_size
         self._sequence += 1
@@ -202,24 +228,25 @@ class BlockPoolTracker:
                 dp_rank=self.facts.dp_rank,
                 instance_id=self.instance_id,
             ),
-            time=time.time(),
+            time=time.time() if at is None else at,
             sequence=self._sequence,
             max_model_len=self.facts.max_model_len,
             pools=(
                 Pool(
                     name="full",
                     block_size=bs,
-                    capacity_tokens=(used + evictable + available) * bs,
-                    used_tokens=used * bs,
-                    evictable_tokens=evictable * bs,
-                    available_tokens=available * bs,
-                    bytes_per_token=self.bytes_per_token,
+                    capacity_slots=(used + evictable + available) * bs,
+                    used_slots=used * bs,
+                    evictable_slots=evictable * bs,
+                    available_slots=available * bs,
+                    bytes_per_slot=self.bytes_per_slot,
                     device=self.facts.device,
                     gpu_uuid=self.facts.gpu_uuid,
                 ),
             ),
             groups=self.groups,
             max_concurrency=self.max_concurrency,
+            capacity_tokens=self.capacity_tokens,
             requests=Requests(running=running, waiting=waiting),
             counters=Counters(
                 prefix_query_tokens=self.prefix_query_tokens,
@@ -251,6 +278,7 @@ def _facts_from_config(vllm_config: Any, kv_cache_config: Any) -> EngineFacts:
     from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
 
     model_config = vllm_config.model_config
+    cache_config = vllm_config.cache_config
     served = model_config.served_model_name
     model = served[0] if isinstance(served, list | tuple) else (served or model_config.model)
     parallel = vllm_config.parallel_config
@@ -268,8 +296,14 @@ def _facts_from_config(vllm_config: Any, kv_cache_config: Any) -> EngineFacts:
         if not getattr(g, "host_resident", False)
     )
     world = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
-    tensor_bytes = sum(int(t.size) for t in kv_cache_config.kv_cache_tensors) * world
+    allocation = kv_allocation_bytes(kv_cache_config) * world
     block_size = min(int(g.kv_cache_spec.block_size) for g in kv_cache_config.kv_cache_groups)
+    # vLLM's own figures where the engine core has already resolved them (0.32+), so the shim
+    # publishes exactly what vLLM logs and exports; its formula otherwise.
+    concurrency = getattr(cache_config, "kv_cache_max_concurrency", None)
+    if concurrency is None:
+        concurrency = get_max_concurrency_for_kv_cache_config(vllm_config, kv_cache_config)
+    size_tokens = getattr(cache_config, "kv_cache_size_tokens", None)
     gpu_uuid = None
     device = str(vllm_config.device_config.device_type)
     if device == "cuda" and world == 1:
@@ -290,11 +324,10 @@ def _facts_from_config(vllm_config: Any, kv_cache_config: Any) -> EngineFacts:
         dp_rank=int(parallel.data_parallel_rank or 0),
         block_size=block_size,
         groups=groups,
-        max_concurrency=float(
-            get_max_concurrency_for_kv_cache_config(vllm_config, kv_cache_config)
-        ),
-        bytes_per_token=tensor_bytes // (kv_cache_config.num_blocks * block_size)
-        if tensor_bytes
+        max_concurrency=float(concurrency),
+        capacity_tokens=int(size_tokens) if size_tokens is not None else None,
+        bytes_per_slot=allocation // (kv_cache_config.num_blocks * block_size)
+        if allocation
         else None,
         device=device,
         gpu_uuid=gpu_uuid,
@@ -302,54 +335,215 @@ def _facts_from_config(vllm_config: Any, kv_cache_config: Any) -> EngineFacts:
     )
 
 
+# Scheduler methods that change the block pool or the request queues, all called on the engine
+# core's thread. They run under the shim's lock so that a stats reader never sees a pool in
+# mid-update, and each marks when the engine's state was last known current.
+POOL_MUTATORS = (
+    "schedule",
+    "update_from_output",
+    "add_request",
+    "finish_requests",
+    "reset_prefix_cache",
+    "update_draft_token_ids",
+)
+# Other scheduler internals the shim relies on; checked at start-up (a rename fails loudly).
+SCHEDULER_HOOKS = ("_preempt_request", "shutdown", "get_request_counts", "kv_cache_manager")
+BIND_RETRY_SECONDS = 10.0
+
+
+class LiveView:
+    """The snapshot a stats reader gets, consistent with the scheduler thread.
+
+    When no model step is in flight the engine is idle (or between steps): its state is current
+    now, so the snapshot is built fresh with ``time`` = now and a quiet engine never looks
+    stale. While a step is in flight the pool stays as the last scheduler call left it, and
+    ``time`` is that call's end: an engine stuck in a step ages, and only a hung engine trips
+    ``KVCacheStaleData``. Building is O(1) (the tracker's counts).
+    """
+
+    def __init__(self, tracker: BlockPoolTracker, counts: Callable[[], tuple[int, int]]) -> None:
+        self.tracker = tracker
+        self._counts = counts
+        self.lock = threading.Lock()
+        self.steps_in_flight = 0
+        self.state_time = time.time()
+
+    def touched(self) -> None:
+        """Called under ``lock`` at the end of every mutator."""
+        self.state_time = time.time()
+
+    def snapshot(self) -> Snapshot:
+        with self.lock:
+            running, waiting = self._counts()
+            at = None if self.steps_in_flight == 0 else self.state_time
+            return self.tracker.snapshot(running, waiting, at=at)
+
+
+class ShimEndpoint:
+    """The stats server of one engine core; a busy port must never stop vLLM from serving.
+
+    On a port that is taken, the engine starts anyway: one ERROR line says which address and
+    how to fix it, the exporter's target for this engine reads down (connection refused,
+    counted), and binding is retried every ``BIND_RETRY_SECONDS`` until it succeeds.
+    """
+
+    def __init__(self, app: Any, host: str, port: int, dp_rank: int) -> None:
+        self.app, self.host, self.port, self.dp_rank = app, host, port, dp_rank
+        self.server: Any = None
+        self._stop = threading.Event()
+        self._retry: threading.Thread | None = None
+
+    def start(self) -> bool:
+        if self._try_bind(first=True):
+            return True
+        self._retry = threading.Thread(
+            target=self._keep_trying, name="kvcache-shim-bind", daemon=True
+        )
+        self._retry.start()
+        return False
+
+    def _try_bind(self, first: bool) -> bool:
+        from ..server import ShimServer
+
+        try:
+            server = ShimServer(self.app, self.host, self.port)
+        except OSError as exc:
+            if first:
+                log.error(
+                    "kvcache shim: cannot serve KV stats for DP rank %d on %s:%d (%s). vLLM keeps"
+                    " serving; the exporter will show this engine as down. Give every vLLM"
+                    " server on this host its own KVCACHE_SHIM_LISTEN port (each DP rank adds 1)."
+                    " Retrying every %.0f s.",
+                    self.dp_rank,
+                    self.host,
+                    self.port,
+                    exc.strerror or exc,
+                    BIND_RETRY_SECONDS,
+                )
+            return False
+        server.start()
+        self.server = server
+        if not first:
+            log.warning(
+                "kvcache shim: port free again; KV stats for DP rank %d at http://%s:%d/v1/kv/stats",
+                self.dp_rank,
+                self.host,
+                server.port,
+            )
+        return True
+
+    def _keep_trying(self) -> None:
+        while not self._stop.wait(BIND_RETRY_SECONDS):
+            if self._try_bind(first=False):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.server is not None:
+            self.server.stop()
+
+
+def _check_scheduler_hooks(base: type) -> None:
+    for name in POOL_MUTATORS + SCHEDULER_HOOKS[:-1]:
+        if not callable(getattr(base, name, None)):
+            raise UnsupportedVllm(f"{base.__name__}.{name} is missing; this vLLM is not supported")
+
+
+def _locked(name: str) -> Callable[..., Any]:
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        view: LiveView = self._kvcache_view
+        with view.lock:
+            result = getattr(super(self._kvcache_class, self), name)(*args, **kwargs)
+            view.touched()
+        return result
+
+    method.__name__ = name
+    return method
+
+
 def _scheduler_class() -> type:
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 
-    from ..server import ShimApp, ShimServer
+    from ..server import ShimApp
+
+    _check_scheduler_hooks(AsyncScheduler)
 
     class KVCacheShimScheduler(AsyncScheduler):  # type: ignore[misc]
         """vLLM's AsyncScheduler plus the KV stats endpoint (see the module docstring)."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._kvcache_class = KVCacheShimScheduler
             super().__init__(*args, **kwargs)
             facts = _facts_from_config(self.vllm_config, self.kv_cache_config)
             self.kvcache_tracker = BlockPoolTracker(
                 self.kv_cache_manager, self.kv_cache_config, facts
             )
-            self._kvcache_snapshot = self.kvcache_tracker.snapshot(0, 0)
+            self._kvcache_view = LiveView(self.kvcache_tracker, self.get_request_counts)
             host, port = _listen_address(facts.dp_rank)
             token = os.environ.get("KVCACHE_SHIM_TOKEN") or None
-            self._kvcache_server = ShimServer(
+            self._kvcache_endpoint = ShimEndpoint(
                 ShimApp(
-                    snapshots=lambda: [self._kvcache_snapshot],
+                    snapshots=lambda: [self._kvcache_view.snapshot()],
                     healthy=lambda: True,
                     bearer_token=token,
                 ),
                 host,
                 port,
-            )
-            self._kvcache_server.start()
-            log.info(
-                "kvcache shim: KV stats for DP rank %d at http://%s:%d/v1/kv/stats",
                 facts.dp_rank,
-                host,
-                self._kvcache_server.port,
             )
+            if self._kvcache_endpoint.start():
+                log.info(
+                    "kvcache shim %s: %s; verified KVCacheBlock.{ref_cnt,_block_hash,is_null},"
+                    " BlockPool.{blocks,free_block_queue,get_num_free_blocks,num_gpu_blocks},"
+                    " KVCacheManager.record_prefix_cache_stats, AsyncScheduler.{%s}; %d blocks"
+                    " of %d tokens, %s tokens, max concurrency %.2f; KV stats for DP rank %d at"
+                    " http://%s:%d/v1/kv/stats",
+                    __version__,
+                    facts.version.split(",")[0],
+                    ",".join(POOL_MUTATORS + SCHEDULER_HOOKS[:-1]),
+                    self.kvcache_tracker.num_blocks,
+                    self.kvcache_tracker.block_size,
+                    self.kvcache_tracker.capacity_tokens,
+                    self.kvcache_tracker.max_concurrency or 0.0,
+                    facts.dp_rank,
+                    host,
+                    self._kvcache_endpoint.server.port,
+                )
 
-        def update_from_output(self, *args: Any, **kwargs: Any) -> Any:
-            result = super().update_from_output(*args, **kwargs)
-            tracker = self.kvcache_tracker
-            tracker.iterations += 1
-            running, waiting = self.get_request_counts()
-            self._kvcache_snapshot = tracker.snapshot(running, waiting)
+        def schedule(self, *args: Any, **kwargs: Any) -> Any:
+            view = self._kvcache_view
+            with view.lock:
+                output = super().schedule(*args, **kwargs)
+                if output.total_num_scheduled_tokens > 0:
+                    view.steps_in_flight += 1
+                view.touched()
+            return output
+
+        def update_from_output(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+            view = self._kvcache_view
+            with view.lock:
+                result = super().update_from_output(scheduler_output, *args, **kwargs)
+                if scheduler_output.total_num_scheduled_tokens > 0:
+                    view.steps_in_flight = max(0, view.steps_in_flight - 1)
+                # An iteration is a step that returned output to a client, as vLLM's
+                # iteration_tokens_total counts; async scheduling's extra step after a request's
+                # last token (its output is discarded) is not one.
+                if any(outputs.outputs for outputs in result.values()):
+                    self.kvcache_tracker.iterations += 1
+                view.touched()
             return result
 
+        add_request = _locked("add_request")
+        finish_requests = _locked("finish_requests")
+        reset_prefix_cache = _locked("reset_prefix_cache")
+        update_draft_token_ids = _locked("update_draft_token_ids")
+
         def _preempt_request(self, *args: Any, **kwargs: Any) -> Any:
-            self.kvcache_tracker.preemptions += 1
+            self.kvcache_tracker.preemptions += 1  # inside schedule(): the lock is held
             return super()._preempt_request(*args, **kwargs)
 
         def shutdown(self) -> None:
-            self._kvcache_server.stop()
+            self._kvcache_endpoint.stop()
             super().shutdown()
 
     return KVCacheShimScheduler

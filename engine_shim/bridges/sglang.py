@@ -1,6 +1,6 @@
 """SGLang ``/metrics`` -> snapshots, one per ``dp_rank``.
 
-SGLang >= 0.5.11 exports the raw pool counts (``kv_used/evictable/available_tokens``), which sum
+SGLang >= 0.5.11 exports the raw pool counts (``kv_used/evictable/available_slots``), which sum
 exactly to ``max_total_num_tokens``. Capacity constants are emitted by every TP rank and live
 stats by TP rank 0: read one rank (the lowest ``tp_rank`` and ``pp_rank``), never the sum.
 Older releases only have ``num_used_tokens``: evictable is then unknown, and reported so.
@@ -82,10 +82,10 @@ def _pool(
     return Pool(
         name=name,
         block_size=block_size,
-        capacity_tokens=capacity,
-        used_tokens=used,
-        evictable_tokens=evictable,
-        available_tokens=available,
+        capacity_slots=capacity,
+        used_slots=used,
+        evictable_slots=evictable,
+        available_slots=available,
     )
 
 
@@ -116,10 +116,10 @@ def _rank_snapshot(
         full = Pool(
             name="full",
             block_size=page,
-            capacity_tokens=capacity,
-            used_tokens=used,
-            evictable_tokens=None,
-            available_tokens=None,
+            capacity_slots=capacity,
+            used_slots=used,
+            evictable_slots=None,
+            available_slots=None,
         )
     pools.append(full)
     swa_capacity = as_count(samples.one("sglang:max_total_num_tokens_swa", where))
@@ -128,7 +128,7 @@ def _rank_snapshot(
         if swa is not None:
             pools.append(swa)
     mamba = _pool(samples, where, "mamba_", "mamba", None, 1, tag, missing)
-    if mamba is not None and mamba.capacity_tokens > 0:
+    if mamba is not None and mamba.capacity_slots > 0:
         pools.append(mamba)
 
     running = as_count(samples.one("sglang:num_running_reqs", where))
@@ -187,6 +187,7 @@ def _rank_snapshot(
         pools=tuple(pools),
         groups=(),
         max_concurrency=None,
+        capacity_tokens=capacity,  # SGLang's max_total_num_tokens: its own token figure
         requests=None if running is None or waiting is None else Requests(running, waiting),
         counters=Counters(
             prefix_query_tokens=queries,

@@ -13,14 +13,29 @@ import math
 from ..snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot
 from ._samples import BridgeError, BridgeResult, Samples, as_count, labels_match, per_rank
 
-# prompt_tokens_cached_by_source tiers that map onto the snapshot's tiers; p2p and
-# external_unspecified have no tier of ours and are reported as missing when non-zero.
-TIER_OF_SOURCE = {"device": "device", "host": "host", "disk": "storage"}
+# prompt_tokens_cached_by_source sources -> the snapshot's hit tiers (every source vLLM has).
+TIER_OF_SOURCE = {
+    "device": "device",
+    "host": "host",
+    "disk": "storage",
+    "p2p": "p2p",
+    "external_unspecified": "external",
+}
 
 
 def _config_value(labels: dict[str, str], name: str) -> str | None:
     value = labels.get(name)
     return None if value in (None, "None", "") else value
+
+
+def _bytes_per_slot(config: dict[str, str], num_blocks: int, block_size: int) -> int | None:
+    """From ``kv_cache_memory_bytes`` (0.32+, per worker): vLLM allocates
+    ``budget // bytes_per_block`` blocks, so ``budget // slots`` is the per-slot size exactly.
+    Unknown when ``num_gpu_blocks_override`` decoupled the block count from the budget."""
+    budget = _config_value(config, "kv_cache_memory_bytes")
+    if budget is None or not budget.isdigit() or _config_value(config, "num_gpu_blocks_override"):
+        return None
+    return int(budget) // (num_blocks * block_size) or None
 
 
 def _instance_id(samples: Samples, engine: str) -> str:
@@ -87,6 +102,9 @@ def _engine_snapshot(
     if concurrency is not None and (not math.isfinite(concurrency) or concurrency <= 0):
         concurrency = None
     max_model_len = None
+    capacity_tokens = int(size_text) if size_text and size_text.isdigit() else None
+    if capacity_tokens is None:
+        missing.append(f"{tag}: kv_cache_size_tokens (older vLLM): token capacity unknown")
     groups: tuple[KVGroup, ...] = ()
     if concurrency is not None:
         # vLLM: max_concurrency = num_blocks / sum(blocks per request over groups), so the
@@ -99,6 +117,10 @@ def _engine_snapshot(
                 max_model_len = candidate
     else:
         missing.append(f"{tag}: kv_cache_max_concurrency (older vLLM)")
+
+    bytes_per_slot = _bytes_per_slot(config, num_blocks, bs)
+    if bytes_per_slot is None:
+        missing.append(f"{tag}: pool bytes (kv_cache_memory_bytes not exported, or overridden)")
 
     running = as_count(samples.one("vllm:num_requests_running", where))
     waiting = as_count(samples.one("vllm:num_requests_waiting", where))
@@ -150,14 +172,16 @@ def _engine_snapshot(
             Pool(
                 name="full",
                 block_size=bs,
-                capacity_tokens=usable * bs,
-                used_tokens=used_blocks * bs,
-                evictable_tokens=None,
-                available_tokens=None,
+                capacity_slots=usable * bs,
+                used_slots=used_blocks * bs,
+                evictable_slots=None,
+                available_slots=None,
+                bytes_per_slot=bytes_per_slot,
             ),
         ),
         groups=groups,
         max_concurrency=concurrency,
+        capacity_tokens=capacity_tokens,
         requests=None if running is None or waiting is None else Requests(running, waiting),
         counters=Counters(
             prefix_query_tokens=queries, prefix_hit_tokens=hits, preemptions=preemptions

@@ -22,7 +22,13 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..capacity import GroupFootprint, full_attention_blocks, max_concurrency, sliding_window_blocks
+from ..capacity import (
+    GroupFootprint,
+    full_attention_blocks,
+    kv_cache_size_tokens,
+    max_concurrency,
+    sliding_window_blocks,
+)
 from ..snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot, Tier
 from .model import DTYPES, ModelShape, ToyModel
 from .pool import BlockPool
@@ -149,6 +155,12 @@ class ReferenceEngine:
         self.max_concurrency = max_concurrency(
             {p.name: p.num_blocks for p in self.pools},
             [GroupFootprint(g.pool, g.blocks_per_request) for g in self.groups],
+        )
+        # vLLM's definition, so the same model reads the same capacity on every engine path.
+        self.capacity_tokens = (
+            None
+            if self.max_concurrency is None
+            else kv_cache_size_tokens(self.max_concurrency, config.max_model_len)
         )
 
         self.instance_id = uuid.uuid4().hex
@@ -551,11 +563,11 @@ class ReferenceEngine:
                 Pool(
                     name=pool.name,
                     block_size=pool.block_size,
-                    capacity_tokens=pool.capacity_tokens,
-                    used_tokens=used,
-                    evictable_tokens=evictable,
-                    available_tokens=available,
-                    bytes_per_token=pool.bytes_per_token,
+                    capacity_slots=pool.capacity_slots,
+                    used_slots=used,
+                    evictable_slots=evictable,
+                    available_slots=available,
+                    bytes_per_slot=pool.bytes_per_slot,
                     device=str(self.device),
                     gpu_uuid=self.gpu_uuid,
                 )
@@ -581,6 +593,7 @@ class ReferenceEngine:
             pools=tuple(pools),
             groups=self.groups,
             max_concurrency=self.max_concurrency,
+            capacity_tokens=self.capacity_tokens,
             requests=Requests(running=len(self.running), waiting=len(self.waiting)),
             counters=Counters(
                 prefix_query_tokens=self.prefix_query_tokens,
@@ -620,6 +633,6 @@ class ReferenceEngine:
             used_blocks,
             pool.num_blocks,
             tokens,
-            100 * evictable / pool.capacity_tokens,
+            100 * evictable / pool.capacity_slots,
             len(self.waiting),
         )

@@ -34,7 +34,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device = device
-        self.bytes_per_token = shape.bytes_per_token(layers)
+        self.bytes_per_slot = shape.bytes_per_token(layers)
         # Slot-major layout: flat slot s = block * block_size + offset.
         self.kv = torch.zeros(
             num_blocks * block_size,
@@ -48,7 +48,7 @@ class BlockPool:
         self._free: deque[int] = deque(range(num_blocks))
 
     @property
-    def capacity_tokens(self) -> int:
+    def capacity_slots(self) -> int:
         return self.num_blocks * self.block_size
 
     @property

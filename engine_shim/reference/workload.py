@@ -38,7 +38,7 @@ class Workload:
         self._threads: list[threading.Thread] = []
         cfg = engine.config
         self.vocab = cfg.shape.vocab_size
-        self.capacity = engine.full_pool.capacity_tokens
+        self.capacity = engine.full_pool.capacity_slots
         self.max_len = cfg.max_model_len
 
     def start(self) -> None:

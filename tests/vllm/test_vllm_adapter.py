@@ -109,7 +109,7 @@ class Driver:
         # vLLM's own figure only sees the pinned blocks.
         assert self.m.usage == pytest.approx(used / usable)
         snap = parse_snapshot(self.tracker.snapshot(len(self.running), 0).to_json())
-        assert snap.pools[0].evictable_tokens == evictable * BLOCK
+        assert snap.pools[0].evictable_slots == evictable * BLOCK
 
     def admit(self, prompt: list[int], max_tokens: int = 64) -> Request | None:
         self.ids += 1
@@ -147,9 +147,9 @@ def test_the_blind_spot_vllm_leaves() -> None:
     assert m.usage == 0.0
     snap = tracker.snapshot(0, 0)
     full = snap.pools[0]
-    assert full.used_tokens == 0 and full.evictable_tokens == 96
-    assert full.capacity_tokens == 63 * BLOCK  # the null block is not capacity
-    assert full.bytes_per_token == 2 * 2 * 64 * 2  # K and V, 2 heads x 64 x fp16, from the tensors
+    assert full.used_slots == 0 and full.evictable_slots == 96
+    assert full.capacity_slots == 63 * BLOCK  # the null block is not capacity
+    assert full.bytes_per_slot == 2 * 2 * 64 * 2  # K and V, 2 heads x 64 x fp16, from the tensors
     d.check()
     again = d.admit(list(range(100)))  # a prefix hit makes those blocks pinned again
     assert again is not None
