@@ -61,6 +61,9 @@ class Poller:
         self._stopping: asyncio.Event | None = None
         self._rng = random.Random()
         self._origin = 0.0
+        # (engine instance id, DP rank) -> the target that reports it, so that two targets
+        # reaching one engine (two engines told the same shim port) are caught, not merged.
+        self._claims: dict[tuple[str, int], str] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -154,6 +157,7 @@ class Poller:
                 raise PollError(
                     "too_many_series", f"~{estimate} series exceed max_series_per_target {cap}"
                 )
+            self._claim(state.target.name, snapshots)
         except PollError as exc:
             failure = (exc.reason, exc.message)
         except Exception as exc:  # a bug must be counted and visible, never kill the loop
@@ -162,6 +166,8 @@ class Poller:
         duration = time.perf_counter() - started
         if failure is not None:
             reason, message = failure
+            if reason != "duplicate_instance":
+                self._release(state.target.name)
             self._record(lambda: state.record_failure(reason, duration))
             if state.consecutive_failures == 1:
                 log.warning("target %s: %s: %s", state.target.name, reason, message)
@@ -169,6 +175,32 @@ class Poller:
         if state.consecutive_failures:
             log.info("target %s is back", state.target.name)
         self._record(lambda: state.record_success(snapshots, time.time(), duration))
+
+    def _claim(self, name: str, snapshots: list[Snapshot]) -> None:
+        """Raise ``duplicate_instance`` if another live target already reports these engines."""
+        keys = {
+            (s.engine.instance_id, s.engine.dp_rank)
+            for s in snapshots
+            if s.engine.instance_id not in ("", "unknown")
+        }
+        with self.lock:
+            for key in keys:
+                owner = self._claims.get(key)
+                if owner is not None and owner != name:
+                    raise PollError(
+                        "duplicate_instance",
+                        f"reports the same engine as target {owner} (instance {key[0][:16]},"
+                        f" DP rank {key[1]}): give every engine its own shim address",
+                    )
+            for key in [k for k, v in self._claims.items() if v == name and k not in keys]:
+                del self._claims[key]
+            for key in keys:
+                self._claims[key] = name
+
+    def _release(self, name: str) -> None:
+        with self.lock:
+            for key in [k for k, v in self._claims.items() if v == name]:
+                del self._claims[key]
 
     def _record(self, update: Callable[[], None]) -> None:
         with self.lock:

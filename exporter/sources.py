@@ -26,6 +26,7 @@ ERROR_REASONS = (
     "invalid_body",
     "invalid_snapshot",
     "too_many_series",
+    "duplicate_instance",
     "internal",
 )
 

@@ -54,3 +54,19 @@ bootstrap_vllm() {
     touch "$stamp"
   fi
 }
+
+bootstrap_vllm_live() {
+  # A live vLLM engine (the CPU build, vLLM 0.32) for tests/vllm_live, in its own venv.
+  local stamp=".venv-vllm-live/.installed"
+  if [ ! -f "$stamp" ] || [ tests/vllm_live/requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    [ -x .venv-vllm-live/bin/python ] || "$PY" -m venv .venv-vllm-live
+    local lpip=(.venv-vllm-live/bin/python -m pip)
+    { "${lpip[@]}" install -q --disable-pip-version-check -r tests/vllm_live/requirements.txt \
+        && "${lpip[@]}" uninstall -q -y torchvision torchaudio torchcodec \
+        && "${lpip[@]}" install -q --disable-pip-version-check --no-deps -e . ; } 2>&1 \
+      | grep -v -e '^WARNING: Location' -e 'not installed' -e '^WARNING: Skipping' || true
+    .venv-vllm-live/bin/python -c 'import vllm.entrypoints.openai.api_server, transformers, engine_shim' \
+      || { echo "live vLLM test environment is broken" >&2; exit 1; }
+    touch "$stamp"
+  fi
+}

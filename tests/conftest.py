@@ -25,4 +25,4 @@ def small_engine_config(tmp_path: Path) -> Iterator[object]:
 # tests/vllm needs vLLM, which lives in its own virtual environment (.venv-vllm) so that its
 # pins never touch the main one; scripts/test runs that folder there, and fails if it fails.
 if importlib.util.find_spec("vllm") is None:
-    collect_ignore = ["vllm"]
+    collect_ignore = ["vllm", "vllm_live"]

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import yaml
 
 from tests.helpers import free_port
 from tests.test_dashboards_and_rules import dashboard_exprs, substitute
+from tests.timescale import compress_minutes
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -71,12 +71,6 @@ class Webhook:
             for a in n["alerts"]
             if a["labels"]["alertname"] == name and a["status"] == status
         ]
-
-
-def compress_minutes(text: str) -> str:
-    """Alert ``for: 5m`` -> ``for: 5s`` and rule group intervals -> 1s: the test's time scale."""
-    text = re.sub(r"(\n\s+for: )(\d+)m\n", r"\g<1>\2s\n", text)
-    return re.sub(r"(\n\s+interval: )\d+[sm]\n", r"\g<1>1s\n", text)
 
 
 class Stack:

@@ -240,6 +240,44 @@ def test_lying_engine_is_capped_and_label_values_sanitised(servers: list[CannedS
         exporter.stop()
 
 
+def test_two_targets_reaching_one_engine_are_caught_not_merged(
+    servers: list[CannedServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two engines told the same shim port: one binds it, and both targets read the same engine.
+
+    The second target must not publish the first engine's numbers under its own name: it is
+    down with ``duplicate_instance``, said once in the log; a distinct engine stays up."""
+    shared = serve(servers, body(snapshot_json()))
+    other = serve(servers, body(snapshot_json(engine={**valid()["engine"], "instance_id": "zz"})))
+    exporter = start([("a", shared.url), ("b", shared.url), ("c", other.url)])
+    try:
+
+        def duplicates(name: str) -> float:
+            found = get(
+                exporter,
+                "kvcache_exporter_poll_errors_total",
+                engine=name,
+                reason="duplicate_instance",
+            )
+            return found[0] if found else 0.0
+
+        wait_for(lambda: max(duplicates("a"), duplicates("b")) >= 2, 5, "the duplicate counted")
+        # Whichever answered first keeps the engine; the other is down, every poll.
+        kept, refused = ("a", "b") if duplicates("b") else ("b", "a")
+        assert duplicates(kept) == 0
+        assert get(exporter, "kvcache_exporter_target_up", engine=kept) == [1]
+        assert get(exporter, "kvcache_exporter_target_up", engine=refused) == [0]
+        assert get(exporter, "kvcache_exporter_target_up", engine="c") == [1]
+        assert not get(exporter, "kvcache_pool_slots", engine=refused)
+        said = [r.getMessage() for r in caplog.records if "same engine as target" in r.getMessage()]
+        assert said == [
+            f"target {refused}: duplicate_instance: reports the same engine as target {kept}"
+            " (instance abc, DP rank 0): give every engine its own shim address"
+        ]
+    finally:
+        exporter.stop()
+
+
 def test_sanitize_label() -> None:
     assert sanitize_label("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"
     assert sanitize_label("a\tb\u200bc") == "a_b_c"

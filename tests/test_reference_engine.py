@@ -166,6 +166,12 @@ def test_hybrid_max_concurrency_follows_the_group_aware_formula() -> None:
     assert engine.max_concurrency == pytest.approx(186 / 65)
     assert naive == pytest.approx(7.26953125)
     assert engine.snapshot().max_concurrency == engine.max_concurrency
+    # Token capacity by vLLM's definition, int(max concurrency x max_model_len):
+    # int(186 / 65 x 4096) = 11,720 tokens, not the full pool's 1,861 x 16 = 29,776 slots.
+    snap = engine.snapshot()
+    assert snap.capacity_tokens == int(186 / 65 * 4096) == 11_720
+    full = snap.pool("full")
+    assert full is not None and full.capacity_slots == 29_776
 
 
 def test_iteration_log_line(caplog: pytest.LogCaptureFixture) -> None:

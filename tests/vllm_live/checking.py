@@ -1,0 +1,89 @@
+"""A test-only scheduler: the shim's, plus a brute-force count of vLLM's pool at every step.
+
+Loaded by the live engine with ``--scheduler-cls tests.vllm_live.checking.CheckingScheduler``.
+After every scheduler call that can change the pool it writes one JSON line to
+``KVCACHE_CHECK_LOG``: what the shim's endpoint would serve at that instant, and the truth
+counted here from vLLM's own block fields (independently of the adapter's code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from engine_shim.adapters.vllm import KVCacheShimScheduler
+
+
+def pool_truth(block_pool: Any) -> tuple[int, int, int]:
+    """(used, evictable, available) blocks by vLLM's definitions, counted one block at a time.
+
+    used: referenced by a request (``ref_cnt > 0``); evictable: unreferenced but still holding a
+    cached prefix (it has a block hash); available: the rest. Block 0, the null block, is never
+    capacity.
+    """
+    used = evictable = available = 0
+    for block in block_pool.blocks:
+        if block.is_null:
+            continue
+        if block.ref_cnt > 0:
+            used += 1
+        elif block.block_hash is not None:
+            evictable += 1
+        else:
+            available += 1
+    return used, evictable, available
+
+
+def evictable_by_group(block_pool: Any, group_kinds: list[str]) -> dict[str, int]:
+    """Evictable blocks per KV cache group kind: vLLM appends the group id to each block's hash
+    (``BlockHashWithGroupId``: the hash, then 4 bytes big-endian)."""
+    counts = dict.fromkeys(group_kinds, 0)
+    for block in block_pool.blocks:
+        if not block.is_null and block.ref_cnt == 0 and block.block_hash is not None:
+            counts[group_kinds[int.from_bytes(bytes(block.block_hash)[-4:], "big")]] += 1
+    return counts
+
+
+class CheckingScheduler(KVCacheShimScheduler):  # type: ignore[misc,valid-type]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._check_log = open(os.environ["KVCACHE_CHECK_LOG"], "a", buffering=1)  # noqa: SIM115
+        self._group_kinds = [
+            type(g.kv_cache_spec).__name__ for g in self.kv_cache_config.kv_cache_groups
+        ]
+        self._check("init")
+
+    def _check(self, where: str) -> None:
+        snap = self._kvcache_view.snapshot()
+        pool = snap.pools[0]
+        bs = pool.block_size
+        manager = self.kv_cache_manager
+        line = {
+            "where": where,
+            "served": [
+                pool.used_slots // bs,
+                pool.evictable_slots // bs,
+                pool.available_slots // bs,
+            ],
+            "truth": list(pool_truth(manager.block_pool)),
+            "evictable_by_group": evictable_by_group(manager.block_pool, self._group_kinds),
+            "vllm_usage": manager.usage,
+            "preemptions": snap.counters.preemptions,
+        }
+        self._check_log.write(json.dumps(line) + "\n")
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().schedule(*args, **kwargs)
+        self._check("schedule")
+        return output
+
+    def update_from_output(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().update_from_output(*args, **kwargs)
+        self._check("update_from_output")
+        return result
+
+    def finish_requests(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().finish_requests(*args, **kwargs)
+        self._check("finish_requests")
+        return result
