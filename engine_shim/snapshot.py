@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,6 +27,17 @@ ENGINE_KINDS: tuple[str, ...] = ("reference", "vllm", "sglang")
 HIT_TIERS: tuple[str, ...] = ("device", "host", "storage", "p2p", "external")
 GROUP_KINDS: tuple[str, ...] = ("full_attention", "sliding_window", "mamba", "other")
 MAX_NAME_LEN = 256
+# The largest integer a Prometheus sample (a float64) holds exactly; larger counts are refused
+# rather than rounded, overflowed or, past 1.8e308, impossible to render at all.
+MAX_COUNT = 2**53
+# Lone surrogates (JSON allows "\ud800"; UTF-8 cannot encode it): replaced, so that every
+# string an engine reports can become a label value.
+_UNSAFE_TEXT = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(value: str) -> str:
+    """Valid UTF-8: each lone surrogate becomes U+FFFD."""
+    return _UNSAFE_TEXT.sub("\ufffd", value)
 
 
 class SnapshotError(ValueError):
@@ -182,7 +194,7 @@ class _Reader:
             raise SnapshotError(self._sub(key), f"expected a string, got {_type_name(value)}")
         if len(value) > MAX_NAME_LEN:
             raise SnapshotError(self._sub(key), f"longer than {MAX_NAME_LEN} characters")
-        return value
+        return clean_text(value)
 
     def req_string(self, key: str) -> str:
         value = self.string(key)
@@ -211,10 +223,9 @@ class _Reader:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SnapshotError(self._sub(key), f"expected a number, got {_type_name(value)}")
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise SnapshotError(self._sub(key), "must be finite")
-        if value < 0:
-            raise SnapshotError(self._sub(key), f"must not be negative, got {value}")
+        _check_range(value, self._sub(key))
         return float(value)
 
     def obj(self, key: str, required: bool = True) -> _Reader | None:
@@ -236,17 +247,26 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _check_range(value: int | float, path: str) -> None:
+    # Compared, never formatted: str() of a 5,000-digit integer raises.
+    if value < 0:
+        shown = value if value >= -MAX_COUNT else "a huge negative number"
+        raise SnapshotError(path, f"must not be negative, got {shown}")
+    if value > MAX_COUNT:
+        raise SnapshotError(path, "exceeds 2^53, the largest integer a metric sample holds exactly")
+
+
 def _as_count(value: Any, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise SnapshotError(path, f"expected an integer, got {_type_name(value)}")
     if isinstance(value, float):
         if not math.isfinite(value):
             raise SnapshotError(path, "must be finite")
+        _check_range(value, path)
         if not value.is_integer():
             raise SnapshotError(path, f"expected an integer, got {value}")
         value = int(value)
-    if value < 0:
-        raise SnapshotError(path, f"must not be negative, got {value}")
+    _check_range(value, path)
     return int(value)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import html
 import logging
+import socket
+import ssl
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
@@ -16,7 +18,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from engine_shim.server import QuietThreadingHTTPServer
+from engine_shim.server import QuietThreadingHTTPServer, refuse_body
 
 from .collector import ExporterView, KVCacheCollector
 from .config import Config
@@ -61,13 +63,9 @@ class Exporter:
     def start(self, host: str | None = None, port: int | None = None) -> None:
         host = self.config.listen_host if host is None else host
         port = self.config.listen_port if port is None else port
-        self._httpd = QuietThreadingHTTPServer((host, port), _handler(self))
-        tls = self.web.ssl_context()
-        if tls is not None:
-            # Handshake in the handler thread, not in accept(): a slow client blocks only itself.
-            self._httpd.socket = tls.wrap_socket(
-                self._httpd.socket, server_side=True, do_handshake_on_connect=False
-            )
+        # TLS is set up per connection in the handler thread (see Handler.setup): a slow client
+        # blocks only itself, and plain HTTP on the TLS port gets a 400 instead of silence.
+        self._httpd = QuietThreadingHTTPServer((host, port), _handler(self, self.web.ssl_context()))
         self.poller.start()
         threading.Thread(target=self._httpd.serve_forever, name="kvcache-http", daemon=True).start()
         log.info(
@@ -97,13 +95,53 @@ def _landing(exporter: Exporter) -> bytes:
     ).encode()
 
 
-def _handler(exporter: Exporter) -> type[BaseHTTPRequestHandler]:
+PLAIN_HTTP_ON_TLS = (
+    b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+    b"Client sent an HTTP request to an HTTPS server.\n"
+)
+
+
+def accepts_gzip(header: str) -> bool:
+    """Accept-Encoding with q-values (RFC 9110): gzip;q=0 means no; * covers gzip."""
+    weights: dict[str, float] = {}
+    for part in header.split(","):
+        coding, *params = (p.strip() for p in part.split(";"))
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        if coding:
+            weights[coding.lower()] = weight
+    return weights.get("gzip", weights.get("*", 0.0)) > 0
+
+
+def _handler(exporter: Exporter, tls: ssl.SSLContext | None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "kvcache-exporter"
         protocol_version = "HTTP/1.1"
         timeout = 30  # a client that stops talking (or never finishes TLS) is dropped
         # Headers and body are two writes: without TCP_NODELAY, Nagle + delayed ACK add 40 ms.
         disable_nagle_algorithm = True
+        plain_on_tls = False
+
+        def setup(self) -> None:
+            if tls is not None:
+                self.request.settimeout(self.timeout)
+                first = self.request.recv(1, socket.MSG_PEEK)
+                if first and first[0] != 0x16:  # not a TLS handshake record: plain HTTP
+                    self.plain_on_tls = True
+                    self.request.sendall(PLAIN_HTTP_ON_TLS)
+                else:
+                    self.request = tls.wrap_socket(self.request, server_side=True)
+            super().setup()
+
+        def handle(self) -> None:
+            if not self.plain_on_tls:
+                super().handle()
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s " + format, self.address_string(), *args)
@@ -121,6 +159,8 @@ def _handler(exporter: Exporter) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(body)
 
         def do_GET(self) -> None:
+            if refuse_body(self):
+                return
             path = self.path.split("?", 1)[0]
             # /healthz says only "ok": left open for orchestrators' probes.
             if path != "/healthz" and not exporter.auth.check(self.headers.get("Authorization")):
@@ -130,7 +170,7 @@ def _handler(exporter: Exporter) -> type[BaseHTTPRequestHandler]:
                 self.end_headers()
                 return
             if path == "/metrics":
-                if "gzip" in self.headers.get("Accept-Encoding", ""):
+                if accepts_gzip(self.headers.get("Accept-Encoding", "")):
                     self._reply(
                         HTTPStatus.OK, exporter.exposition.render_gzip(), CONTENT_TYPE_LATEST, True
                     )

@@ -6,6 +6,7 @@ lost a pool simply has no series in the next render, so nothing stale is ever ex
 
 from __future__ import annotations
 
+import logging
 import platform
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .nvml import GpuReading
 from .state import EngineView, TargetReport
+
+log = logging.getLogger(__name__)
 
 ENGINE = ["engine", "dp_rank", "model"]
 POOL = [*ENGINE, "pool"]
@@ -43,27 +46,66 @@ def _gauge(name: str, doc: str, labels: list[str], unit: str = "") -> GaugeMetri
     return GaugeMetricFamily(name, doc, labels=labels, unit=unit)
 
 
+def check_renderable(family: Metric) -> None:
+    """Raise if a sample cannot be written as text format: a value beyond float range, a label
+    that is not valid UTF-8 (a lone surrogate). The parsers refuse both; this is the last line."""
+    for sample in family.samples:
+        float(sample.value)
+        for value in sample.labels.values():
+            value.encode("utf-8")
+
+
+EngineRows = list[tuple[TargetReport, int, EngineView]]
+
+
 class KVCacheCollector(Collector):
     def __init__(self, view: Callable[[], ExporterView]) -> None:
         self._view = view
+        # Renders in which a target's series could not be written, by target: that target's
+        # series are left out (and its up is 0), never the whole scrape.
+        self.render_errors: dict[str, int] = {}
 
     def describe(self) -> Iterable[Metric]:
         return []  # collect() must not run at registration
 
+    def _engine_metrics(self, engines: EngineRows) -> list[Metric]:
+        return [
+            *self._pool_families(engines),
+            *self._engine_families(engines),
+            *self._counter_families(engines),
+        ]
+
     def collect(self) -> Iterator[Metric]:
         view = self._view()
-        engines = [(t, rank, e) for t in view.targets for rank, e in sorted(t.engines.items())]
-        yield from self._pool_families(engines)
-        yield from self._engine_families(engines)
-        yield from self._counter_families(engines)
-        yield from self._gpu_families(view, engines)
-        yield from self._self_families(view)
+        families = self._engine_metrics([])
+        by_name = {family.name: family for family in families}
+        rendered: EngineRows = []
+        failed: set[str] = set()
+        for target in view.targets:
+            engines = [(target, rank, e) for rank, e in sorted(target.engines.items())]
+            if not engines:
+                continue
+            try:
+                built = self._engine_metrics(engines)
+                for family in built:
+                    check_renderable(family)
+            except Exception as exc:
+                name = target.target.name
+                failed.add(name)
+                self.render_errors[name] = self.render_errors.get(name, 0) + 1
+                if self.render_errors[name] == 1:
+                    log.error("target %s: its series cannot be rendered, left out: %r", name, exc)
+                continue
+            for family in built:
+                by_name[family.name].samples.extend(family.samples)
+            rendered.extend(engines)
+        yield from families
+        yield from self._gpu_families(view, rendered)
+        yield from self._self_families(view, failed)
 
     # ------------------------------------------------------------------- per pool
 
-    def _pool_families(
-        self, engines: list[tuple[TargetReport, int, EngineView]]
-    ) -> Iterator[Metric]:
+    def _pool_families(self, engines: EngineRows) -> Iterator[Metric]:
         capacity = _gauge(
             "kvcache_pool_capacity_slots",
             "Token slots in the KV pool (blocks x block size). On hybrid models sharing one pool a"
@@ -110,9 +152,7 @@ class KVCacheCollector(Collector):
 
     # ----------------------------------------------------------------- per engine
 
-    def _engine_families(
-        self, engines: list[tuple[TargetReport, int, EngineView]]
-    ) -> Iterator[Metric]:
+    def _engine_families(self, engines: EngineRows) -> Iterator[Metric]:
         max_conc = _gauge(
             "kvcache_max_concurrency",
             "Group-aware number of max_model_len requests the KV pools hold.",
@@ -190,9 +230,7 @@ class KVCacheCollector(Collector):
             info,
         )
 
-    def _counter_families(
-        self, engines: list[tuple[TargetReport, int, EngineView]]
-    ) -> Iterator[Metric]:
+    def _counter_families(self, engines: EngineRows) -> Iterator[Metric]:
         queries = CounterMetricFamily(
             "kvcache_prefix_query_tokens",
             "Prompt tokens looked up in the prefix cache.",
@@ -231,9 +269,7 @@ class KVCacheCollector(Collector):
 
     # ----------------------------------------------------------------------- GPUs
 
-    def _gpu_families(
-        self, view: ExporterView, engines: list[tuple[TargetReport, int, EngineView]]
-    ) -> Iterator[Metric]:
+    def _gpu_families(self, view: ExporterView, engines: EngineRows) -> Iterator[Metric]:
         if not view.nvml_enabled:
             return
         memory = _gauge(
@@ -283,7 +319,7 @@ class KVCacheCollector(Collector):
 
     # -------------------------------------------------------------- self-metrics
 
-    def _self_families(self, view: ExporterView) -> Iterator[Metric]:
+    def _self_families(self, view: ExporterView, unrendered: set[str]) -> Iterator[Metric]:
         up = _gauge(
             "kvcache_exporter_target_up",
             "1 when the last poll of the target succeeded.",
@@ -310,9 +346,15 @@ class KVCacheCollector(Collector):
             "Time to poll and parse a target.",
             labels=["engine"],
         )
+        render_errors = CounterMetricFamily(
+            "kvcache_exporter_render_errors",
+            "Renders of /metrics that left a target's series out (they could not be written).",
+            labels=["engine"],
+        )
         for state in view.targets:
             name = [state.target.name]
-            up.add_metric(name, 1 if state.up else 0)
+            up.add_metric(name, 1 if state.up and state.target.name not in unrendered else 0)
+            render_errors.add_metric(name, self.render_errors.get(state.target.name, 0))
             polls.add_metric(name, state.polls)
             for reason, count in state.errors.items():
                 errors.add_metric([*name, reason], count)
@@ -333,4 +375,15 @@ class KVCacheCollector(Collector):
             "kvcache_exporter_build_info", "Exporter build; value 1.", ["version", "python_version"]
         )
         build.add_metric([__version__, platform.python_version()], 1)
-        yield from (up, polls, errors, last, restarts, duration, nvml_up, nvml_errors, build)
+        yield from (
+            up,
+            polls,
+            errors,
+            last,
+            restarts,
+            duration,
+            render_errors,
+            nvml_up,
+            nvml_errors,
+            build,
+        )

@@ -25,6 +25,10 @@ DEFAULT_PATHS = {"shim": "/v1/kv/stats", "vllm": "/metrics", "sglang": "/metrics
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_DURATION = 86400.0
+MIN_POLL_INTERVAL = 0.1  # faster polling measures the exporter, not the engine
+# RFC 6750 b64token: what an Authorization: Bearer header may carry.
+_BEARER_TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 
 
 class ConfigError(ValueError):
@@ -46,7 +50,10 @@ class Target:
     model: str | None = None
 
     def bearer_token(self) -> str | None:
-        return os.environ.get(self.bearer_token_env) if self.bearer_token_env else None
+        """Read when needed, never stored: a secret has no place in a repr or a log."""
+        if not self.bearer_token_env:
+            return None
+        return os.environ.get(self.bearer_token_env, "").strip() or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +86,8 @@ def parse_duration(value: Any, source: str, key: str) -> float:
         raise ConfigError(source, key, f"expected a duration like 5s or 500ms, got {value!r}")
     if not seconds > 0:
         raise ConfigError(source, key, "must be positive")
+    if not seconds <= MAX_DURATION:  # also refuses .inf and .nan
+        raise ConfigError(source, key, f"must be at most {MAX_DURATION:g} s (one day)")
     return seconds
 
 
@@ -151,17 +160,26 @@ def _target(data: Any, source: str, key: str, default_timeout: float) -> Target:
             source, s.path("kind"), f"must be one of {', '.join(TARGET_KINDS)}, got {kind!r}"
         )
     url = s.required_string("url")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a malformed port)
+    except ValueError:
+        raise ConfigError(source, s.path("url"), f"not a URL: {redact_url(url)!r}") from None
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            source,
+            s.path("url"),
+            "credentials in a URL are refused (they would show in logs and pages, and are never"
+            " sent): use bearer_token_env",
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(source, s.path("url"), f"expected an http(s) URL, got {url!r}")
     if parts.path in ("", "/"):
         url = url.rstrip("/") + DEFAULT_PATHS[kind]
     timeout = parse_duration(s.data.get("timeout", default_timeout), source, s.path("timeout"))
     token_env = s.string("bearer_token_env")
-    if token_env is not None and token_env not in os.environ:
-        raise ConfigError(
-            source, s.path("bearer_token_env"), f"environment variable {token_env} is not set"
-        )
+    if token_env is not None:
+        _check_token(os.environ.get(token_env), token_env, source, s.path("bearer_token_env"))
     return Target(
         name=name,
         kind=kind,
@@ -170,6 +188,27 @@ def _target(data: Any, source: str, key: str, default_timeout: float) -> Target:
         bearer_token_env=token_env,
         model=s.string("model"),
     )
+
+
+def redact_url(url: str) -> str:
+    """The URL without any user:password@ part."""
+    return re.sub(r"(?<=://)[^/@]*@", "", url)
+
+
+def _check_token(value: str | None, env: str, source: str, key: str) -> None:
+    """Validated without ever being shown: the message names the variable, not the value."""
+    if value is None:
+        raise ConfigError(source, key, f"environment variable {env} is not set")
+    token = value.strip()  # a trailing newline from `echo` or a file is not part of the token
+    if not token:
+        raise ConfigError(source, key, f"environment variable {env} is empty")
+    if not _BEARER_TOKEN.match(token):
+        raise ConfigError(
+            source,
+            key,
+            f"environment variable {env} is not a valid bearer token (RFC 6750 allows letters,"
+            " digits, -._~+/ and trailing =; the value is not shown)",
+        )
 
 
 TOP_KEYS = {
@@ -193,6 +232,10 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     s = _Section(data, source, "", TOP_KEYS)
     host, port = parse_listen(s.data.get("listen", DEFAULT_LISTEN), source, "listen")
     interval = parse_duration(s.data.get("poll_interval", "5s"), source, "poll_interval")
+    if interval < MIN_POLL_INTERVAL:
+        raise ConfigError(
+            source, "poll_interval", f"{interval * 1000:g} ms is below the minimum of 100ms"
+        )
     timeout = parse_duration(s.data.get("timeout", min(2.0, interval)), source, "timeout")
     nvml = s.data.get("nvml", "auto")
     if nvml is True:
@@ -254,6 +297,22 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice (PyYAML keeps the last, silently: a second
+    ``targets:`` would drop the first list)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path) -> Config:
     source = str(path)
     try:
@@ -261,7 +320,7 @@ def load_config(path: str | Path) -> Config:
     except OSError as exc:
         raise ConfigError(source, "(file)", f"cannot read: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"

@@ -91,9 +91,6 @@ def run_demo(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        exporter.start()
-        shown_host = "127.0.0.1" if listen[0] in ("0.0.0.0", "") else listen[0]
-        metrics_url = f"http://{shown_host}:{exporter.port}/metrics"
 
         def engine_up() -> bool:
             try:
@@ -108,8 +105,13 @@ def run_demo(
             engines, _ = parse_exposition(exporter.exposition.render().decode())
             return bool(engines)
 
+        # The engine first: an exporter started before it would warn that its target is down,
+        # which is only the expected start-up order.
         print("starting the reference engine (torch) ...", flush=True)
         wait_until(engine_up, 120, "the engine to answer", engine)
+        exporter.start()
+        shown_host = "127.0.0.1" if listen[0] in ("0.0.0.0", "") else listen[0]
+        metrics_url = f"http://{shown_host}:{exporter.port}/metrics"
         wait_until(has_data, 30, "the first scrape with data", engine)
         print(
             f"\nkvcache-exporter demo: reference engine with the '{workload}' workload\n"

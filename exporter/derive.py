@@ -78,16 +78,29 @@ def concurrency_headroom(snapshot: Snapshot) -> int | None:
 # ------------------------------------------------------------------------ exhaustion ETA
 
 
-def exhaustion_eta(samples: Sequence[tuple[float, float]], capacity: float) -> float | None:
-    """Seconds until ``used`` reaches ``capacity`` at the least-squares slope of the samples.
+MIN_ETA_SAMPLES = 5
+# The growth must be this many standard errors above zero: a flat, noisy or oscillating pool
+# then gives no forecast instead of one that jumps between a minute and hours.
+MIN_TREND_T = 3.0
 
-    ``samples`` are (time, used) pairs over a recent window. None when there are too few
-    samples or used is not growing (the metric is then absent, never a made-up number).
+
+def exhaustion_eta(
+    samples: Sequence[tuple[float, float]], capacity: float, window: float | None = None
+) -> float | None:
+    """Seconds until ``used`` reaches ``capacity`` on the recent trend, or None.
+
+    ``samples`` are (time, used) pairs over the last ``window`` seconds. The trend is a
+    least-squares line; the forecast is published only when at least ``MIN_ETA_SAMPLES`` cover
+    half the window and the slope is at least ``MIN_TREND_T`` standard errors above zero. The
+    forecast runs from the fitted value now (not the last, noisy sample) to capacity.
     """
-    if len(samples) < 3:
-        return None
     n = len(samples)
+    if n < MIN_ETA_SAMPLES:
+        return None
     t0 = samples[0][0]
+    span = samples[-1][0] - t0
+    if window is not None and span < window / 2:
+        return None
     mean_t = sum(t - t0 for t, _ in samples) / n
     mean_u = sum(u for _, u in samples) / n
     var = sum((t - t0 - mean_t) ** 2 for t, _ in samples)
@@ -96,8 +109,13 @@ def exhaustion_eta(samples: Sequence[tuple[float, float]], capacity: float) -> f
     slope = sum((t - t0 - mean_t) * (u - mean_u) for t, u in samples) / var
     if slope <= 0:
         return None
-    remaining = capacity - samples[-1][1]
-    return max(0.0, remaining / slope)
+    intercept = mean_u - slope * mean_t
+    residual = sum((u - (intercept + slope * (t - t0))) ** 2 for t, u in samples)
+    stderr = math.sqrt(residual / (n - 2) / var)
+    if stderr > 0 and slope / stderr < MIN_TREND_T:
+        return None
+    fitted_now = intercept + slope * span
+    return max(0.0, (capacity - fitted_now) / slope)
 
 
 # ------------------------------------------------------------ restarts and counter continuity
@@ -114,22 +132,33 @@ def counter_values(snapshot: Snapshot) -> dict[str, int]:
     return values
 
 
+def has_identity(snapshot: Snapshot) -> bool:
+    """Whether the engine says who it is (an instance id; shims also number their snapshots)."""
+    return snapshot.engine.instance_id not in ("", "unknown")
+
+
 def is_restart(previous: Snapshot, current: Snapshot) -> bool:
-    """A new instance id, a sequence going backwards, or any counter going backwards."""
-    if previous.engine.instance_id != current.engine.instance_id:
-        return True
-    if current.sequence < previous.sequence:
-        return True
+    """A new engine instance: a new instance id, or its snapshot sequence going backwards.
+
+    A counter that goes back while the instance stays the same is that counter's reset, not a
+    restart (``CounterContinuity`` handles it as Prometheus would). Only an engine that gives no
+    identity (some bridges) has nothing else to go on: every counter going back at once."""
+    if has_identity(previous) or has_identity(current):
+        if previous.engine.instance_id != current.engine.instance_id:
+            return True
+        return current.sequence < previous.sequence
     before, now = counter_values(previous), counter_values(current)
-    return any(now[k] < v for k, v in before.items() if k in now)
+    shared = [k for k in before if k in now]
+    return bool(shared) and all(now[k] < before[k] for k in shared)
 
 
 @dataclass(slots=True)
 class CounterContinuity:
-    """Keeps exported counters monotonic across engine restarts (for the exporter's lifetime).
+    """Keeps exported counters monotonic across engine restarts and counter resets.
 
-    Each restart adds the previous instance's last values to a base, the way Prometheus'
-    ``rate()`` would have to guess; here nothing is guessed and nothing goes backwards.
+    On a restart every counter starts again: each one's last value is added to its base. A
+    single counter going back without a restart is a reset of that counter alone, as Prometheus'
+    ``rate()`` treats it: only its last value is added to its base, the others are untouched.
     """
 
     base: dict[str, int] = field(default_factory=dict)
@@ -140,5 +169,9 @@ class CounterContinuity:
             for key, value in self.last.items():
                 self.base[key] = self.base.get(key, 0) + value
             self.last = {}
+        for key, value in raw.items():
+            previous = self.last.get(key)
+            if previous is not None and value < previous:
+                self.base[key] = self.base.get(key, 0) + previous
         self.last.update(raw)
         return {key: self.base.get(key, 0) + value for key, value in raw.items()}

@@ -7,9 +7,14 @@ skipped, never fatal: the KV metrics matter more than one GPU's memory figure.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import importlib
 import logging
 import os
+import queue
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -21,6 +26,48 @@ NVML_MODULE_ENV = "KVCACHE_EXPORTER_PYNVML"
 
 class NvmlUnavailable(RuntimeError):
     pass
+
+
+class NvmlTimeout(RuntimeError):
+    """An NVML call did not return in time (a hung driver or GPU)."""
+
+
+class _Worker:
+    """One daemon thread that makes the NVML calls.
+
+    A hung driver call can never be interrupted, only abandoned: the caller stops waiting at its
+    deadline, the hung thread is a daemon (it does not hold up the process's exit), and no new
+    call is queued behind it until it returns.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[], list[GpuReading]], concurrent.futures.Future[list[GpuReading]]]
+        ] = queue.SimpleQueue()
+        self.busy = False
+        threading.Thread(target=self._run, name="kvcache-nvml", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            job, future = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                self.busy = False
+                continue  # given up on before it started
+            self.busy = True
+            try:
+                future.set_result(job())
+            except BaseException as exc:
+                future.set_exception(exc)
+            finally:
+                self.busy = False
+
+    def submit(
+        self, job: Callable[[], list[GpuReading]]
+    ) -> concurrent.futures.Future[list[GpuReading]]:
+        future: concurrent.futures.Future[list[GpuReading]] = concurrent.futures.Future()
+        self.busy = True  # until the worker has finished it
+        self._jobs.put((job, future))
+        return future
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +90,7 @@ class NvmlReader:
         self._nvml = module
         self.errors: dict[tuple[str, str], int] = {}
         self.available = False
+        self._worker: _Worker | None = None
 
     def start(self, mode: str) -> bool:
         """Initialise NVML per ``mode`` (auto/on/off); returns whether it is in use."""
@@ -60,9 +108,30 @@ class NvmlReader:
             log.info("NVML not available (%s); GPU metrics are off", exc)
             return False
         self.available = True
+        self._worker = _Worker()
         return True
 
+    async def read_within(self, deadline: float) -> list[GpuReading]:
+        """``read()`` on the NVML thread, given up after ``deadline`` seconds (counted as a
+        ``NvmlTimeout``; the GPU series then go until NVML answers again)."""
+        if not self.available or self._worker is None:
+            return []
+        if self._worker.busy:
+            self._count_error("all", NvmlTimeout("an earlier NVML call has not returned"))
+            return []
+        future = self._worker.submit(self.read)
+        try:
+            async with asyncio.timeout(deadline):
+                return await asyncio.wrap_future(future)
+        except TimeoutError:
+            self._count_error("all", NvmlTimeout(f"no answer within {deadline:g} s"))
+            return []
+
     def stop(self) -> None:
+        if self._worker is not None and self._worker.busy:
+            log.warning("NVML is hung: not calling nvmlShutdown, exiting without it")
+            self.available = False
+            return
         if self.available and self._nvml is not None:
             try:
                 self._nvml.nvmlShutdown()

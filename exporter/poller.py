@@ -64,6 +64,7 @@ class Poller:
         # (engine instance id, DP rank) -> the target that reports it, so that two targets
         # reaching one engine (two engines told the same shim port) are caught, not merged.
         self._claims: dict[tuple[str, int], str] = {}
+        self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -92,7 +93,10 @@ class Poller:
             self._thread.join(timeout=10)
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """The loop thread runs and no target's (or NVML's) polling task has ended."""
+        if self._thread is None or not self._thread.is_alive():
+            return False
+        return not any(task.done() for task in self._tasks)
 
     # ---------------------------------------------------------------------- loops
 
@@ -108,6 +112,7 @@ class Poller:
         ]
         if self.nvml.available:
             tasks.append(asyncio.create_task(self._poll_nvml()))
+        self._tasks = tasks
         waiter = asyncio.create_task(self._await_first_round(first))
         await self._stopping.wait()
         for task in [*tasks, waiter]:
@@ -128,7 +133,10 @@ class Poller:
         origin = self._origin
         while True:
             started = loop.time()
-            await self.poll_once(client, state, parse)
+            try:
+                await self.poll_once(client, state, parse)
+            except Exception as exc:  # nothing may end a target's polling: count it, go on
+                self._fail(state, "internal", repr(exc), 0.0, exc)
             first.set()
             delay = next_delay(
                 interval, state.consecutive_failures, self.config.max_backoff, self._rng
@@ -161,20 +169,38 @@ class Poller:
         except PollError as exc:
             failure = (exc.reason, exc.message)
         except Exception as exc:  # a bug must be counted and visible, never kill the loop
-            log.exception("target %s: unexpected error", state.target.name)
-            failure = ("internal", repr(exc))
+            self._fail(state, "internal", repr(exc), time.perf_counter() - started, exc)
+            return
         duration = time.perf_counter() - started
         if failure is not None:
-            reason, message = failure
-            if reason != "duplicate_instance":
-                self._release(state.target.name)
-            self._record(lambda: state.record_failure(reason, duration))
-            if state.consecutive_failures == 1:
-                log.warning("target %s: %s: %s", state.target.name, reason, message)
+            self._fail(state, *failure, duration)
             return
-        if state.consecutive_failures:
-            log.info("target %s is back", state.target.name)
+        was_failing = state.consecutive_failures > 0
         self._record(lambda: state.record_success(snapshots, time.time(), duration))
+        if was_failing:
+            log.info("target %s is back", state.target.name)
+
+    def _fail(
+        self,
+        state: TargetState,
+        reason: str,
+        message: str,
+        duration: float,
+        exc: BaseException | None = None,
+    ) -> None:
+        """Count a failed poll; one log line per change of state, never one per poll."""
+        if reason != "duplicate_instance":
+            self._release(state.target.name)
+        news: list[bool] = []
+        self._record(lambda: news.append(state.record_failure(reason, duration)))
+        if news and news[0]:
+            log.warning(
+                "target %s: %s: %s",
+                state.target.name,
+                reason,
+                message,
+                exc_info=exc if reason == "internal" else None,
+            )
 
     def _claim(self, name: str, snapshots: list[Snapshot]) -> None:
         """Raise ``duplicate_instance`` if another live target already reports these engines."""
@@ -209,7 +235,11 @@ class Poller:
 
     async def _poll_nvml(self) -> None:
         while True:
-            readings = await asyncio.to_thread(self.nvml.read)
+            try:
+                readings = await self.nvml.read_within(self.config.timeout)
+            except Exception as exc:  # counted; the loop goes on
+                log.warning("NVML read failed: %r", exc)
+                readings = []
             with self.lock:
                 self.gpus = readings
             self.on_change()

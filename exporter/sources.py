@@ -98,7 +98,9 @@ def parse_shim_body(body: bytes) -> list[Snapshot]:
     """One snapshot object, or an array of them (one per data-parallel rank)."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise PollError("invalid_body", "JSON nested too deeply") from None
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer too long to convert
         raise PollError("invalid_body", f"not JSON: {exc}") from None
     items = data if isinstance(data, list) else [data]
     if not items:

@@ -104,6 +104,7 @@ class TargetState:
         self.polls = 0
         self.errors = dict.fromkeys(ERROR_REASONS, 0)
         self.consecutive_failures = 0
+        self.last_failure: str | None = None  # the reason of the current failure streak
         self.last_success: float | None = None
         self.restarts = 0
         self.durations = Histogram()
@@ -123,7 +124,10 @@ class TargetState:
             ),
         )
 
-    def record_failure(self, reason: str, duration: float) -> None:
+    def record_failure(self, reason: str, duration: float) -> bool:
+        """Count a failed poll; True when this is news (a new streak, or a new reason)."""
+        news = self.consecutive_failures == 0 or reason != self.last_failure
+        self.last_failure = reason
         self.polls += 1
         self.errors[reason] += 1
         self.consecutive_failures += 1
@@ -132,14 +136,18 @@ class TargetState:
         self.engines = {}
         for memory in self._ranks.values():
             memory.used_history.clear()  # a gap in the data is not a trend
+        return news
 
     def record_success(self, snapshots: list[Snapshot], now: float, duration: float) -> None:
-        self.polls += 1
-        self.consecutive_failures = 0
-        self.durations.observe(duration)
+        # Derive everything before touching the state: if deriving raises, the caller counts
+        # an internal failure and this target's last numbers are not left standing.
         engines = {}
         for snapshot in snapshots:
             engines[snapshot.engine.dp_rank] = self._view(snapshot, now)
+        self.polls += 1
+        self.consecutive_failures = 0
+        self.last_failure = None
+        self.durations.observe(duration)
         self.engines = engines
         self.up = True
         self.last_success = now
@@ -159,7 +167,7 @@ class TargetState:
             history.append((now, float(pool.used_slots)))
             while history and history[0][0] < now - self.eta_window:
                 history.popleft()
-            eta = exhaustion_eta(history, float(pool.capacity_slots))
+            eta = exhaustion_eta(history, float(pool.capacity_slots), self.eta_window)
             if eta is not None:
                 etas.append(eta)
 

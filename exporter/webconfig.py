@@ -105,38 +105,64 @@ def load_web_config(path: str | Path) -> WebConfig:
     return web
 
 
+# bcrypt reads at most 72 bytes; exporter-toolkit (Go) refuses longer passwords, and so do we.
+MAX_PASSWORD_BYTES = 72
+# bcrypt runs on at most this many threads at once: a flood of wrong passwords queues here
+# instead of taking every core from the scrapes that are answered from the success cache.
+BCRYPT_CONCURRENCY = 1
+
+
+def _cost(digest: bytes) -> int:
+    try:
+        return int(digest.split(b"$")[2])
+    except (IndexError, ValueError):
+        return 10
+
+
 class BasicAuth:
-    """Checks ``Authorization: Basic ...`` against bcrypt hashes, caching successes."""
+    """Checks ``Authorization: Basic ...`` against bcrypt hashes, caching successes.
+
+    Every refusal of a well-formed header costs one bcrypt check at the configured cost, whether
+    the user exists or not (no user-existence oracle); the scheme is case-insensitive (RFC 7617).
+    """
 
     def __init__(self, users: dict[str, bytes]) -> None:
         self.users = users
         self._ok: set[bytes] = set()
         self._lock = threading.Lock()
+        self._bcrypt = threading.BoundedSemaphore(BCRYPT_CONCURRENCY)
+        cost = max((_cost(d) for d in users.values()), default=4)
+        self._dummy = bcrypt.hashpw(b"no such user", bcrypt.gensalt(cost)) if users else b""
 
     @property
     def enabled(self) -> bool:
         return bool(self.users)
 
+    def _checkpw(self, password: bytes, digest: bytes) -> bool:
+        with self._bcrypt:
+            return bcrypt.checkpw(password, digest)
+
     def check(self, header: str | None) -> bool:
         if not self.enabled:
             return True
-        if not header or not header.startswith("Basic "):
+        scheme, _, credentials = (header or "").strip().partition(" ")
+        if scheme.lower() != "basic":
             return False
         try:
-            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode()
         except (ValueError, UnicodeDecodeError):
             return False
+        user, _, password_text = decoded.partition(":")
+        password = password_text.encode()
         digest = self.users.get(user)
-        if digest is None:
-            bcrypt.checkpw(
-                b"x", bcrypt.hashpw(b"y", bcrypt.gensalt(4))
-            )  # same work: no user oracle
+        if digest is None or len(password) > MAX_PASSWORD_BYTES:
+            self._checkpw(password[:MAX_PASSWORD_BYTES], self._dummy)  # the same work
             return False
-        key = hashlib.sha256(digest + b"\0" + password.encode()).digest()
+        key = hashlib.sha256(digest + b"\0" + password).digest()
         with self._lock:
             if any(hmac.compare_digest(key, k) for k in self._ok):
                 return True
-        if not bcrypt.checkpw(password.encode(), digest):
+        if not self._checkpw(password, digest):
             return False
         with self._lock:
             if len(self._ok) > 1024:

@@ -6,6 +6,7 @@ This machine has no GPU, so NVML is the one thing tests fake. Devices are plain 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -30,6 +31,7 @@ class FakeDevice:
     used: int = 0
     utilization: int = 0
     lost: bool = False
+    hung: bool = False  # the driver call never returns (a wedged GPU)
 
 
 class FakeNvml:
@@ -56,6 +58,8 @@ class FakeNvml:
         return device
 
     def nvmlDeviceGetMemoryInfo(self, device: FakeDevice) -> SimpleNamespace:
+        while device.hung:
+            time.sleep(0.05)  # as a wedged driver: no answer, no error
         return SimpleNamespace(
             total=device.total, used=device.used, free=device.total - device.used
         )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import random
 
 import pytest
 
@@ -86,10 +88,53 @@ def test_exhaustion_eta() -> None:
     # used grows 10 tokens/s; 1000 left at the last sample -> 100 s.
     growing = [(t, 500.0 + 10 * t) for t in range(0, 50, 5)]
     assert exhaustion_eta(growing, capacity=1000 + growing[-1][1]) == pytest.approx(100.0)
-    assert exhaustion_eta([(0, 5.0), (1, 5.0), (2, 5.0)], 100) is None  # flat
-    assert exhaustion_eta([(0, 9.0), (1, 5.0), (2, 1.0)], 100) is None  # shrinking
-    assert exhaustion_eta([(0, 1.0), (1, 2.0)], 100) is None  # too few samples
-    assert exhaustion_eta([(0, 90.0), (1, 100.0), (2, 110.0)], 100) == 0.0  # already full
+    assert exhaustion_eta([(t, 5.0) for t in range(6)], 100) is None  # flat
+    assert exhaustion_eta([(t, 9.0 - t) for t in range(6)], 100) is None  # shrinking
+    assert exhaustion_eta([(t, 1.0 + t) for t in range(4)], 100) is None  # too few samples
+    assert exhaustion_eta([(t, 90.0 + 10 * t) for t in range(5)], 100) == 0.0  # already full
+    # Too short a stretch of the window: not yet a trend.
+    assert exhaustion_eta([(t, 1.0 + t) for t in range(10)], 1000, window=60) is None
+
+
+def forecasts(series: list[float], capacity: float, window: float = 120, step: float = 1) -> list:
+    """The published forecast after each poll, as the exporter keeps its window."""
+    history: list[tuple[float, float]] = []
+    out = []
+    for i, used in enumerate(series):
+        now = i * step
+        history.append((now, used))
+        history = [(t, u) for t, u in history if t >= now - window]
+        out.append(exhaustion_eta(history, capacity, window))
+    return out
+
+
+def test_forecast_is_quiet_on_noise_and_oscillation() -> None:
+    rng = random.Random(1)
+    flat = [5000 + rng.gauss(0, 400) for _ in range(3000)]
+    published = [f for f in forecasts(flat, 10_000) if f is not None]
+    assert len(published) < 0.01 * len(flat), f"{len(published)} forecasts on a flat pool"
+    # Agentic bursts: used climbs to 80 % over 20 s, drops to 10 %, again and again.
+    saw = [1000 + 7000 * ((i % 30) / 20 if i % 30 < 20 else 0) for i in range(3000)]
+    published = [f for f in forecasts(saw, 10_000) if f is not None]
+    assert len(published) < 0.02 * len(saw), f"{len(published)} forecasts on bursts"
+
+
+def test_forecast_tracks_real_growth_steadily() -> None:
+    """10 tokens/s growth under noise of 150 tokens, a 120 s window of 1 s polls: the slope's
+    standard error is 150 / sqrt(120^3 / 12) = 0.4 tokens/s (4 %), so every forecast is within
+    5 standard errors (20 %) of the truth once the window is half full, nearly every poll
+    publishes one, and consecutive forecasts never jump."""
+    rng = random.Random(2)
+    capacity = 100_000.0
+    series = [2000 + 10 * i + rng.gauss(0, 150) for i in range(3000)]
+    results = forecasts(series, capacity)[60:]
+    published = [(i + 60, f) for i, f in enumerate(results) if f is not None]
+    assert len(published) >= 0.99 * len(results)
+    for i, eta in published:
+        truth = (capacity - (2000 + 10 * i)) / 10
+        assert eta == pytest.approx(truth, rel=0.2), (i, eta, truth)
+    for (_, before), (_, after) in itertools.pairwise(published):
+        assert abs(after - before) <= 0.05 * before + 2, (before, after)
 
 
 def test_restart_detection() -> None:
@@ -97,10 +142,24 @@ def test_restart_detection() -> None:
     assert not is_restart(before, snap(sequence=2, queries=120))
     assert is_restart(before, snap(instance="b", sequence=2))
     assert is_restart(before, snap(sequence=0))
-    assert is_restart(before, snap(sequence=2, queries=10))  # a counter went backwards
-    # Bridges have no instance id or sequence: counters alone tell.
-    bridged = dataclasses.replace(before, sequence=0)
-    assert is_restart(bridged, dataclasses.replace(snap(queries=5), sequence=0))
+    # One counter going back, same instance, rising sequence: that counter's reset, not a restart.
+    assert not is_restart(before, snap(sequence=2, queries=99))
+    # Engines with no identity (some bridges): only every counter going back at once tells.
+    anon = dataclasses.replace(before, sequence=0)
+    anon = dataclasses.replace(anon, engine=dataclasses.replace(anon.engine, instance_id="unknown"))
+
+    def anon_with(queries: int, hits: int, preemptions: int) -> Snapshot:
+        return dataclasses.replace(
+            anon,
+            counters=Counters(
+                prefix_query_tokens=queries,
+                prefix_hit_tokens={"device": hits},
+                preemptions=preemptions,
+            ),
+        )
+
+    assert is_restart(anon, anon_with(5, 1, 0))
+    assert not is_restart(anon, anon_with(99, 60, 3))  # one counter dipped, the others grew
 
 
 def test_counters_stay_monotonic_across_restarts() -> None:
@@ -110,6 +169,17 @@ def test_counters_stay_monotonic_across_restarts() -> None:
     assert c.update({"q": 5, "h": 0}, restarted=True) == {"q": 155, "h": 12}
     assert c.update({"q": 30, "h": 4}, restarted=False) == {"q": 180, "h": 16}
     assert c.update({"q": 1, "h": 1}, restarted=True) == {"q": 181, "h": 17}
+
+
+def test_a_one_counter_dip_resets_that_counter_only() -> None:
+    """As Prometheus reads counter resets: the dipped counter restarts from its new value on top
+    of its last one; the other counters are untouched (once every counter's last value was
+    added: 3001 exported where 2001 was true)."""
+    c = CounterContinuity()
+    assert c.update({"q": 2000, "h": 1000}, restarted=False) == {"q": 2000, "h": 1000}
+    assert c.update({"q": 1999, "h": 1001}, restarted=False) == {"q": 3999, "h": 1001}
+    assert c.update({"q": 2001, "h": 1002}, restarted=False) == {"q": 4001, "h": 1002}
+    assert c.update({"q": 2002, "h": 1003}, restarted=False) == {"q": 4002, "h": 1003}
 
 
 def test_counter_values_flatten_and_skip_unknowns() -> None:

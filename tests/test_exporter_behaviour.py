@@ -363,6 +363,8 @@ def test_demo_runs_and_prints_live_numbers() -> None:
         timeout=180,
     )
     assert result.returncode == 0, result.stderr
+    # The expected start-up order (engine first) is not a warning a newcomer should see.
+    assert "ConnectError" not in result.stderr and "WARNING" not in result.stderr, result.stderr
     out = result.stdout
     assert "kvcache-exporter demo: reference engine with the 'agentic' workload" in out
     assert "/metrics" in out and "/v1/kv/stats" in out

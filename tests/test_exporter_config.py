@@ -139,3 +139,46 @@ def test_running_with_a_bad_config_exits_nonzero(tmp_path: Path) -> None:
     result = run_cli("--config", str(bad))
     assert result.returncode == 2
     assert f"{bad}: nvml: must be one of auto, on, off" in result.stderr
+
+
+# exporter-toolkit's testdata pattern: *.good.yml load, *.bad.yml fail with the error on their
+# first line ("# error: KEY: PROBLEM"). Secrets in them ("hunter2", the tokens) must never show.
+TESTDATA = Path(__file__).parent / "testdata" / "config"
+SECRETS = ("hunter2", "s3cret")
+TOKENS = {
+    "KVCACHE_TEST_TOKEN_EMPTY": "",
+    "KVCACHE_TEST_TOKEN_BROKEN": "s3cret\nX-Injected: 1",
+    "KVCACHE_TEST_TOKEN_NEWLINE": "s3cret-token\n",
+}
+
+
+@pytest.fixture
+def tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in TOKENS.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("path", sorted(TESTDATA.glob("*.good.yml")), ids=lambda p: p.name)
+def test_good_configs_load(path: Path, tokens: None) -> None:
+    config = load_config(path)
+    for target in config.targets:
+        token = target.bearer_token()
+        assert token is None or token == token.strip()
+        assert not any(secret in repr(config) for secret in SECRETS)
+
+
+@pytest.mark.parametrize("path", sorted(TESTDATA.glob("*.bad.yml")), ids=lambda p: p.name)
+def test_bad_configs_fail_with_their_error_and_no_secret(path: Path, tokens: None) -> None:
+    expected = path.read_text().splitlines()[0].removeprefix("# error: ")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {expected}"), message
+    assert not any(secret in message for secret in SECRETS), message
+
+
+def test_check_config_never_prints_a_password() -> None:
+    result = run_cli("check-config", str(TESTDATA / "url-credentials.bad.yml"))
+    assert result.returncode == 2
+    assert "credentials in a URL are refused" in result.stderr
+    assert "hunter2" not in result.stdout + result.stderr

@@ -1,9 +1,11 @@
-"""/metrics over real TLS on loopback, basic auth from an exporter-toolkit web config."""
+"""/metrics over real TLS on loopback, basic auth from an exporter-toolkit web config, and the
+HTTP edges: plain HTTP on the TLS port, Accept-Encoding q-values, GETs that carry a body."""
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import ssl
 import subprocess
 import sys
@@ -14,8 +16,9 @@ import httpx
 import pytest
 import yaml
 
-from exporter.app import Exporter
-from exporter.config import ConfigError, load_config
+from engine_shim.server import ShimApp, ShimServer
+from exporter.app import Exporter, accepts_gzip
+from exporter.config import ConfigError, load_config, parse_config
 from exporter.webconfig import BasicAuth, load_web_config
 from tests.helpers import CannedServer, body, wait_for
 from tests.test_snapshot import valid
@@ -106,12 +109,47 @@ def test_tls_and_basic_auth(certs: Path, caplog: pytest.LogCaptureFixture) -> No
             assert PASSWORD not in ok.text
         with pytest.raises(httpx.ConnectError):  # a client that does not trust the certificate
             httpx.get(f"{url}/metrics")
-        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
-            httpx.get(f"http://127.0.0.1:{exporter.port}/metrics", timeout=3)
+        # Plain HTTP on the TLS port: a clear 400, as Go's servers answer, not a silent close.
+        plain = httpx.get(f"http://127.0.0.1:{exporter.port}/metrics", timeout=3)
+        assert plain.status_code == 400
+        assert plain.text == "Client sent an HTTP request to an HTTPS server.\n"
+        with httpx.Client(
+            verify=ssl.create_default_context(cafile=str(certs / "tls.crt"))
+        ) as client:  # and TLS still works after it
+            assert client.get(f"{url}/metrics", auth=("prometheus", PASSWORD)).status_code == 200
     finally:
         exporter.stop()
         shim.close()
     assert PASSWORD not in caplog.text
+
+
+def test_basic_auth_edges_are_refusals_not_dropped_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import base64
+
+    digest = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=5))
+    auth = BasicAuth({"u": digest})
+
+    def header(user: bytes, password: bytes, scheme: str = "Basic") -> str:
+        return f"{scheme} " + base64.b64encode(user + b":" + password).decode()
+
+    assert auth.check(header(b"u", b"pw", scheme="basic"))  # RFC 7617: case-insensitive
+    assert auth.check(header(b"u", b"pw", scheme="BASIC"))
+    assert not auth.check(header(b"u", b"p" * 73))  # bcrypt would raise past 72 bytes
+    assert not auth.check(header(b"u", b"\xff" * 100))
+    # An unknown user costs one bcrypt check at the configured cost, as a wrong password does.
+    checks: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        checks.append(hashed[:7])
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    assert not auth.check(header(b"nobody", b"pw"))
+    assert not auth.check(header(b"u", b"wrong"))
+    assert checks == [digest[:7], digest[:7]]  # $2b$05$ both times
 
 
 def test_basic_auth_caches_only_successes() -> None:
@@ -244,4 +282,66 @@ def test_client_certificates_can_be_required(certs: Path) -> None:
         )
     finally:
         exporter.stop()
+        shim.close()
+
+
+@pytest.mark.parametrize(
+    ("header", "gzipped"),
+    [
+        ("gzip", True),
+        ("gzip, deflate", True),
+        ("gzip;q=0", False),
+        ("gzip; q=0.0, identity", False),
+        ("identity", False),
+        ("*;q=0.5", True),
+        ("*;q=0.5, gzip;q=0", False),
+        ("", False),
+    ],
+)
+def test_accept_encoding_q_values(header: str, gzipped: bool) -> None:
+    assert accepts_gzip(header) is gzipped
+
+
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send raw bytes, read until the server closes (or 3 s pass)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+        sock.sendall(request)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+
+
+def test_a_get_with_a_body_is_refused_not_read_as_a_second_request() -> None:
+    smuggled = b"GET /nope-second-request HTTP/1.1\r\nHost: x\r\n\r\n"
+    request = (
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: "
+        + str(len(smuggled)).encode()
+        + b"\r\n\r\n"
+        + smuggled
+    )
+    shim = CannedServer(body(json.dumps(valid()).encode()))
+    exporter = Exporter(
+        parse_config(
+            {
+                "listen": "127.0.0.1:0",
+                "nvml": "off",
+                "targets": [{"name": "a", "kind": "shim", "url": shim.url}],
+            }
+        )
+    )
+    exporter.start()
+    engine_side = ShimServer(ShimApp(snapshots=lambda: [], healthy=lambda: True))
+    engine_side.start()
+    try:
+        for port in (exporter.port, engine_side.port):
+            answer = raw_exchange(port, request)
+            assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+            assert answer.count(b"HTTP/1.") == 1, "the body was served as a request"
+    finally:
+        exporter.stop()
+        engine_side.stop()
         shim.close()

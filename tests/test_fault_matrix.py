@@ -100,6 +100,30 @@ FAULTS: dict[str, tuple[Any, str]] = {
     ),
     "inconsistent": (body(json_with(pools__0__used_slots=176)), "invalid_snapshot"),
     "trickle": (trickle, "timeout"),
+    # Numbers a JSON parser accepts but no metric sample can hold (once rendering broke every
+    # target's scrape), and input built to exhaust the parser itself.
+    "huge_tier": (body(json_with(host_tier__capacity_tokens=10**400)), "invalid_snapshot"),
+    "huge_counter": (body(json_with(counters__preemptions=2**64)), "invalid_snapshot"),
+    "digits_5000": (
+        body(
+            json.dumps(valid()).replace('"preemptions": 1', '"preemptions": ' + "7" * 5000).encode()
+        ),
+        "invalid_body",
+    ),
+    "nested": (body(b"[" * 100_000 + b"]" * 100_000), "invalid_body"),
+}
+# Strings no label can hold as they are (a lone surrogate is legal JSON, not UTF-8): the target
+# stays up and its labels carry U+FFFD instead.
+SANITISED = {
+    "surrogates": body(
+        json_with(
+            engine__instance_id="another-engine",
+            engine__version="v\ud800",
+            pools__0__name="full\udfff",
+            groups__0__pool="full\udfff",
+            pools__0__gpu_uuid="GPU-\ud83d",
+        )
+    ),
 }
 
 
@@ -136,6 +160,7 @@ BRIDGE_FAULTS: dict[str, tuple[str, Any, str]] = {
 @pytest.fixture
 def matrix() -> Iterator[tuple[Exporter, dict[str, str]]]:
     servers = {name: CannedServer(respond) for name, (respond, _) in FAULTS.items()}
+    servers.update({name: CannedServer(respond) for name, respond in SANITISED.items()})
     bridges = {name: CannedServer(respond) for name, (_, respond, _) in BRIDGE_FAULTS.items()}
     good = CannedServer(body(json.dumps(valid()).encode()))
     silent = SilentListener()
@@ -216,6 +241,19 @@ def test_every_fault_is_counted_by_reason_and_isolated(
             if n == "kvcache_exporter_poll_errors_total" and ls["engine"] == name and v > 0
         }
         assert others == {reason}, f"{name}: counted as {others}, expected {reason}"
+    # Strings no label could hold are cleaned, not fatal: that target is up, its labels carry
+    # U+FFFD, and the scrape (parsed above, every target in it) is valid text.
+    assert value(samples, "kvcache_exporter_target_up", engine="surrogates") == 1
+    info = [
+        ls for n, ls, _ in samples if n == "kvcache_engine_info" and ls["engine"] == "surrogates"
+    ]
+    assert [ls["engine_version"] for ls in info] == ["v\ufffd"]
+    pools = {
+        ls["pool"]
+        for n, ls, _ in samples
+        if n == "kvcache_pool_slots" and ls["engine"] == "surrogates"
+    }
+    assert pools == {"full\ufffd"}
     # The healthy target beside them was polled on schedule, up, with fresh data.
     assert value(samples, "kvcache_exporter_target_up", engine="good") == 1
     assert value(samples, "kvcache_pool_slots", engine="good", state="used") == 160

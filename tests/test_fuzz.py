@@ -11,16 +11,32 @@ import copy
 import json
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine_shim.bridges import BridgeError, convert
-from engine_shim.snapshot import SnapshotError, parse_snapshot
+from engine_shim.snapshot import Snapshot, SnapshotError, parse_snapshot
+from exporter.collector import ExporterView, KVCacheCollector
+from exporter.config import parse_config
 from exporter.sources import PollError, parse_shim_body
+from exporter.state import TargetState
 from tests.conftest import FIXTURES
 from tests.test_snapshot import valid
 
 FUZZ_EXAMPLES = 400
+TARGET = parse_config(
+    {"targets": [{"name": "fuzz", "kind": "shim", "url": "http://127.0.0.1:1"}]}
+).targets[0]
+
+
+def RenderRegistry(collector: KVCacheCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
 FIXTURE_TEXT = {
     "vllm": (FIXTURES / "vllm-0.33.0-dp1.prom").read_text(),
     "sglang": (FIXTURES / "sglang-0.5.23-hicache.prom").read_text(),
@@ -31,12 +47,17 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
+# Full Unicode, lone surrogates included (legal in JSON text, impossible in UTF-8), and integers
+# far beyond 2^64 and float range (a JSON parser takes them; no metric sample can hold them).
+any_text = st.text(st.characters(exclude_categories=()), max_size=20)
 json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(-(2**70), 2**70)
+    | st.integers(-(10**400), 10**400)
+    | st.sampled_from([2**53, 2**53 + 1, 2**64, 10**309, -(10**309)])
     | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=20),
+    | any_text,
     lambda children: (
         st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5)
     ),
@@ -84,10 +105,26 @@ def test_snapshot_parser_on_mutated_snapshots(data: st.DataObject) -> None:
             assert (
                 pool.used_slots + pool.evictable_slots + pool.available_slots == pool.capacity_slots
             )
+    assert_renders(parsed)
+
+
+def assert_renders(snapshot: Snapshot) -> None:
+    """Whatever the parser accepts, the exporter derives and renders as valid text with that
+    target up (the renderer's last line of defence never has to drop it)."""
+    state = TargetState(TARGET, eta_window=60)
+    state.record_success([snapshot], now=1e9, duration=0.01)
+    collector = KVCacheCollector(lambda: ExporterView([state.report()], [], {}, False, {}))
+    text = generate_latest(RenderRegistry(collector)).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert collector.render_errors == {}
+    assert [s.value for s in families["kvcache_exporter_target_up"].samples] == [1.0]
 
 
 @SETTINGS
 @given(st.binary(max_size=2000) | json_values.map(lambda v: json.dumps(v).encode()))
+@example(b"[" * 100_000 + b"]" * 100_000)  # nested past the recursion limit
+@example(b'{"schema": ' + b"9" * 5000 + b"}")  # past Python's int-from-text limit
+@example(b'{"schema": "\\ud800"}')
 def test_shim_body_parser_on_arbitrary_bytes(raw: bytes) -> None:
     try:
         parse_shim_body(raw)
@@ -96,14 +133,18 @@ def test_shim_body_parser_on_arbitrary_bytes(raw: bytes) -> None:
 
 
 @SETTINGS
-@given(kind=st.sampled_from(["vllm", "sglang"]), text=st.text(max_size=3000))
+@given(
+    kind=st.sampled_from(["vllm", "sglang"]),
+    text=st.text(st.characters(exclude_categories=()), max_size=3000),
+)
 def test_bridges_on_arbitrary_text(kind: str, text: str) -> None:
     try:
         result = convert(kind, text)
     except BridgeError:
         return
     for snap in result.snapshots:
-        parse_snapshot(snap.to_json())
+        assert_renders(parse_snapshot(snap.to_json()))
+        assert_renders(snap)
 
 
 @SETTINGS
@@ -137,4 +178,34 @@ def test_bridges_on_mutated_engine_text(kind: str, data: st.DataObject) -> None:
     except BridgeError:
         return
     for snap in result.snapshots:
-        parse_snapshot(snap.to_json())
+        assert_renders(parse_snapshot(snap.to_json()))
+
+
+# Values that broke rendering for every target once: a lone surrogate in any string, an integer
+# past 2^53 or past float range in any number. Every field of a valid snapshot gets one.
+hostile = (
+    st.text(
+        st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=3
+    ).flatmap(lambda s: st.sampled_from([s, f"v{s}", f"{s}x"]))
+    | st.integers(2**53 + 1, 10**400)
+    | st.sampled_from([2**53 + 1, 2**64, 10**308 * 10, 10**400, 1e300, -(10**400)])
+)
+
+
+@SETTINGS
+@given(where=st.sampled_from(paths(valid())[1:]), value=hostile, also_group=st.booleans())
+def test_hostile_values_in_any_field_are_refused_or_cleaned(
+    where: tuple[Any, ...], value: Any, also_group: bool
+) -> None:
+    snapshot = valid()
+    parent: Any = snapshot
+    for key in where[:-1]:
+        parent = parent[key]
+    parent[where[-1]] = value
+    if also_group and where == ("pools", 0, "name"):
+        snapshot["groups"][0]["pool"] = value  # keep the group pointing at the renamed pool
+    try:
+        parsed = parse_snapshot(snapshot)
+    except SnapshotError:
+        return
+    assert_renders(parsed)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..snapshot import Snapshot
+from ..snapshot import MAX_COUNT, Snapshot
 
 MAX_TEXT_BYTES = 16 << 20
 
@@ -85,8 +85,8 @@ class Samples:
 
 
 def as_count(value: float | None) -> int | None:
-    """Prometheus floats -> token counts; negative or non-finite values are unknown."""
-    if value is None or not math.isfinite(value) or value < 0:
+    """Prometheus floats -> token counts; negative, non-finite or past-2^53 values are unknown."""
+    if value is None or not math.isfinite(value) or value < 0 or value > MAX_COUNT:
         return None
     return round(value)
 

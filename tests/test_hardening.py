@@ -1,0 +1,214 @@
+"""A hostile or broken part must cost only itself: render, poll loop, GPU library, shutdown.
+
+Each test reaches past the parsers (which refuse the bad input in the first place) to the
+layer behind them, so that the last line of defence is tested on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+import exporter.state
+from engine_shim.snapshot import parse_snapshot
+from exporter.app import Exporter
+from exporter.collector import ExporterView, KVCacheCollector
+from exporter.exposition import CachedExposition
+from exporter.state import TargetState
+from tests.fake_pynvml import FakeDevice, FakeNvml
+from tests.helpers import CannedServer, body, free_port, wait_for
+from tests.test_exporter_behaviour import get, snapshot_json, start
+from tests.test_fuzz import TARGET
+from tests.test_snapshot import valid
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def canned() -> Iterator[list[CannedServer]]:
+    made: list[CannedServer] = []
+    yield made
+    for s in made:
+        s.close()
+
+
+def counted(exp: Exporter, name: str, **labels: str) -> float:
+    found = get(exp, name, **labels)
+    return found[0] if found else 0.0
+
+
+def report(name: str, **engine_changes: object) -> exporter.state.TargetReport:
+    state = TargetState(dataclasses.replace(TARGET, name=name), eta_window=60)
+    data = valid()
+    data["engine"]["instance_id"] = name
+    state.record_success([parse_snapshot(data)], now=1e9, duration=0.01)
+    for rank, view in state.engines.items():  # what a parser bug could let through
+        for attr, value in engine_changes.items():
+            object.__setattr__(view, attr, value)
+        state.engines[rank] = view
+    return state.report()
+
+
+def test_one_unrenderable_target_costs_only_itself(caplog: pytest.LogCaptureFixture) -> None:
+    reports = [
+        report("good"),
+        report("surrogate", model="evil\ud800"),
+        report("overflow", capacity_tokens=10**400),
+    ]
+    collector = KVCacheCollector(lambda: ExporterView(reports, [], {}, False, {}))
+    exposition = CachedExposition(collector, process_metrics=False)
+    for _ in range(2):
+        text = exposition.render().decode()
+        exposition.invalidate()
+
+    samples = [
+        (s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples
+    ]
+    engines = {ls["engine"] for n, ls, _ in samples if n == "kvcache_pool_slots"}
+    assert engines == {"good"}
+    up = {ls["engine"]: v for n, ls, v in samples if n == "kvcache_exporter_target_up"}
+    assert up == {"good": 1.0, "surrogate": 0.0, "overflow": 0.0}
+    errors = {
+        ls["engine"]: v for n, ls, v in samples if n == "kvcache_exporter_render_errors_total"
+    }
+    assert errors == {"good": 0.0, "surrogate": 2.0, "overflow": 2.0}
+    said = [r for r in caplog.records if "cannot be rendered" in r.getMessage()]
+    assert len(said) == 2  # once per target, not once per render
+
+
+def test_an_exception_while_deriving_is_counted_and_the_loop_goes_on(
+    canned: list[CannedServer], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = CannedServer(body(snapshot_json()))
+    canned.append(server)
+    exp = start([("a", server.url)])
+    try:
+        wait_for(lambda: get(exp, "kvcache_exporter_target_up", engine="a") == [1], 5, "up")
+        real = exporter.state.pool_ratios
+
+        def broken(pool: object) -> object:
+            raise OverflowError("int too large to convert to float")
+
+        monkeypatch.setattr(exporter.state, "pool_ratios", broken)
+        wait_for(
+            lambda: (
+                (
+                    get(exp, "kvcache_exporter_poll_errors_total", engine="a", reason="internal")
+                    or [0]
+                )[0]
+                >= 3
+            ),
+            5,
+            "internal failures counted",
+        )
+        assert get(exp, "kvcache_exporter_target_up", engine="a") == [0]
+        assert not get(exp, "kvcache_pool_slots", engine="a")  # no stale numbers left standing
+        assert httpx.get(f"http://127.0.0.1:{exp.port}/healthz").status_code == 200
+        said = [
+            r
+            for r in caplog.records
+            if "internal" in r.getMessage() and "target a" in r.getMessage()
+        ]
+        assert len(said) == 1 and said[0].exc_info is not None  # one line, with the traceback
+        monkeypatch.setattr(exporter.state, "pool_ratios", real)
+        wait_for(lambda: get(exp, "kvcache_exporter_target_up", engine="a") == [1], 5, "back up")
+    finally:
+        exp.stop()
+
+
+def test_healthz_reports_a_polling_task_that_ended(canned: list[CannedServer]) -> None:
+    server = CannedServer(body(snapshot_json()))
+    canned.append(server)
+    exp = start([("a", server.url), ("b", server.url.replace("127.0.0.1", "localhost"))])
+    try:
+        url = f"http://127.0.0.1:{exp.port}/healthz"
+        wait_for(lambda: httpx.get(url).status_code == 200, 5, "healthy")
+        loop = exp.poller._loop
+        assert loop is not None
+        loop.call_soon_threadsafe(exp.poller._tasks[0].cancel)
+        wait_for(lambda: httpx.get(url).status_code == 503, 5, "unhealthy")
+    finally:
+        exp.stop()
+
+
+def test_a_hung_gpu_library_is_counted_and_its_series_go(canned: list[CannedServer]) -> None:
+    server = CannedServer(body(snapshot_json()))
+    canned.append(server)
+    device = FakeDevice(uuid="GPU-a", used=2**30)
+    exp = start([("a", server.url)], FakeNvml([device]))
+    try:
+        wait_for(lambda: get(exp, "kvcache_gpu_memory_total_bytes") == [80 * 2**30], 5, "GPU")
+        device.hung = True
+        wait_for(lambda: not get(exp, "kvcache_gpu_memory_total_bytes"), 5, "GPU series to go")
+        wait_for(
+            lambda: (
+                (
+                    get(exp, "kvcache_exporter_nvml_errors_total", gpu="all", reason="NvmlTimeout")
+                    or [0]
+                )[0]
+                >= 2
+            ),
+            5,
+            "the hang counted, poll after poll",
+        )
+        assert get(exp, "kvcache_pool_slots", engine="a", state="used") == [160]  # KV goes on
+        started = time.monotonic()
+    finally:
+        exp.stop()
+    assert time.monotonic() - started < 5, "stop() waited for the hung NVML call"
+    device.hung = False
+
+
+def test_sigterm_ends_the_exporter_within_5_s_while_nvml_hangs(tmp_path: Path) -> None:
+    config = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "poll_interval": "500ms",
+        "timeout": "300ms",
+        "nvml": "on",
+        "targets": [{"name": "a", "kind": "shim", "url": "http://127.0.0.1:9"}],
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    env = {
+        **os.environ,
+        "KVCACHE_EXPORTER_PYNVML": "tests.fake_nvml_module",
+        "FAKE_NVML_DEVICES": json.dumps([{"uuid": "GPU-a", "hung": True}]),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter.cli", "--config", str(tmp_path / "c.yaml")],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://{config['listen']}/metrics"
+
+    def hang_counted() -> bool:
+        try:
+            return "NvmlTimeout" in httpx.get(url, timeout=2).text
+        except httpx.HTTPError:
+            return False  # still starting
+
+    try:
+        wait_for(hang_counted, 10, "the hang counted")
+    except AssertionError:
+        proc.kill()
+        raise
+    proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    try:
+        code = proc.wait(timeout=10)
+    finally:
+        proc.kill()
+    assert time.monotonic() - started < 5
+    assert code == 0, proc.stderr.read().decode() if proc.stderr else ""
