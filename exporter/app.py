@@ -11,6 +11,9 @@ import logging
 import socket
 import ssl
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from types import ModuleType
@@ -21,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from engine_shim.server import QuietThreadingHTTPServer, refuse_body
 
 from .collector import ExporterView, KVCacheCollector
-from .config import Config
+from .config import Config, ConfigError
 from .exposition import CachedExposition
 from .nvml import NvmlReader
 from .poller import Poller
@@ -30,9 +33,22 @@ from .webconfig import REALM, BasicAuth, WebConfig, load_web_config
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class ReloadStats:
+    successes: int = 0
+    failures: int = 0
+    last_ok: bool = True
+    last_success: float = field(default_factory=time.time)
+
+
 class Exporter:
     def __init__(
-        self, config: Config, nvml_module: ModuleType | None = None, web: WebConfig | None = None
+        self,
+        config: Config,
+        nvml_module: ModuleType | None = None,
+        web: WebConfig | None = None,
+        loader: Callable[[], Config] | None = None,
+        lifecycle: bool = False,
     ) -> None:
         self.config = config
         if web is None and config.web_config_file is not None:
@@ -44,13 +60,92 @@ class Exporter:
         self.exposition = CachedExposition(KVCacheCollector(self.view))
         self.poller = Poller(config, self.nvml, self.exposition.invalidate)
         self._httpd: QuietThreadingHTTPServer | None = None
+        # Reload: the loader re-reads the config file (None: nothing to reload from);
+        # ``lifecycle`` also allows POST /-/reload (Prometheus' --web.enable-lifecycle).
+        self._loader = loader
+        self.lifecycle = lifecycle
+        self.reloads = ReloadStats()
+        self._reload_lock = threading.Lock()
 
     def view(self) -> ExporterView:
-        with self.poller.lock:
-            reports = [s.report() for s in self.poller.states]
-            gpus = list(self.poller.gpus)
+        poller = self.poller
+        with poller.lock:
+            reports = [s.report() for s in poller.states]
+            gpus = list(poller.gpus)
             nvml_errors = dict(self.nvml.errors)
-        return ExporterView(reports, gpus, nvml_errors, self.nvml_enabled, self.config.gpus)
+        return ExporterView(
+            reports, gpus, nvml_errors, self.nvml_enabled, self.config.gpus, self.reloads
+        )
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the configuration and apply it; on any error keep the running one.
+
+        Targets, intervals, timeouts, limits, GPU map and basic-auth users are applied; a
+        target kept as it was keeps its counters and history. The listen address, TLS files
+        and the NVML mode need a restart (said in the log)."""
+        with self._reload_lock:
+            if self._loader is None:
+                return False, "no configuration file to reload from"
+            try:
+                config = self._loader()
+                web = (
+                    load_web_config(config.web_config_file)
+                    if config.web_config_file is not None
+                    else WebConfig()
+                )
+            except ConfigError as exc:
+                self.reloads.failures += 1
+                self.reloads.last_ok = False
+                self.exposition.invalidate()
+                log.error("reload failed, the running configuration stays: %s", exc)
+                return False, str(exc)
+            needs_restart = [
+                what
+                for what, running, wanted in (
+                    (
+                        "listen",
+                        (self.config.listen_host, self.config.listen_port),
+                        (config.listen_host, config.listen_port),
+                    ),
+                    ("nvml", self.config.nvml, config.nvml),
+                    (
+                        "TLS",
+                        (self.web.cert_file, self.web.key_file, self.web.client_ca_file),
+                        (web.cert_file, web.key_file, web.client_ca_file),
+                    ),
+                )
+                if running != wanted
+            ]
+            if needs_restart:
+                log.warning(
+                    "reload: %s changed and apply only after a restart", ", ".join(needs_restart)
+                )
+            old = self.poller
+            poller = Poller(
+                config,
+                self.nvml,
+                self.exposition.invalidate,
+                {s.target.name: s for s in old.states},
+            )
+            old.stop()
+            if old.rounds_completed.is_set():
+                poller.rounds_completed.set()  # the kept targets have data; new ones follow
+            before = {t.name for t in self.config.targets}
+            after = {t.name for t in config.targets}
+            self.config, self.web, self.auth = config, web, BasicAuth(web.basic_auth_users)
+            self.poller = poller
+            poller.start()
+            self.reloads.successes += 1
+            self.reloads.last_ok = True
+            self.reloads.last_success = time.time()
+            self.exposition.invalidate()
+            log.info(
+                "configuration reloaded: %d targets (added: %s; removed: %s)",
+                len(config.targets),
+                ", ".join(sorted(after - before)) or "none",
+                ", ".join(sorted(before - after)) or "none",
+            )
+            return True, "reloaded"
 
     def healthy(self) -> bool:
         return self.poller.alive() and self.poller.rounds_completed.is_set()
@@ -189,5 +284,25 @@ def _handler(exporter: Exporter, tls: ssl.SSLContext | None) -> type[BaseHTTPReq
                 self._reply(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
 
         do_HEAD = do_GET
+
+        def do_POST(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path != "/-/reload" or not exporter.lifecycle:
+                self.close_connection = True
+                self._reply(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+                return
+            if not exporter.auth.check(self.headers.get("Authorization")):
+                self.close_connection = True
+                self.send_response(HTTPStatus.UNAUTHORIZED)
+                self.send_header("WWW-Authenticate", f'Basic realm="{REALM}"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            ok, message = exporter.reload()
+            self._reply(
+                HTTPStatus.OK if ok else HTTPStatus.INTERNAL_SERVER_ERROR,
+                f"{message}\n".encode(),
+                "text/plain",
+            )
 
     return Handler

@@ -9,10 +9,10 @@ import signal
 import sys
 import threading
 
-from .config import ConfigError, load_config, parse_listen
+from .config import Config, ConfigError, load_config, parse_listen
 
 USAGE = """\
-kvcache-exporter --config FILE [--listen HOST:PORT]   run the sidecar
+kvcache-exporter --config FILE [--listen HOST:PORT]   run the sidecar (SIGHUP reloads FILE)
 kvcache-exporter check-config FILE                     validate a config and exit
 kvcache-exporter demo [--workload agentic|chat|burst]  reference engine + exporter + live view
 kvcache-exporter watch [--url URL]                     live one-line-per-engine view"""
@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--web.config.file", dest="web_config", help="TLS / basic-auth file (overrides the config)"
+    )
+    parser.add_argument(
+        "--web.enable-lifecycle",
+        dest="lifecycle",
+        action="store_true",
+        help="allow POST /-/reload (as Prometheus); SIGHUP always reloads",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command")
@@ -55,15 +61,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(config_path: str, listen: tuple[str, int] | None, web_config: str | None = None) -> int:
+def run(
+    config_path: str,
+    listen: tuple[str, int] | None,
+    web_config: str | None = None,
+    lifecycle: bool = False,
+) -> int:
     from .app import Exporter
     from .nvml import NvmlUnavailable
 
-    try:
+    def load() -> Config:
         config = load_config(config_path)
         if web_config is not None:
             config = dataclasses.replace(config, web_config_file=web_config)
-        exporter = Exporter(config)
+        return config
+
+    try:
+        config = load()
+        exporter = Exporter(config, loader=load, lifecycle=lifecycle)
     except ConfigError as exc:
         print(f"kvcache-exporter: bad config: {exc}", file=sys.stderr)
         return 2
@@ -76,10 +91,23 @@ def run(config_path: str, listen: tuple[str, int] | None, web_config: str | None
     except OSError as exc:
         print(f"kvcache-exporter: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
+    # Signal handlers only raise flags; the main thread acts on them.
+    wake = threading.Event()
+    flags = {"stop": False, "reload": False}
+
+    def raise_flag(name: str) -> None:
+        flags[name] = True
+        wake.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+        signal.signal(sig, lambda *_: raise_flag("stop"))
+    signal.signal(signal.SIGHUP, lambda *_: raise_flag("reload"))
+    while not flags["stop"]:
+        wake.wait()
+        wake.clear()
+        if flags["reload"] and not flags["stop"]:
+            flags["reload"] = False
+            exporter.reload()
     exporter.stop()
     return 0
 
@@ -121,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("kvcache-exporter: --config FILE is required to run the sidecar", file=sys.stderr)
         return 2
-    return run(args.config, args.listen, args.web_config)
+    return run(args.config, args.listen, args.web_config, args.lifecycle)
 
 
 if __name__ == "__main__":

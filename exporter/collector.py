@@ -10,6 +10,7 @@ import logging
 import platform
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -30,6 +31,13 @@ POOL = [*ENGINE, "pool"]
 GPU = ["gpu", "uuid"]
 
 
+class ReloadCounts(Protocol):
+    successes: int
+    failures: int
+    last_ok: bool
+    last_success: float
+
+
 @dataclass(frozen=True, slots=True)
 class ExporterView:
     """Everything one render needs, taken at one instant."""
@@ -40,6 +48,7 @@ class ExporterView:
     nvml_enabled: bool
     # engine name -> GPU UUIDs from the config, for snapshots that carry none.
     gpu_map: dict[str, tuple[str, ...]]
+    reloads: ReloadCounts | None = None
 
 
 def _gauge(name: str, doc: str, labels: list[str], unit: str = "") -> GaugeMetricFamily:
@@ -375,6 +384,26 @@ class KVCacheCollector(Collector):
             "kvcache_exporter_build_info", "Exporter build; value 1.", ["version", "python_version"]
         )
         build.add_metric([__version__, platform.python_version()], 1)
+        reloads = CounterMetricFamily(
+            "kvcache_exporter_config_reloads",
+            "Configuration reloads (SIGHUP, POST /-/reload) by result.",
+            labels=["result"],
+        )
+        reload_ok = _gauge(
+            "kvcache_exporter_config_last_reload_successful",
+            "1 when the last reload succeeded (or none was tried): 0 means a bad file is waiting.",
+            [],
+        )
+        reload_time = _gauge(
+            "kvcache_exporter_config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded successfully (Unix time).",
+            [],
+        )
+        if view.reloads is not None:
+            reloads.add_metric(["success"], view.reloads.successes)
+            reloads.add_metric(["failure"], view.reloads.failures)
+            reload_ok.add_metric([], 1 if view.reloads.last_ok else 0)
+            reload_time.add_metric([], view.reloads.last_success)
         yield from (
             up,
             polls,
@@ -386,4 +415,7 @@ class KVCacheCollector(Collector):
             nvml_up,
             nvml_errors,
             build,
+            reloads,
+            reload_ok,
+            reload_time,
         )

@@ -48,12 +48,27 @@ def next_tick(origin: float, interval: float, started: float, delay: float, now:
 
 
 class Poller:
-    def __init__(self, config: Config, nvml: NvmlReader, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        nvml: NvmlReader,
+        on_change: Callable[[], None],
+        carried: dict[str, TargetState] | None = None,
+    ) -> None:
         self.config = config
         self.nvml = nvml
         self.on_change = on_change
         self.lock = threading.Lock()
-        self.states = [TargetState(t, config.eta_window) for t in config.targets]
+        # A reload keeps the state (counters, restarts, history) of every target it keeps as is.
+        carried = carried or {}
+        self.states = [
+            carried[t.name]
+            if t.name in carried
+            and carried[t.name].target == t
+            and carried[t.name].eta_window == config.eta_window
+            else TargetState(t, config.eta_window)
+            for t in config.targets
+        ]
         self.gpus: list[GpuReading] = []
         self.rounds_completed = threading.Event()  # set once every target was polled once
         self._loop: asyncio.AbstractEventLoop | None = None
