@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,16 @@ class VllmServer:
         if not self.check_log.exists():
             return []
         return [json.loads(line) for line in self.check_log.read_text().splitlines() if line]
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[VllmServer]:
+        """Started, ready, and stopped again however the block ends."""
+        self.start()
+        try:
+            self.wait_ready()
+            yield self
+        finally:
+            self.stop()
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -43,17 +43,12 @@ EXPORTER_PYTHON = ROOT / ".venv" / "bin" / "python"
 def pressure_server(
     request: pytest.FixtureRequest, models: dict[str, Path], workdir: Path
 ) -> Iterator[VllmServer]:
+    small_pool = ("--num-gpu-blocks-override", str(POOL_BLOCKS))
     server = VllmServer(
-        models[request.param],
-        workdir / f"pressure-{request.param}",
-        extra_args=("--num-gpu-blocks-override", str(POOL_BLOCKS)),
+        models[request.param], workdir / f"pressure-{request.param}", extra_args=small_pool
     )
-    server.start()
-    try:
-        server.wait_ready()
+    with server.running():
         yield server
-    finally:
-        server.stop()
 
 
 def wave(server: VllmServer, seed: int) -> None:

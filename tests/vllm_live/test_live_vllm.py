@@ -77,13 +77,8 @@ def assert_every_step_counted_exactly(server: VllmServer) -> list[dict[str, Any]
 def idle_server(
     request: pytest.FixtureRequest, models: dict[str, Path], workdir: Path
 ) -> Iterator[VllmServer]:
-    server = VllmServer(models[request.param], workdir / f"idle-{request.param}")
-    server.start()
-    try:
-        server.wait_ready()
+    with VllmServer(models[request.param], workdir / f"idle-{request.param}").running() as server:
         yield server
-    finally:
-        server.stop()
 
 
 # Evictable blocks per KV group after four requests (a shared 3-block prefix, a unique rest)
