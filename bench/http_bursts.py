@@ -29,10 +29,11 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine_shim.server import QuietThreadingHTTPServer, ShimApp, ShimServer
-from engine_shim.snapshot import parse_snapshot
+from engine_shim.server import ShimApp, ShimServer
 from exporter.app import Exporter
 from exporter.config import load_config, parse_config
+from kvstats.http import QuietThreadingHTTPServer
+from kvstats.snapshot import parse_snapshot
 
 SNAPSHOT = {
     "schema": "kvcache.stats/v2",

@@ -21,7 +21,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from engine_shim.server import QuietThreadingHTTPServer, refuse_body
+from kvstats.http import QuietThreadingHTTPServer, refuse_body
 
 from .collector import ExporterView, KVCacheCollector
 from .config import Config, ConfigError

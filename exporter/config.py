@@ -16,12 +16,11 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from engine_shim.units import host_port, size_bytes
+from kvstats.kinds import KINDS, TARGET_KINDS
+from kvstats.units import host_port, size_bytes
 
 DEFAULT_LISTEN = "0.0.0.0:8322"
-TARGET_KINDS = ("shim", "vllm", "sglang")
 NVML_MODES = ("auto", "on", "off")
-DEFAULT_PATHS = {"shim": "/v1/kv/stats", "vllm": "/metrics", "sglang": "/metrics"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -175,7 +174,7 @@ def _target(data: Any, source: str, key: str, default_timeout: float) -> Target:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(source, s.path("url"), f"expected an http(s) URL, got {url!r}")
     if parts.path in ("", "/"):
-        url = url.rstrip("/") + DEFAULT_PATHS[kind]
+        url = url.rstrip("/") + KINDS[kind].default_path
     timeout = parse_duration(s.data.get("timeout", default_timeout), source, s.path("timeout"))
     token_env = s.string("bearer_token_env")
     if token_env is not None:

@@ -12,8 +12,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from engine_shim.capacity import GroupFootprint, cdiv, kv_cache_size_tokens, max_concurrency
-from engine_shim.snapshot import Pool, Snapshot
+from kvstats.capacity import GroupFootprint, cdiv, kv_cache_size_tokens, max_concurrency
+from kvstats.snapshot import Pool, Snapshot
 
 
 @dataclass(frozen=True, slots=True)

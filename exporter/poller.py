@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import httpx
 
-from engine_shim.snapshot import Snapshot
+from kvstats.snapshot import Snapshot
 
 from .config import Config
 from .nvml import GpuReading, NvmlReader

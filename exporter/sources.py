@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
 from collections.abc import Callable
 
 import httpx
 
-from engine_shim.snapshot import Snapshot, SnapshotError, parse_snapshot
+from kvstats.kinds import KINDS
+from kvstats.snapshot import Snapshot, SnapshotError, parse_snapshot
 
 from .config import Target
 
@@ -72,7 +74,12 @@ async def fetch(transport: httpx.AsyncHTTPTransport, target: Target, max_bytes: 
                 if response.status_code != 200:
                     raise PollError("http_status", f"HTTP {response.status_code} from {target.url}")
                 declared = response.headers.get("Content-Length")
-                if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                if (
+                    declared is not None
+                    and declared.isascii()
+                    and declared.isdigit()
+                    and (len(declared) > 18 or int(declared) > max_bytes)
+                ):
                     raise PollError(
                         "too_large", f"Content-Length {declared} exceeds {max_bytes} bytes"
                     )
@@ -116,15 +123,17 @@ def parse_shim_body(body: bytes) -> list[Snapshot]:
 
 
 def _bridge_parser(kind: str) -> Callable[[bytes], list[Snapshot]]:
-    def parse(body: bytes) -> list[Snapshot]:
-        from engine_shim.bridges import BridgeError, convert
+    from engine_shim.bridges import BridgeError, bridge
 
+    translate = bridge(kind)
+
+    def parse(body: bytes) -> list[Snapshot]:
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise PollError("invalid_body", f"metrics text is not UTF-8: {exc}") from None
         try:
-            return convert(kind, text).snapshots
+            return translate(text, time.time()).snapshots
         except BridgeError as exc:
             raise PollError("invalid_snapshot", str(exc)) from None
 
@@ -132,9 +141,8 @@ def _bridge_parser(kind: str) -> Callable[[bytes], list[Snapshot]]:
 
 
 def body_parser(kind: str) -> Callable[[bytes], list[Snapshot]]:
-    return parse_shim_body if kind == "shim" else _bridge_parser(kind)
-
-
+    """The kind's parser (see ``kvstats.kinds``): snapshots as JSON, or a bridge's."""
+    return parse_shim_body if KINDS[kind].bridge is None else _bridge_parser(kind)
 def series_estimate(snapshots: list[Snapshot]) -> int:
     """An upper bound on the series these snapshots become (for the per-target cap)."""
     per_engine = 25

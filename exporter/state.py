@@ -12,7 +12,7 @@ import unicodedata
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine_shim.snapshot import Snapshot
+from kvstats.snapshot import Snapshot
 
 from .config import Target
 from .derive import (

@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 
-from engine_shim.server import QuietThreadingHTTPServer
 from exporter.demo import free_port
+from kvstats.http import QuietThreadingHTTPServer
 
 __all__ = ["free_port"]  # re-exported for the tests
 

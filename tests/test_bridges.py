@@ -11,7 +11,7 @@ import time
 import pytest
 
 from engine_shim.bridges import BridgeError, convert
-from engine_shim.snapshot import parse_snapshot
+from kvstats.snapshot import parse_snapshot
 from tests.conftest import FIXTURES
 from tests.helpers import CannedServer, body, wait_for
 
@@ -215,9 +215,16 @@ def test_sglang_inconsistent_pool_is_left_out_not_guessed() -> None:
         ("vllm", VLLM[: VLLM.index("vllm:cache_config_info{") + 40], "malformed"),
         (
             "vllm",
-            VLLM.replace("# TYPE vllm:cache_config_info gauge", "x 1\nx 1"),
+            VLLM.replace(
+                "# TYPE vllm:num_preemptions_total counter",
+                "# TYPE vllm:num_preemptions_total counter\n"
+                'vllm:num_preemptions_total{engine="0",model_name="m"} 1\n'
+                'vllm:num_preemptions_total{engine="0",model_name="m"} 2',
+            ),
             "duplicate series",
         ),
+        # Families the bridge does not read are not parsed: their garbage costs nothing.
+        # (See test_unread_families_are_not_parsed.)
         (
             "vllm",
             "\n".join(ln for ln in VLLM.splitlines() if "cache_config_info" not in ln),
@@ -264,7 +271,25 @@ def test_convert_cli_prints_snapshots_and_what_is_missing() -> None:
         text=True,
         timeout=60,
     )
-    assert bad.returncode == 1 and "malformed metrics text" in bad.stderr
+    assert bad.returncode == 1 and "sglang:max_total_num_tokens is missing" in bad.stderr
+    broken = subprocess.run(
+        [sys.executable, "-m", "engine_shim.cli", "convert", "--engine", "sglang", "-"],
+        input="sglang:max_total_num_tokens{",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert broken.returncode == 1 and "malformed metrics text" in broken.stderr
+
+
+def test_unread_families_are_not_parsed() -> None:
+    """A malformed or duplicated family the bridge never reads (a plugin's metric, a histogram)
+    does not blind it; the same fault in a family it reads is still an error."""
+    junk = '# TYPE plugin_thing gauge\nplugin_thing{a="1"} 1\nplugin_thing{a="1"} 2\nbroken{ 7\n'
+    (snap,), _ = roundtrip("vllm", junk + VLLM)
+    assert snap.pools[0].used_slots == 24888 * 16
+    with pytest.raises(BridgeError, match="malformed"):
+        convert("vllm", VLLM + 'vllm:num_preemptions_total{engine="0" 7\n')
 
 
 # --------------------------------------------------------------- through the exporter
@@ -348,3 +373,25 @@ def test_exporter_publishes_contract_metrics_for_bridged_targets() -> None:
         exporter.stop()
         for s in servers.values():
             s.close()
+
+
+@pytest.mark.parametrize(
+    "label",
+    [
+        "num_gpu_blocks",
+        "block_size",
+        "kv_cache_size_tokens",
+        "kv_cache_max_concurrency",
+        "kv_cache_memory_bytes",
+    ],
+)
+@pytest.mark.parametrize("value", ["²", "٣", "9" * 5000, ":3.9", "1e999", "-5", "nan", ""])
+def test_config_labels_that_are_not_numbers_never_crash(label: str, value: str) -> None:
+    """Labels are free text: a value int() or float() refuses is unknown, never an exception."""
+    text = re.sub(rf'{label}="[^"]*"', f'{label}="{value}"', VLLM)
+    try:
+        result = convert("vllm", text)
+    except BridgeError:
+        return
+    for snap in result.snapshots:
+        parse_snapshot(snap.to_json())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_shim.capacity import (
+from kvstats.capacity import (
     GroupFootprint,
     full_attention_blocks,
     kv_cache_size_tokens,

@@ -8,7 +8,6 @@ import random
 
 import pytest
 
-from engine_shim.snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot
 from exporter.derive import (
     CounterContinuity,
     concurrency_headroom,
@@ -18,6 +17,7 @@ from exporter.derive import (
     is_restart,
     pool_ratios,
 )
+from kvstats.snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot
 
 
 def snap(

@@ -15,9 +15,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine_shim.snapshot import parse_snapshot
 from exporter.app import Exporter
 from exporter.config import parse_config
+from kvstats.snapshot import parse_snapshot
 from tests.fake_pynvml import FakeDevice, FakeNvml
 from tests.helpers import EngineProcess, wait_for
 

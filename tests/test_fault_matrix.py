@@ -23,9 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine_shim.reference import EngineConfig, ReferenceEngine
 from engine_shim.reference.workload import Workload
 from engine_shim.server import ShimApp, ShimServer
-from engine_shim.snapshot import parse_snapshot
 from exporter.app import Exporter
 from exporter.config import parse_config
+from kvstats.snapshot import parse_snapshot
 from tests.conftest import FIXTURES
 from tests.helpers import CannedServer, body, wait_for
 from tests.test_snapshot import valid

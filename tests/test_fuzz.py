@@ -17,11 +17,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine_shim.bridges import BridgeError, convert
-from engine_shim.snapshot import Snapshot, SnapshotError, parse_snapshot
 from exporter.collector import ExporterView, KVCacheCollector
 from exporter.config import parse_config
 from exporter.sources import PollError, parse_shim_body
 from exporter.state import TargetState
+from kvstats.snapshot import Snapshot, SnapshotError, parse_snapshot
 from tests.conftest import FIXTURES
 from tests.test_snapshot import valid
 

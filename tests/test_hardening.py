@@ -22,11 +22,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import exporter.state
-from engine_shim.snapshot import parse_snapshot
 from exporter.app import Exporter
 from exporter.collector import ExporterView, KVCacheCollector
 from exporter.exposition import CachedExposition
 from exporter.state import TargetState
+from kvstats.snapshot import parse_snapshot
 from tests.fake_pynvml import FakeDevice, FakeNvml
 from tests.helpers import CannedServer, body, free_port, wait_for
 from tests.test_exporter_behaviour import get, snapshot_json, start

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engine_shim.capacity import cdiv
 from engine_shim.reference import EngineConfig, ModelShape, ReferenceEngine
 from engine_shim.reference.workload import Workload
+from kvstats.capacity import cdiv
 
 
 def running(config: EngineConfig) -> ReferenceEngine:

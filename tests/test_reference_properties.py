@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from engine_shim.reference import EngineConfig, ReferenceEngine, Request
-from engine_shim.snapshot import parse_snapshot
+from kvstats.snapshot import parse_snapshot
 
 PREFIXES = [[(7 * i + j) % 500 for j in range(40)] for i in range(4)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from engine_shim import schema_doc
+from kvstats import schema_doc
 
 DOC = Path(__file__).parent.parent / "docs" / "snapshot-schema.md"
 
@@ -17,5 +17,5 @@ def test_every_field_is_described() -> None:
 
 def test_committed_page_is_up_to_date() -> None:
     assert DOC.read_text() == schema_doc.render(), (
-        "regenerate: python -m engine_shim.schema_doc > docs/snapshot-schema.md"
+        "regenerate: python -m kvstats.schema_doc > docs/snapshot-schema.md"
     )

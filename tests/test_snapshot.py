@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from engine_shim.snapshot import SCHEMA_VERSION, SnapshotError, parse_snapshot
+from kvstats.snapshot import SCHEMA_VERSION, SnapshotError, parse_snapshot
 
 
 def valid() -> dict[str, Any]:

@@ -30,9 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from kvstats.capacity import GroupFootprint, cdiv, kv_cache_size_tokens, max_concurrency
+from kvstats.snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot
+
 from .. import __version__
-from ..capacity import GroupFootprint, cdiv, kv_cache_size_tokens, max_concurrency
-from ..snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot
 
 # A child of vLLM's own logger: vLLM configures only the ``vllm`` tree, so a logger of ours
 # outside it would print nothing inside a vLLM process.

@@ -1,4 +1,4 @@
-"""Bridges: an engine's own Prometheus ``/metrics`` text -> ``kvcache.stats/v1`` snapshots.
+"""Bridges: an engine's own Prometheus ``/metrics`` text -> ``kvcache.stats`` snapshots.
 
 For servers where nothing can be installed in-process. Pure functions over text (parsed with
 prometheus_client's parser); a bridge returns the snapshots it could build and a list of what
@@ -7,24 +7,26 @@ the text did not say, and raises BridgeError only when it can build nothing trut
 
 from __future__ import annotations
 
+import importlib
 import time
+from collections.abc import Callable
+from typing import cast
+
+from kvstats.kinds import BRIDGE_KINDS, KINDS
 
 from ._samples import BridgeError, BridgeResult
 
 __all__ = ["BRIDGE_KINDS", "BridgeError", "BridgeResult", "convert"]
 
-BRIDGE_KINDS = ("vllm", "sglang")
+
+def bridge(kind: str) -> Callable[[str, float], BridgeResult]:
+    """The registered bridge of ``kind`` (see ``kvstats.kinds``)."""
+    spec = KINDS.get(kind)
+    if spec is None or spec.bridge is None:
+        raise BridgeError(f"no bridge for engine kind {kind!r} (have: {', '.join(BRIDGE_KINDS)})")
+    return cast(Callable[[str, float], BridgeResult], importlib.import_module(spec.bridge).convert)
 
 
 def convert(kind: str, text: str, now: float | None = None) -> BridgeResult:
     """Translate one scrape of an engine's ``/metrics``; ``now`` stamps the snapshots."""
-    stamp = time.time() if now is None else now
-    if kind == "vllm":
-        from .vllm import convert_vllm
-
-        return convert_vllm(text, stamp)
-    if kind == "sglang":
-        from .sglang import convert_sglang
-
-        return convert_sglang(text, stamp)
-    raise BridgeError(f"no bridge for engine kind {kind!r} (have: {', '.join(BRIDGE_KINDS)})")
+    return bridge(kind)(text, time.time() if now is None else now)

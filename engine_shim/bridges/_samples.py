@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..snapshot import MAX_COUNT, Snapshot
+from kvstats.snapshot import MAX_COUNT, Snapshot
 
 MAX_TEXT_BYTES = 16 << 20
 
@@ -34,12 +34,50 @@ class Sample:
     value: float
 
 
-class Samples:
-    """Samples by sample name (``vllm:num_preemptions_total``), with duplicates refused."""
+_SUFFIXES = ("_total", "_created", "_bucket", "_count", "_sum", "_info", "_gsum", "_gcount")
 
-    def __init__(self, text: str) -> None:
+
+def family_of(name: str) -> str:
+    """``vllm:num_preemptions_total`` -> ``vllm:num_preemptions`` (a sample's family)."""
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def select_families(text: str, families: frozenset[str]) -> str:
+    """Only the lines of ``families`` (comments and samples): what a bridge reads is all that
+    the parser then parses, so a scrape's cost no longer grows with the histograms an engine
+    exports. A line is kept by its metric name, exactly or as a family plus a standard suffix."""
+    kept = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            parts = line.split(None, 3)
+            name = parts[2] if len(parts) > 2 and parts[1] in ("HELP", "TYPE") else ""
+        else:
+            end = len(line)
+            for stop in ("{", " ", "\t"):
+                at = line.find(stop)
+                if 0 <= at < end:
+                    end = at
+            name = line[:end]
+        if name in families or family_of(name) in families:
+            kept.append(line)
+    return "\n".join(kept) + "\n" if kept else ""
+
+
+class Samples:
+    """Samples by sample name (``vllm:num_preemptions_total``), with duplicates refused.
+
+    With ``families``, only those families' lines are parsed (``select_families``)."""
+
+    def __init__(self, text: str, families: frozenset[str] | None = None) -> None:
         if len(text) > MAX_TEXT_BYTES:
             raise BridgeError(f"metrics text of {len(text)} bytes exceeds {MAX_TEXT_BYTES}")
+        if not text.strip():
+            raise BridgeError("no metrics in the text")
+        if families is not None:
+            text = select_families(text, families)
         self.by_name: dict[str, list[Sample]] = {}
         seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
         try:
@@ -56,7 +94,7 @@ class Samples:
             raise
         except Exception as exc:  # the parser raises ValueError, IndexError, ... on bad text
             raise BridgeError(f"malformed metrics text: {type(exc).__name__}: {exc}") from None
-        if not self.by_name:
+        if not self.by_name and families is None:
             raise BridgeError("no metrics in the text")
 
     def all(self, name: str, where: LabelFilter | None = None) -> list[Sample]:
@@ -99,9 +137,15 @@ def labels_match(**wanted: str) -> LabelFilter:
     return lambda labels: all(labels.get(k) == v for k, v in wanted.items())
 
 
+def is_number(text: str | None) -> bool:
+    """ASCII digits of a sane length: what ``int()`` takes cheaply and exactly. (``str.isdigit``
+    is true for "²", which ``int`` refuses, and for 5,000 digits, which it refuses too.)"""
+    return text is not None and 0 < len(text) <= 18 and text.isascii() and text.isdigit()
+
+
 def rank_order(value: str) -> tuple[bool, int, str]:
     """Sort key for rank labels: numerically ("2" before "10"), anything else after."""
-    return (not value.isdigit(), int(value) if value.isdigit() else 0, value)
+    return (not is_number(value), int(value) if is_number(value) else 0, value)
 
 
 def pick_lowest(values: Iterable[str]) -> str | None:

@@ -1,6 +1,6 @@
 """SGLang ``/metrics`` -> snapshots, one per ``dp_rank``.
 
-SGLang >= 0.5.11 exports the raw pool counts (``kv_used/evictable/available_slots``), which sum
+SGLang >= 0.5.11 exports the raw pool counts (``kv_used/evictable/available_tokens``), which sum
 exactly to ``max_total_num_tokens``. Capacity constants are emitted by every TP rank and live
 stats by TP rank 0: read one rank (the lowest ``tp_rank`` and ``pp_rank``), never the sum.
 Older releases only have ``num_used_tokens``: evictable is then unknown, and reported so.
@@ -8,7 +8,8 @@ Older releases only have ``num_used_tokens``: evictable is then unknown, and rep
 
 from __future__ import annotations
 
-from ..snapshot import Counters, EngineIdentity, Pool, Requests, Snapshot, Tier
+from kvstats.snapshot import Counters, EngineIdentity, Pool, Requests, Snapshot, Tier
+
 from ._samples import (
     BridgeError,
     BridgeResult,
@@ -16,11 +17,34 @@ from ._samples import (
     Labels,
     Samples,
     as_count,
+    is_number,
     per_rank,
     pick_lowest,
 )
 
 SCHEDULER_PROBE = "sglang:max_total_num_tokens"
+# The metric families this bridge reads; only these are parsed out of a scrape.
+FAMILIES = frozenset(
+    {
+        SCHEDULER_PROBE,
+        "sglang:max_total_num_tokens_swa",
+        "sglang:page_size",
+        *(
+            f"sglang:{pool}{state}_tokens"
+            for pool in ("kv_", "swa_", "mamba_")
+            for state in ("used", "evictable", "available")
+        ),
+        "sglang:num_used_tokens",
+        "sglang:num_running_reqs",
+        "sglang:num_queue_reqs",
+        "sglang:prefill_effective_tokens",
+        "sglang:cached_tokens",
+        "sglang:evicted_tokens",
+        "sglang:num_retracted_requests",
+        "sglang:hicache_host_total_tokens",
+        "sglang:hicache_host_used_tokens",
+    }
+)
 TIERS = {"device_hit": "device", "host_hit": "host", "storage_hit": "storage"}
 
 
@@ -36,8 +60,8 @@ def _rank_filter(dp: str, tp: str | None, pp: str | None) -> LabelFilter:
     return where
 
 
-def convert_sglang(text: str, now: float) -> BridgeResult:
-    samples = Samples(text)
+def convert(text: str, now: float) -> BridgeResult:
+    samples = Samples(text, FAMILIES)
     probes = samples.all(SCHEDULER_PROBE)
     if not probes:
         raise BridgeError(
@@ -178,7 +202,7 @@ def _rank_snapshot(
             kind="sglang",
             version="unknown",
             model=model,
-            dp_rank=int(dp) if dp.isdigit() else 0,
+            dp_rank=int(dp) if is_number(dp) else 0,
             instance_id="unknown",
         ),
         time=now,

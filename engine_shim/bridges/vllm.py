@@ -10,8 +10,17 @@ from __future__ import annotations
 
 import math
 
-from ..snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot
-from ._samples import BridgeError, BridgeResult, Samples, as_count, labels_match, per_rank
+from kvstats.snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot
+
+from ._samples import (
+    BridgeError,
+    BridgeResult,
+    Samples,
+    as_count,
+    is_number,
+    labels_match,
+    per_rank,
+)
 
 # prompt_tokens_cached_by_source sources -> the snapshot's hit tiers (every source vLLM has).
 TIER_OF_SOURCE = {
@@ -23,9 +32,34 @@ TIER_OF_SOURCE = {
 }
 
 
+# The metric families this bridge reads; only these are parsed out of a scrape (whatever else
+# the engine exports, histograms included, costs a line scan and nothing more).
+FAMILIES = frozenset(
+    {
+        "vllm:cache_config_info",
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:prompt_tokens_cached_by_source",
+        "vllm:prefix_cache_hits",
+        "vllm:prefix_cache_queries",
+        "vllm:external_prefix_cache_queries",
+        "vllm:num_preemptions",
+    }
+)
+
+
 def _config_value(labels: dict[str, str], name: str) -> str | None:
     value = labels.get(name)
     return None if value in (None, "None", "") else value
+
+
+def _float_or_none(text: str | None) -> float | None:
+    """A label's number; anything unparsable is unknown (labels are free text)."""
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
 
 
 def _bytes_per_slot(config: dict[str, str], num_blocks: int, block_size: int) -> int | None:
@@ -33,7 +67,7 @@ def _bytes_per_slot(config: dict[str, str], num_blocks: int, block_size: int) ->
     ``budget // bytes_per_block`` blocks, so ``budget // slots`` is the per-slot size exactly.
     Unknown when ``num_gpu_blocks_override`` decoupled the block count from the budget."""
     budget = _config_value(config, "kv_cache_memory_bytes")
-    if budget is None or not budget.isdigit() or _config_value(config, "num_gpu_blocks_override"):
+    if budget is None or not is_number(budget) or _config_value(config, "num_gpu_blocks_override"):
         return None
     return int(budget) // (num_blocks * block_size) or None
 
@@ -50,8 +84,8 @@ def _instance_id(samples: Samples, engine: str) -> str:
     return f"vllm-created-{min(created):.3f}" if created else "unknown"
 
 
-def convert_vllm(text: str, now: float) -> BridgeResult:
-    samples = Samples(text)
+def convert(text: str, now: float) -> BridgeResult:
+    samples = Samples(text, FAMILIES)
     config_series = samples.all("vllm:cache_config_info")
     if not config_series:
         raise BridgeError(
@@ -81,8 +115,8 @@ def _engine_snapshot(
     if (
         total_blocks is None
         or block_size is None
-        or not total_blocks.isdigit()
-        or not block_size.isdigit()
+        or not is_number(total_blocks)
+        or not is_number(block_size)
     ):
         missing.append(f"{tag}: cache_config_info has no num_gpu_blocks/block_size")
         return None
@@ -98,11 +132,11 @@ def _engine_snapshot(
 
     concurrency_text = _config_value(config, "kv_cache_max_concurrency")
     size_text = _config_value(config, "kv_cache_size_tokens")
-    concurrency = float(concurrency_text) if concurrency_text else None
+    concurrency = _float_or_none(concurrency_text)
     if concurrency is not None and (not math.isfinite(concurrency) or concurrency <= 0):
         concurrency = None
     max_model_len = None
-    capacity_tokens = int(size_text) if size_text and size_text.isdigit() else None
+    capacity_tokens = int(size_text) if size_text is not None and is_number(size_text) else None
     if capacity_tokens is None:
         missing.append(f"{tag}: kv_cache_size_tokens (older vLLM): token capacity unknown")
     groups: tuple[KVGroup, ...] = ()
@@ -111,9 +145,9 @@ def _engine_snapshot(
         # group-aware footprint is recoverable even for hybrid models.
         footprint = round(num_blocks / concurrency)
         groups = (KVGroup(name="all", kind="other", pool="full", blocks_per_request=footprint),)
-        if size_text and size_text.isdigit():
-            candidate = round(int(size_text) / concurrency)
-            if int(concurrency * candidate) == int(size_text):
+        if capacity_tokens is not None:
+            candidate = round(capacity_tokens / concurrency)
+            if int(concurrency * candidate) == capacity_tokens:
                 max_model_len = candidate
     else:
         missing.append(f"{tag}: kv_cache_max_concurrency (older vLLM)")
@@ -162,7 +196,7 @@ def _engine_snapshot(
             kind="vllm",
             version="unknown",
             model=model,
-            dp_rank=int(engine) if engine.isdigit() else 0,
+            dp_rank=int(engine) if is_number(engine) else 0,
             instance_id=_instance_id(samples, engine),
         ),
         time=now,

@@ -21,15 +21,16 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..capacity import (
+from kvstats.capacity import (
     GroupFootprint,
     full_attention_blocks,
     kv_cache_size_tokens,
     max_concurrency,
     sliding_window_blocks,
 )
-from ..snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot, Tier
+from kvstats.snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot, Tier
+
+from .. import __version__
 from .model import DTYPES, ModelShape, ToyModel
 from .pool import BlockPool
 from .prefix_cache import Node, PrefixCache, block_hash

@@ -37,7 +37,7 @@ from engine_shim.adapters.vllm import (
     brute_force_evictable,
     kv_allocation_bytes,
 )
-from engine_shim.snapshot import parse_snapshot
+from kvstats.snapshot import parse_snapshot
 
 BLOCK = 16
 MAX_LEN = 1024

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from engine_shim.bridges import convert
-from engine_shim.snapshot import Snapshot, parse_snapshot
+from kvstats.snapshot import Snapshot, parse_snapshot
 
 from .server import MAX_MODEL_LEN, VllmServer
 

@@ -35,6 +35,6 @@ def size_bytes(text: str) -> int:
 def host_port(text: str, default_host: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:80`` too; an empty host is ``default_host``; port 0 = any free)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit() and len(port) <= 5) or int(port) > 65535:
         raise ValueError(f"expected HOST:PORT with a port in 0-65535 (0: any free), got {text!r}")
     return host.strip("[]") or default_host, int(port)

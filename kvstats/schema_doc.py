@@ -1,6 +1,6 @@
 """Render ``docs/snapshot-schema.md`` from the snapshot dataclasses.
 
-``python -m engine_shim.schema_doc > docs/snapshot-schema.md``; a test fails when the committed
+``python -m kvstats.schema_doc > docs/snapshot-schema.md``; a test fails when the committed
 page differs, or when a field has no description here.
 """
 
@@ -69,7 +69,7 @@ CLASSES = [s.Snapshot, s.EngineIdentity, s.Pool, s.KVGroup, s.Requests, s.Counte
 
 
 def _type_text(tp: object) -> str:
-    text = str(tp).replace("typing.", "").replace("engine_shim.snapshot.", "")
+    text = str(tp).replace("typing.", "").replace("kvstats.snapshot.", "")
     text = text.replace("<class '", "").replace("'>", "")
     return text.replace("collections.abc.", "").replace("|", "\\|")  # inside a table
 
@@ -80,9 +80,9 @@ def render() -> str:
         "",
         "What a shim or bridge serves at `GET /v1/kv/stats` (one object, or an array with one",
         "object per data-parallel rank) and the exporter polls. Generated from",
-        "`engine_shim/snapshot.py` by `python -m engine_shim.schema_doc`; do not edit by hand.",
+        "`kvstats/snapshot.py` by `python -m kvstats.schema_doc`; do not edit by hand.",
         "",
-        "Rules the parser enforces (`engine_shim.snapshot.parse_snapshot`):",
+        "Rules the parser enforces (`kvstats.snapshot.parse_snapshot`):",
         "",
         "- counts are non-negative integers; numbers are finite (no NaN or infinity); both are",
         "  at most 2^53, the largest integer a metric sample holds exactly;",
