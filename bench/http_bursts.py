@@ -29,33 +29,14 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from devtools.snapshots import canned_snapshot
 from engine_shim.server import ShimApp, ShimServer
 from exporter.app import Exporter
 from exporter.config import load_config, parse_config
 from kvstats.http import QuietThreadingHTTPServer
 from kvstats.snapshot import parse_snapshot
 
-SNAPSHOT = {
-    "schema": "kvcache.stats/v2",
-    "engine": {"kind": "reference", "version": "1", "model": "m", "dp_rank": 0, "instance_id": "x"},
-    "time": 1.0,
-    "sequence": 1,
-    "max_model_len": 4096,
-    "pools": [
-        {
-            "name": "full",
-            "block_size": 16,
-            "capacity_slots": 1600,
-            "used_slots": 160,
-            "evictable_slots": 800,
-            "available_slots": 640,
-        }
-    ],
-    "groups": [],
-    "max_concurrency": None,
-    "requests": {"running": 2, "waiting": 1},
-    "counters": {"prefix_query_tokens": 1000, "prefix_hit_tokens": {"device": 600}},
-}
+SNAPSHOT = canned_snapshot()
 CLIENTS = 500
 
 

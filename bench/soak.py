@@ -27,10 +27,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from devtools.snapshots import canned_snapshot as valid
 from exporter.app import Exporter
 from exporter.config import parse_config
 from exporter.sources import body_parser
-from tests.test_snapshot import valid
 
 
 def rss_mb() -> float:
@@ -52,7 +52,7 @@ def _template() -> str:
     for mark, field in (
         ("-101", "%(used)d"),
         ("-102", "%(available)d"),
-        ('"@instance@"', '"i%(instance)d"'),
+        ('"@instance@"', '"e%(engine)d-i%(instance)d"'),
         ("-103", "%(sequence)d"),
         ("-104", "%(queries)d"),
         ("-105", "%(hits)d"),
@@ -69,6 +69,7 @@ class FakeEngine:
 
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
+        self.seed = seed  # each engine its own identity: one engine, one target
         self.instance = 0
         self.queries = 0
         self.sequence = 0
@@ -88,6 +89,7 @@ class FakeEngine:
         body = TEMPLATE % {
             "used": used,
             "available": 800 - used,
+            "engine": self.seed,
             "instance": self.instance,
             "sequence": self.sequence,
             "queries": self.queries,

@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+from devtools.vllm_pool import MAX_LEN, Driver, new_manager
 from engine_shim.adapters.vllm import BlockPoolTracker, EngineFacts, brute_force_evictable
-from tests.vllm.test_vllm_adapter import MAX_LEN, Driver, new_manager
 
 
 def run(

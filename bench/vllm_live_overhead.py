@@ -29,8 +29,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.vllm_live.models import make_model
-from tests.vllm_live.server import SHIM_SCHEDULER, VllmServer
+from devtools.tiny_models import make_model
+from devtools.vllm_server import SHIM_SCHEDULER, VllmServer
 
 
 def workload(server: VllmServer, seed: int, requests: int, prompt: int, output: int) -> float:

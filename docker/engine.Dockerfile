@@ -6,6 +6,7 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 WORKDIR /opt/kvcache-exporter
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter
+COPY kvstats ./kvstats
 COPY engine_shim ./engine_shim
 RUN pip install --no-cache-dir ".[engine]" \
     && useradd --system --no-create-home kvcache \

@@ -3,6 +3,7 @@ FROM python:3.11-slim
 WORKDIR /opt/kvcache-exporter
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter
+COPY kvstats ./kvstats
 COPY engine_shim ./engine_shim
 RUN pip install --no-cache-dir . \
     && useradd --system --no-create-home kvcache \

@@ -23,11 +23,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from kvstats.http import QuietThreadingHTTPServer, refuse_body
 
-from .collector import ExporterView, KVCacheCollector
 from .config import Config, ConfigError
-from .exposition import CachedExposition
+from .exposition import ExporterView, Exposition
 from .nvml import NvmlReader
 from .poller import Poller
+from .state import TargetReport
 from .webconfig import REALM, BasicAuth, WebConfig, load_web_config
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,10 @@ class Exporter:
         self.auth = BasicAuth(self.web.basic_auth_users)
         self.nvml = NvmlReader(nvml_module)
         self.nvml_enabled = self.nvml.start(config.nvml)  # raises NvmlUnavailable for nvml: on
-        self.exposition = CachedExposition(KVCacheCollector(self.view))
-        self.poller = Poller(config, self.nvml, self.exposition.invalidate)
+        self.exposition = Exposition()
+        self.exposition.view_source = self.view
+        self.exposition.set_targets([t.name for t in config.targets])
+        self.poller = Poller(config, self.nvml, self._changed)
         self._httpd: QuietThreadingHTTPServer | None = None
         # Reload: the loader re-reads the config file (None: nothing to reload from);
         # ``lifecycle`` also allows POST /-/reload (Prometheus' --web.enable-lifecycle).
@@ -67,14 +69,22 @@ class Exporter:
         self.reloads = ReloadStats()
         self._reload_lock = threading.Lock()
 
+    def _changed(self, report: TargetReport | None) -> None:
+        """From the poller: a target's new state (rendered now), or fleet-wide news."""
+        if report is None:
+            self.exposition.invalidate()
+        else:
+            self.exposition.update(report)
+
     def view(self) -> ExporterView:
-        poller = self.poller
-        with poller.lock:
-            reports = [s.report() for s in poller.states]
-            gpus = list(poller.gpus)
-            nvml_errors = dict(self.nvml.errors)
+        """The fleet-wide part of a render (targets are rendered as they change)."""
         return ExporterView(
-            reports, gpus, nvml_errors, self.nvml_enabled, self.config.gpus, self.reloads
+            (),
+            self.poller.gpu_readings(),
+            dict(self.nvml.errors),
+            self.nvml_enabled,
+            self.config.gpus,
+            self.reloads,
         )
 
     def reload(self) -> tuple[bool, str]:
@@ -121,12 +131,9 @@ class Exporter:
                     "reload: %s changed and apply only after a restart", ", ".join(needs_restart)
                 )
             old = self.poller
-            poller = Poller(
-                config,
-                self.nvml,
-                self.exposition.invalidate,
-                {s.target.name: s for s in old.states},
-            )
+            self.exposition.set_targets([t.name for t in config.targets])
+            kept = {s.target.name: s for s in old.states}
+            poller = Poller(config, self.nvml, self._changed, kept)
             old.stop()
             if old.rounds_completed.is_set():
                 poller.rounds_completed.set()  # the kept targets have data; new ones follow
@@ -179,7 +186,7 @@ def _landing(exporter: Exporter) -> bytes:
     rows = "".join(
         f"<tr><td>{html.escape(t.name)}</td><td>{t.kind}</td><td>{html.escape(t.url)}</td>"
         f"<td>{'up' if s.up else 'down'}</td></tr>"
-        for t, s in zip(exporter.config.targets, exporter.poller.states, strict=True)
+        for t, s in zip(exporter.config.targets, exporter.poller.reports(), strict=True)
     )
     return (
         "<!doctype html><html><head><title>kvcache-exporter</title></head><body>"

@@ -9,11 +9,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, NamedTuple, TypeVar
 
 from kvstats.capacity import GroupFootprint, cdiv, kv_cache_size_tokens, max_concurrency
 from kvstats.snapshot import Pool, Snapshot
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,14 +124,24 @@ def exhaustion_eta(
 # ------------------------------------------------------------ restarts and counter continuity
 
 
-def counter_values(snapshot: Snapshot) -> dict[str, int]:
+class CounterKey(NamedTuple):
+    """A counter of the snapshot: its field name, and the tier for prefix hits."""
+
+    name: str
+    tier: str | None = None
+
+
+COUNTER_FIELDS = ("prefix_query_tokens", "evicted_tokens", "preemptions", "iterations")
+
+
+def counter_values(snapshot: Snapshot) -> dict[CounterKey, int]:
     """The snapshot's monotonic counters, flattened; unknown counters are left out."""
     c = snapshot.counters
-    values = {f"prefix_hit_tokens:{tier}": v for tier, v in c.prefix_hit_tokens.items()}
-    for name in ("prefix_query_tokens", "evicted_tokens", "preemptions", "iterations"):
+    values = {CounterKey("prefix_hit_tokens", tier): v for tier, v in c.prefix_hit_tokens.items()}
+    for name in COUNTER_FIELDS:
         value = getattr(c, name)
         if value is not None:
-            values[name] = value
+            values[CounterKey(name)] = value
     return values
 
 
@@ -153,7 +166,7 @@ def is_restart(previous: Snapshot, current: Snapshot) -> bool:
 
 
 @dataclass(slots=True)
-class CounterContinuity:
+class CounterContinuity(Generic[K]):
     """Keeps exported counters monotonic across engine restarts and counter resets.
 
     On a restart every counter starts again: each one's last value is added to its base. A
@@ -161,10 +174,10 @@ class CounterContinuity:
     ``rate()`` treats it: only its last value is added to its base, the others are untouched.
     """
 
-    base: dict[str, int] = field(default_factory=dict)
-    last: dict[str, int] = field(default_factory=dict)
+    base: dict[K, int] = field(default_factory=dict)
+    last: dict[K, int] = field(default_factory=dict)
 
-    def update(self, raw: Mapping[str, int], restarted: bool) -> dict[str, int]:
+    def update(self, raw: Mapping[K, int], restarted: bool) -> dict[K, int]:
         if restarted:
             for key, value in self.last.items():
                 self.base[key] = self.base.get(key, 0) + value

@@ -1,45 +1,388 @@
-"""The exposition, rendered at most once per change and served from memory.
+"""``/metrics``, rendered incrementally: each target's lines when its state changes, joined on
+the scrape.
 
-Polls mark it stale; a scrape renders it only if something changed since the last render
-(concurrent scrapes coalesce on one render), so a scrape costs at most one
-``generate_latest`` and usually a memory copy. Process metrics are rendered fresh each time.
+A poll that changes a target renders that target's sample lines once, in the poller's thread
+(label prefixes are cached per series, so a poll formats only values). A scrape joins the
+cached lines of every target under the families' headers and renders the few fleet-wide
+series (GPUs, the exporter itself) fresh; the joined body, and its gzip, are reused until
+something changes. The text is format 0.0.4 exactly as prometheus_client writes it (its own
+``floatToGoString``, its label escaping and order): ``tests/test_exposition.py`` proves the
+output equal to ``generate_latest`` over the same data and to the exposition before this
+renderer, sample for sample.
+
+A target whose series cannot be written (a value past float range, a label that is not valid
+UTF-8; the parsers refuse both) is left out of the scrape: its ``target_up`` is 0 and
+``kvcache_exporter_render_errors_total`` counts it. It never costs the other targets.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
+import platform
 import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, cast
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
+
+from . import __version__
+from .families import (
+    ALL,
+    ENGINE_SCOPED,
+    EXPORTER_FAMILIES,
+    GPU_FAMILIES,
+    TARGET_FAMILIES,
+    Family,
+)
+from .nvml import GpuReading
+from .state import EngineView, TargetReport
+
+log = logging.getLogger(__name__)
+
+Row = tuple[tuple[str, ...], float]  # label values in the family's label order, value
+# prometheus_client's own number formatting (untyped there): Go's, as Prometheus expects.
+floatToGoString = cast(Callable[[float], str], _untyped_float_to_go_string)
 
 
-class CachedExposition:
-    def __init__(self, collector: Collector, process_metrics: bool = True) -> None:
-        self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(collector)
-        self._process = CollectorRegistry(auto_describe=False)
-        if process_metrics:
-            ProcessCollector(registry=self._process)
+class ReloadCounts(Protocol):
+    successes: int
+    failures: int
+    last_ok: bool
+    last_success: float
+
+
+@dataclass(frozen=True, slots=True)
+class ExporterView:
+    """Everything one render needs, taken at one instant."""
+
+    targets: Sequence[TargetReport]
+    gpus: Sequence[GpuReading]
+    nvml_errors: dict[tuple[str, str], int]
+    nvml_enabled: bool
+    # engine name -> GPU UUIDs from the config, for snapshots that carry none.
+    gpu_map: dict[str, tuple[str, ...]]
+    reloads: ReloadCounts | None = None
+
+
+# ------------------------------------------------------------------------------- rows
+
+
+def engine_rows(name: str, rank: int, view: EngineView) -> dict[str, list[Row]]:
+    """One engine's (DP rank's) values, by family name."""
+    rows: dict[str, list[Row]] = {f.name: [] for f in ENGINE_SCOPED}
+    engine = (name, str(rank), view.model)
+    snap = view.snapshot
+    for pool in snap.pools:
+        labels = (*engine, pool.name)
+        ratios = view.ratios[pool.name]
+        rows["kvcache_pool_capacity_slots"].append((labels, pool.capacity_slots))
+        rows["kvcache_block_size_tokens"].append((labels, pool.block_size))
+        rows["kvcache_pool_slots"].append(((*labels, "used"), pool.used_slots))
+        rows["kvcache_active_usage_ratio"].append((labels, ratios.active))
+        if pool.evictable_slots is not None and pool.available_slots is not None:
+            rows["kvcache_pool_slots"].append(((*labels, "evictable"), pool.evictable_slots))
+            rows["kvcache_pool_slots"].append(((*labels, "available"), pool.available_slots))
+        if ratios.physical is not None and ratios.evictable is not None:
+            rows["kvcache_physical_usage_ratio"].append((labels, ratios.physical))
+            rows["kvcache_evictable_ratio"].append((labels, ratios.evictable))
+        if pool.bytes_per_slot is not None:
+            rows["kvcache_pool_bytes"].append((labels, pool.bytes_per_slot * pool.capacity_slots))
+    optional = (
+        ("kvcache_max_concurrency", view.max_concurrency),
+        ("kvcache_concurrency_headroom", view.headroom),
+        ("kvcache_max_model_len_tokens", snap.max_model_len),
+        ("kvcache_capacity_tokens", view.capacity_tokens),
+    )
+    for family, value in optional:
+        if value is not None:
+            rows[family].append((engine, value))
+    if snap.requests is not None:
+        rows["kvcache_requests"].append(((*engine, "running"), snap.requests.running))
+        rows["kvcache_requests"].append(((*engine, "waiting"), snap.requests.waiting))
+    if view.eta_seconds is not None:
+        rows["kvcache_exhaustion_eta_seconds"].append((engine, view.eta_seconds))
+    rows["kvcache_snapshot_timestamp_seconds"].append((engine, snap.time))
+    for tier_name, tier in (("host", snap.host_tier), ("storage", snap.storage_tier)):
+        if tier is not None:
+            tier_labels = (*engine, tier_name)
+            rows["kvcache_tier_capacity_tokens"].append((tier_labels, tier.capacity_tokens))
+            rows["kvcache_tier_used_tokens"].append((tier_labels, tier.used_tokens))
+    rows["kvcache_engine_info"].append(((*engine, snap.engine.kind, snap.engine.version), 1))
+    for key, value in view.counters.items():
+        if key.tier is not None:
+            rows["kvcache_prefix_hit_tokens"].append(((*engine, key.tier), value))
+        else:
+            rows[f"kvcache_{key.name}"].append((engine, value))
+    return rows
+
+
+def target_rows(report: TargetReport, up: bool, render_errors: int) -> dict[str, list[Row]]:
+    """The exporter's own series for one target."""
+    name = (report.target.name,)
+    rows: dict[str, list[Row]] = {
+        "kvcache_exporter_target_up": [(name, 1 if up else 0)],
+        "kvcache_exporter_polls": [(name, report.polls)],
+        "kvcache_exporter_poll_errors": [
+            ((*name, reason), count) for reason, count in report.errors.items()
+        ],
+        "kvcache_exporter_last_success_timestamp_seconds": (
+            [] if report.last_success is None else [(name, report.last_success)]
+        ),
+        "kvcache_exporter_engine_restarts": [(name, report.restarts)],
+        "kvcache_exporter_render_errors": [(name, render_errors)],
+    }
+    return rows
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+class LineWriter:
+    """Sample lines as prometheus_client writes them, with each series' prefix cached."""
+
+    def __init__(self) -> None:
+        self._prefixes: dict[tuple[str, tuple[str, ...]], str] = {}
+
+    def prefix(self, name: str, label_names: tuple[str, ...], values: tuple[str, ...]) -> str:
+        key = (name, values)
+        cached = self._prefixes.get(key)
+        if cached is None:
+            if label_names:
+                pairs = sorted(zip(label_names, values, strict=True))
+                inner = ",".join(f'{k}="{_escape(v)}"' for k, v in pairs)
+                cached = f"{name}{{{inner}}} "
+            else:
+                cached = f"{name} "
+            # A label that UTF-8 cannot encode (a lone surrogate) fails here, for this target.
+            cached.encode("utf-8")
+            self._prefixes[key] = cached
+        return cached
+
+    def lines(self, family: Family, rows: Iterable[Row]) -> str:
+        name = family.exposed
+        return "".join(
+            self.prefix(name, family.labels, values) + floatToGoString(value) + "\n"
+            for values, value in rows
+        )
+
+    def histogram(self, family: Family, labels: tuple[str, ...], report: TargetReport) -> str:
+        durations = report.durations
+        bucket_labels = (*family.labels, "le")
+        out = [
+            self.prefix(f"{family.name}_bucket", bucket_labels, (*labels, bound))
+            + floatToGoString(count)
+            + "\n"
+            for bound, count in durations.cumulative()
+        ]
+        out.append(
+            self.prefix(f"{family.name}_count", family.labels, labels)
+            + floatToGoString(sum(durations.counts))
+            + "\n"
+        )
+        out.append(
+            self.prefix(f"{family.name}_sum", family.labels, labels)
+            + floatToGoString(durations.total)
+            + "\n"
+        )
+        return "".join(out)
+
+
+@dataclass(slots=True)
+class TargetLines:
+    """One target's rendered lines by family name, and whether its engines made it in."""
+
+    lines: dict[str, str]
+    reports: TargetReport
+    rendered: bool
+
+
+class TargetRenderer:
+    """Renders one target; keeps that target's series prefixes between polls."""
+
+    def __init__(self) -> None:
+        self.writer = LineWriter()
+        self.render_errors = 0
+
+    def render(self, report: TargetReport) -> TargetLines:
+        lines: dict[str, str] = {}
+        rendered = True
+        try:
+            merged: dict[str, list[Row]] = {f.name: [] for f in ENGINE_SCOPED}
+            for rank, view in sorted(report.engines.items()):
+                for name, rows in engine_rows(report.target.name, rank, view).items():
+                    merged[name].extend(rows)
+            for family in ENGINE_SCOPED:
+                lines[family.name] = self.writer.lines(family, merged[family.name])
+        except Exception as exc:  # the parsers refuse such data: this is the last line
+            lines = {}
+            rendered = False
+            self.render_errors += 1
+            if self.render_errors == 1:
+                log.error(
+                    "target %s: its series cannot be rendered, left out: %r",
+                    report.target.name,
+                    exc,
+                )
+        own = target_rows(report, report.up and rendered, self.render_errors)
+        for family in TARGET_FAMILIES:
+            if family.type == "histogram":
+                lines[family.name] = self.writer.histogram(family, (report.target.name,), report)
+            else:
+                lines[family.name] = self.writer.lines(family, own[family.name])
+        return TargetLines(lines, report, rendered)
+
+
+# ------------------------------------------------------------------- fleet-wide series
+
+
+def gpu_rows(view: ExporterView, targets: Sequence[TargetLines]) -> dict[str, list[Row]]:
+    rows: dict[str, list[Row]] = {f.name: [] for f in GPU_FAMILIES}
+    if not view.nvml_enabled:
+        return rows
+    pool_bytes_by_uuid: dict[str, int] = {}
+    engines_by_uuid: dict[str, set[tuple[str, str, str]]] = {}
+    for target in targets:
+        if not target.rendered:
+            continue
+        report = target.reports
+        mapped = view.gpu_map.get(report.target.name, ())
+        for rank, engine_view in sorted(report.engines.items()):
+            for pool in engine_view.snapshot.pools:
+                uuids = [pool.gpu_uuid] if pool.gpu_uuid else list(mapped)
+                for uuid in uuids:
+                    engines_by_uuid.setdefault(uuid, set()).add(
+                        (report.target.name, str(rank), engine_view.model)
+                    )
+                    if pool.bytes_per_slot is not None and len(uuids) == 1:
+                        pool_bytes_by_uuid[uuid] = pool_bytes_by_uuid.get(uuid, 0) + (
+                            pool.bytes_per_slot * pool.capacity_slots
+                        )
+    for gpu in view.gpus:
+        labels = (str(gpu.index), gpu.uuid)
+        rows["kvcache_gpu_memory_bytes"].append(((*labels, "used"), gpu.memory_used))
+        rows["kvcache_gpu_memory_bytes"].append(((*labels, "free"), gpu.memory_free))
+        rows["kvcache_gpu_memory_total_bytes"].append((labels, gpu.memory_total))
+        if gpu.utilization is not None:
+            rows["kvcache_gpu_utilization_ratio"].append((labels, gpu.utilization))
+        if gpu.uuid in pool_bytes_by_uuid:
+            rows["kvcache_gpu_non_kv_memory_bytes"].append(
+                (labels, max(0, gpu.memory_used - pool_bytes_by_uuid[gpu.uuid]))
+            )
+        for engine_labels in sorted(engines_by_uuid.get(gpu.uuid, ())):
+            rows["kvcache_gpu_engine_info"].append(((*labels, *engine_labels), 1))
+    return rows
+
+
+def exporter_rows(view: ExporterView) -> dict[str, list[Row]]:
+    rows: dict[str, list[Row]] = {f.name: [] for f in EXPORTER_FAMILIES}
+    rows["kvcache_exporter_nvml_up"].append(((), 1 if view.nvml_enabled else 0))
+    for (gpu, reason), count in sorted(view.nvml_errors.items()):
+        rows["kvcache_exporter_nvml_errors"].append(((gpu, reason), count))
+    rows["kvcache_exporter_build_info"].append(((__version__, platform.python_version()), 1))
+    if view.reloads is not None:
+        reloads = view.reloads
+        rows["kvcache_exporter_config_reloads"] += [
+            (("success",), reloads.successes),
+            (("failure",), reloads.failures),
+        ]
+        rows["kvcache_exporter_config_last_reload_successful"].append(
+            ((), 1 if reloads.last_ok else 0)
+        )
+        rows["kvcache_exporter_config_last_reload_success_timestamp_seconds"].append(
+            ((), reloads.last_success)
+        )
+    return rows
+
+
+def render_text(view: ExporterView, targets: Sequence[TargetLines], writer: LineWriter) -> str:
+    """Every family in declared order: its header, then each target's lines or fleet rows."""
+    fleet = gpu_rows(view, targets) | exporter_rows(view)
+    out = []
+    for family in ALL:
+        out.append(family.header())
+        if family.name in fleet:
+            out.append(writer.lines(family, fleet[family.name]))
+        else:
+            out.extend(t.lines.get(family.name, "") for t in targets)
+    return "".join(out)
+
+
+# ------------------------------------------------------------------------- the cache
+
+
+class Exposition:
+    """Per-target lines rendered on change, the joined body and its gzip reused until the next.
+
+    ``update`` is called by the poller after it records a poll; ``render``/``render_gzip`` by
+    scrapes. ``view`` gives the fleet-wide part (GPUs, NVML, reloads) at scrape time.
+    """
+
+    def __init__(self, view: ExporterView | None = None, process_metrics: bool = True) -> None:
         self._lock = threading.Lock()
+        self._renderers: dict[str, TargetRenderer] = {}
+        self._targets: dict[str, TargetLines] = {}
+        self._order: list[str] = []
+        self._fleet_writer = LineWriter()
         self._generation = 0
         self._rendered_generation = -1
         self._body = b""
         self._gzipped: bytes | None = None
+        self._process = CollectorRegistry(auto_describe=False)
+        if process_metrics:
+            ProcessCollector(registry=self._process)
         self.renders = 0
+        self.view_source: ExporterViewSource | None = None
+        if view is not None:
+            fixed = view
+            self.view_source = lambda: fixed
+            self.set_targets([r.target.name for r in view.targets])
+            for report in view.targets:
+                self.update(report)
+
+    @property
+    def render_errors(self) -> dict[str, int]:
+        return {name: r.render_errors for name, r in self._renderers.items() if r.render_errors}
+
+    def set_targets(self, names: Sequence[str]) -> None:
+        """The configured targets, in order (on start and on reload)."""
+        with self._lock:
+            self._order = list(names)
+            self._renderers = {n: self._renderers.get(n) or TargetRenderer() for n in names}
+            self._targets = {n: t for n, t in self._targets.items() if n in self._renderers}
+            self._generation += 1
+
+    def update(self, report: TargetReport) -> None:
+        """A target's state changed: render its lines now (in the caller's thread)."""
+        renderer = self._renderers.get(report.target.name)
+        if renderer is None:
+            return  # removed by a reload while this poll was in flight
+        lines = renderer.render(report)
+        with self._lock:
+            self._targets[report.target.name] = lines
+            self._generation += 1
 
     def invalidate(self) -> None:
-        """Called after every poll; cheap, from any thread."""
-        self._generation += 1
+        """Something fleet-wide changed (GPU readings, NVML errors, a reload)."""
+        with self._lock:
+            self._generation += 1
 
     def _current(self) -> tuple[bytes, int]:
         with self._lock:
             if self._rendered_generation != self._generation:
-                generation = self._generation
-                self._body = generate_latest(self._registry)
+                assert self.view_source is not None
+                view = self.view_source()
+                targets = [self._targets[n] for n in self._order if n in self._targets]
+                self._body = render_text(view, targets, self._fleet_writer).encode()
                 self._gzipped = None
-                self._rendered_generation = generation
+                self._rendered_generation = self._generation
                 self.renders += 1
             return self._body, self._rendered_generation
 
@@ -56,3 +399,7 @@ class CachedExposition:
             cached = self._gzipped
         # Concatenated gzip members decompress as one stream (RFC 1952).
         return cached + gzip.compress(generate_latest(self._process), compresslevel=1)
+
+
+class ExporterViewSource(Protocol):
+    def __call__(self) -> ExporterView: ...

@@ -22,7 +22,7 @@ from kvstats.snapshot import Snapshot
 from .config import Config
 from .nvml import GpuReading, NvmlReader
 from .sources import PollError, body_parser, fetch, new_transport, series_estimate
-from .state import TargetState
+from .state import TargetReport, TargetState
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Poller:
         self,
         config: Config,
         nvml: NvmlReader,
-        on_change: Callable[[], None],
+        on_change: Callable[[TargetReport | None], None],
         carried: dict[str, TargetState] | None = None,
     ) -> None:
         self.config = config
@@ -191,7 +191,7 @@ class Poller:
             self._fail(state, *failure, duration)
             return
         was_failing = state.consecutive_failures > 0
-        self._record(lambda: state.record_success(snapshots, time.time(), duration))
+        self._record(state, lambda: state.record_success(snapshots, time.time(), duration))
         if was_failing:
             log.info("target %s is back", state.target.name)
 
@@ -207,7 +207,7 @@ class Poller:
         if reason != "duplicate_instance":
             self._release(state.target.name)
         news: list[bool] = []
-        self._record(lambda: news.append(state.record_failure(reason, duration)))
+        self._record(state, lambda: news.append(state.record_failure(reason, duration)))
         if news and news[0]:
             log.warning(
                 "target %s: %s: %s",
@@ -243,10 +243,20 @@ class Poller:
             for key in [k for k, v in self._claims.items() if v == name]:
                 del self._claims[key]
 
-    def _record(self, update: Callable[[], None]) -> None:
+    def _record(self, state: TargetState, update: Callable[[], None]) -> None:
+        """Apply a poll's result and hand the target's new state to ``on_change``."""
         with self.lock:
             update()
-        self.on_change()
+            report = state.report()
+        self.on_change(report)
+
+    def gpu_readings(self) -> list[GpuReading]:
+        with self.lock:
+            return list(self.gpus)
+
+    def reports(self) -> list[TargetReport]:
+        with self.lock:
+            return [s.report() for s in self.states]
 
     async def _poll_nvml(self) -> None:
         while True:
@@ -257,5 +267,5 @@ class Poller:
                 readings = []
             with self.lock:
                 self.gpus = readings
-            self.on_change()
+            self.on_change(None)
             await asyncio.sleep(self.config.poll_interval)

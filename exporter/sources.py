@@ -17,6 +17,7 @@ import httpx
 from kvstats.kinds import KINDS
 from kvstats.snapshot import Snapshot, SnapshotError, parse_snapshot
 
+from . import families
 from .config import Target
 
 # Every reason a poll can fail; the error counter is pre-seeded with each at 0.
@@ -143,10 +144,8 @@ def _bridge_parser(kind: str) -> Callable[[bytes], list[Snapshot]]:
 def body_parser(kind: str) -> Callable[[bytes], list[Snapshot]]:
     """The kind's parser (see ``kvstats.kinds``): snapshots as JSON, or a bridge's."""
     return parse_shim_body if KINDS[kind].bridge is None else _bridge_parser(kind)
+
+
 def series_estimate(snapshots: list[Snapshot]) -> int:
     """An upper bound on the series these snapshots become (for the per-target cap)."""
-    per_engine = 25
-    per_pool = 10
-    return sum(
-        per_engine + per_pool * len(s.pools) + len(s.counters.prefix_hit_tokens) for s in snapshots
-    )
+    return families.series_estimate([len(s.pools) for s in snapshots])

@@ -17,6 +17,7 @@ from kvstats.snapshot import Snapshot
 from .config import Target
 from .derive import (
     CounterContinuity,
+    CounterKey,
     PoolRatios,
     concurrency_headroom,
     counter_values,
@@ -48,7 +49,7 @@ class EngineView:
 
     snapshot: Snapshot
     model: str
-    counters: dict[str, int]
+    counters: dict[CounterKey, int]
     ratios: dict[str, PoolRatios]
     max_concurrency: float | None
     headroom: int | None
@@ -91,7 +92,7 @@ class TargetReport:
 @dataclass(slots=True)
 class _RankMemory:
     previous: Snapshot | None = None
-    continuity: CounterContinuity = field(default_factory=CounterContinuity)
+    continuity: CounterContinuity[CounterKey] = field(default_factory=CounterContinuity)
     used_history: dict[str, deque[tuple[float, float]]] = field(default_factory=dict)
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from exporter.derive import (
     CounterContinuity,
+    CounterKey,
     concurrency_headroom,
     counter_values,
     engine_max_concurrency,
@@ -184,7 +185,7 @@ def test_a_one_counter_dip_resets_that_counter_only() -> None:
 
 def test_counter_values_flatten_and_skip_unknowns() -> None:
     assert counter_values(snap()) == {
-        "prefix_hit_tokens:device": 50,
-        "prefix_query_tokens": 100,
-        "preemptions": 2,
+        CounterKey("prefix_hit_tokens", "device"): 50,
+        CounterKey("prefix_query_tokens"): 100,
+        CounterKey("preemptions"): 2,
     }

@@ -13,12 +13,11 @@ from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine_shim.bridges import BridgeError, convert
-from exporter.collector import ExporterView, KVCacheCollector
 from exporter.config import parse_config
+from exporter.exposition import ExporterView, Exposition
 from exporter.sources import PollError, parse_shim_body
 from exporter.state import TargetState
 from kvstats.snapshot import Snapshot, SnapshotError, parse_snapshot
@@ -29,12 +28,6 @@ FUZZ_EXAMPLES = 400
 TARGET = parse_config(
     {"targets": [{"name": "fuzz", "kind": "shim", "url": "http://127.0.0.1:1"}]}
 ).targets[0]
-
-
-def RenderRegistry(collector: KVCacheCollector) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    return registry
 
 
 FIXTURE_TEXT = {
@@ -113,10 +106,10 @@ def assert_renders(snapshot: Snapshot) -> None:
     target up (the renderer's last line of defence never has to drop it)."""
     state = TargetState(TARGET, eta_window=60)
     state.record_success([snapshot], now=1e9, duration=0.01)
-    collector = KVCacheCollector(lambda: ExporterView([state.report()], [], {}, False, {}))
-    text = generate_latest(RenderRegistry(collector)).decode()
+    exposition = Exposition(ExporterView([state.report()], [], {}, False, {}), False)
+    text = exposition.render().decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    assert collector.render_errors == {}
+    assert exposition.render_errors == {}
     assert [s.value for s in families["kvcache_exporter_target_up"].samples] == [1.0]
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from .models import make_model
+from devtools.tiny_models import make_model
 
 
 @pytest.fixture(scope="session")

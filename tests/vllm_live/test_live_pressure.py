@@ -22,9 +22,9 @@ import httpx
 import pytest
 import yaml
 
+from devtools.vllm_server import ROOT, VllmServer, free_port
 from tests.timescale import compress_minutes
 
-from .server import ROOT, VllmServer, free_port
 from .test_live_vllm import (
     MODELS,
     assert_every_step_counted_exactly,

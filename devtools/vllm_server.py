@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 CHECKING_SCHEDULER = "tests.vllm_live.checking.CheckingScheduler"
 SHIM_SCHEDULER = "engine_shim.adapters.vllm.KVCacheShimScheduler"
 MAX_MODEL_LEN = 2048

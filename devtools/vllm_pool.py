@@ -1,0 +1,129 @@
+"""vLLM's real KVCacheManager driven the way its scheduler drives it, without a model.
+
+Shared by tests/vllm (the adapter's exactness) and bench/vllm_adapter.py (its cost). Runs in the
+vLLM environment (.venv-vllm).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm.config import DeviceConfig, VllmConfig
+from vllm.sampling_params import SamplingParams
+from vllm.utils.hashing import sha256
+from vllm.v1.core.kv_cache_manager import KVCacheManager
+from vllm.v1.core.kv_cache_planning import get_kv_cache_config_from_groups
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    SlidingWindowSpec,
+)
+from vllm.v1.request import Request
+
+from engine_shim.adapters.vllm import BlockPoolTracker, EngineFacts, brute_force_evictable
+from kvstats.snapshot import parse_snapshot
+
+BLOCK = 16
+MAX_LEN = 1024
+init_none_hash(sha256)
+HASHER = get_request_block_hasher(BLOCK, sha256)
+# What the engine core resolves before planning the KV cache: device and layout.
+PLANNER_CONFIG = VllmConfig(device_config=DeviceConfig(device="cpu"))
+PLANNER_CONFIG.cache_config.kv_cache_layout = "LBHNC"
+PAGE_BYTES_PER_TOKEN = 2 * 2 * 64 * 2  # K and V, 2 heads x 64 x fp16, one layer
+
+
+def kv_config(num_blocks: int, sliding_window: int | None = None) -> KVCacheConfig:
+    """The KV cache config vLLM's own planner makes for these groups and this many blocks.
+
+    As in a real engine, every ``KVCacheTensor`` describes a placement in one shared
+    allocation (groups overlay it), so each tensor's ``size`` is the whole allocation.
+    """
+    full = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=64, dtype=torch.float16)
+    groups = [KVCacheGroupSpec(["layers.0"], full)]
+    if sliding_window is not None:
+        swa = SlidingWindowSpec(
+            block_size=BLOCK,
+            num_kv_heads=2,
+            head_size=64,
+            dtype=torch.float16,
+            sliding_window=sliding_window,
+        )
+        groups.append(KVCacheGroupSpec(["layers.1"], swa))
+    config = get_kv_cache_config_from_groups(
+        PLANNER_CONFIG, groups, num_blocks * full.page_size_bytes
+    )
+    assert config.num_blocks == num_blocks
+    return config
+
+
+def new_manager(
+    num_blocks: int, sliding_window: int | None = None
+) -> tuple[KVCacheManager, KVCacheConfig]:
+    """A real KVCacheManager over a hand-made config, as vLLM's scheduler builds it."""
+    config = kv_config(num_blocks, sliding_window)
+    m = KVCacheManager(
+        config,
+        max_model_len=MAX_LEN,
+        scheduler_block_size=BLOCK,
+        hash_block_size=BLOCK,
+        enable_caching=True,
+        log_stats=True,
+    )
+    return m, config
+
+
+def manager(
+    num_blocks: int, sliding_window: int | None = None
+) -> tuple[KVCacheManager, BlockPoolTracker]:
+    m, config = new_manager(num_blocks, sliding_window)
+    return m, BlockPoolTracker(m, config, EngineFacts(model="tiny", max_model_len=MAX_LEN))
+
+
+class Driver:
+    """Does what vLLM's scheduler does with a KVCacheManager, minus the model."""
+
+    def __init__(self, m: KVCacheManager, tracker: BlockPoolTracker) -> None:
+        self.m, self.tracker = m, tracker
+        self.running: dict[str, Request] = {}
+        self.ids = 0
+
+    def check(self) -> None:
+        pool = self.m.block_pool
+        used, evictable, available = self.tracker.counts()
+        assert evictable == brute_force_evictable(pool)
+        usable = pool.num_gpu_blocks - 1
+        pinned = sum(1 for b in pool.blocks if b.ref_cnt > 0 and not b.is_null)
+        assert used == pinned
+        assert used + evictable + available == usable
+        # vLLM's own figure only sees the pinned blocks.
+        assert self.m.usage == pytest.approx(used / usable)
+        snap = parse_snapshot(self.tracker.snapshot(len(self.running), 0).to_json())
+        assert snap.pools[0].evictable_slots == evictable * BLOCK
+
+    def admit(self, prompt: list[int], max_tokens: int = 64) -> Request | None:
+        self.ids += 1
+        request = Request(
+            f"r{self.ids}", prompt, SamplingParams(max_tokens=max_tokens), None, block_hasher=HASHER
+        )
+        blocks, hits, _ = self.m.get_computed_blocks(request)
+        new_tokens = request.num_tokens - hits
+        if self.m.allocate_slots(request, new_tokens, hits, blocks) is None:
+            return None  # no room: the scheduler would leave it waiting
+        self.m.record_prefix_cache_stats(request, hits)
+        request.num_computed_tokens = request.num_tokens
+        self.running[request.request_id] = request
+        return request
+
+    def decode(self, request: Request, token: int) -> bool:
+        request.append_output_token_ids(token)
+        if self.m.allocate_slots(request, 1) is None:
+            return False
+        request.num_computed_tokens = request.num_tokens
+        return True
+
+    def free(self, request: Request) -> None:
+        self.m.free(request)
+        del self.running[request.request_id]

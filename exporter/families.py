@@ -1,0 +1,222 @@
+"""Every metric family the exporter publishes, declared once: name, type, help, labels.
+
+Grouped by concern and listed in exposition order. The renderer, the per-target series
+estimate, the README's metric table (a test checks it) and the tests' list of names all read
+these declarations: adding a metric is one entry here and one line where its value is known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from kvstats.snapshot import HIT_TIERS
+
+ENGINE = ("engine", "dp_rank", "model")
+POOL = (*ENGINE, "pool")
+GPU = ("gpu", "uuid")
+TARGET = ("engine",)
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    name: str  # as in client_python: counters without _total
+    type: Literal["gauge", "counter", "histogram"]
+    help: str
+    labels: tuple[str, ...]
+    # Series per owner (pool, engine, target, GPU) at most: the values its last label takes.
+    fanout: int = 1
+
+    @property
+    def exposed(self) -> str:
+        """The name in the text format (``_total`` for counters)."""
+        return f"{self.name}_total" if self.type == "counter" else self.name
+
+    def header(self) -> str:
+        """``# HELP`` and ``# TYPE`` lines, escaped as prometheus_client escapes them."""
+        text = self.help.replace("\\", r"\\").replace("\n", r"\n")
+        return f"# HELP {self.exposed} {text}\n# TYPE {self.exposed} {self.type}\n"
+
+
+def _gauge(name: str, help: str, labels: tuple[str, ...], fanout: int = 1) -> Family:
+    return Family(name, "gauge", help, labels, fanout)
+
+
+def _counter(name: str, help: str, labels: tuple[str, ...], fanout: int = 1) -> Family:
+    return Family(name, "counter", help, labels, fanout)
+
+
+# One series per pool of each engine (DP rank).
+POOL_FAMILIES = (
+    _gauge(
+        "kvcache_pool_capacity_slots",
+        "Token slots in the KV pool (blocks x block size). On hybrid models sharing one pool a"
+        " token takes a slot per KV group: kvcache_capacity_tokens is the token capacity.",
+        POOL,
+    ),
+    _gauge(
+        "kvcache_pool_slots",
+        "KV pool token slots by state: used (pinned by running requests), evictable (cached,"
+        " unreferenced, reclaimable), available (empty). The three sum to capacity; evictable"
+        " and available are absent where the engine cannot tell them apart.",
+        (*POOL, "state"),
+        fanout=3,
+    ),
+    _gauge(
+        "kvcache_physical_usage_ratio",
+        "(used + evictable) / capacity: physical occupancy incl. prefix cache.",
+        POOL,
+    ),
+    _gauge(
+        "kvcache_active_usage_ratio", "used / capacity: share pinned by running requests.", POOL
+    ),
+    _gauge("kvcache_evictable_ratio", "evictable / capacity: reclaimable prefix cache.", POOL),
+    _gauge("kvcache_block_size_tokens", "Tokens per KV block (page).", POOL),
+    _gauge("kvcache_pool_bytes", "Physical bytes of the KV pool.", POOL),
+)
+
+# One series per engine (DP rank).
+ENGINE_FAMILIES = (
+    _gauge(
+        "kvcache_max_concurrency",
+        "Group-aware number of max_model_len requests the KV pools hold.",
+        ENGINE,
+    ),
+    _gauge(
+        "kvcache_concurrency_headroom",
+        "More max_model_len requests that fit now in available + evictable KV.",
+        ENGINE,
+    ),
+    _gauge("kvcache_max_model_len_tokens", "Longest request the engine accepts.", ENGINE),
+    _gauge(
+        "kvcache_capacity_tokens",
+        "Tokens the engine's KV cache holds, as the engine states it (vLLM:"
+        " kv_cache_size_tokens = max concurrency x max_model_len, group-aware).",
+        ENGINE,
+    ),
+    _gauge("kvcache_requests", "Requests by state.", (*ENGINE, "state"), fanout=2),
+    _gauge(
+        "kvcache_exhaustion_eta_seconds",
+        "Forecast seconds until used tokens reach capacity at the recent growth rate;"
+        " absent when used is not growing.",
+        ENGINE,
+    ),
+    _gauge(
+        "kvcache_snapshot_timestamp_seconds",
+        "When the engine published the snapshot last polled (Unix time).",
+        ENGINE,
+    ),
+    _gauge(
+        "kvcache_tier_capacity_tokens",
+        "Capacity of a lower cache tier.",
+        (*ENGINE, "tier"),
+        fanout=2,
+    ),
+    _gauge("kvcache_tier_used_tokens", "Tokens held in a lower cache tier.", (*ENGINE, "tier"), 2),
+    _gauge(
+        "kvcache_engine_info",
+        "Engine identity; value 1.",
+        (*ENGINE, "engine_kind", "engine_version"),
+    ),
+)
+
+COUNTER_FAMILIES = (
+    _counter("kvcache_prefix_query_tokens", "Prompt tokens looked up in the prefix cache.", ENGINE),
+    _counter(
+        "kvcache_prefix_hit_tokens",
+        "Prompt tokens served from cache, by tier (device, host, storage, p2p, external).",
+        (*ENGINE, "tier"),
+        fanout=len(HIT_TIERS),
+    ),
+    _counter(
+        "kvcache_evicted_tokens", "Device KV slots freed by evicting cached prefixes.", ENGINE
+    ),
+    _counter("kvcache_preemptions", "Requests preempted for lack of KV.", ENGINE),
+    _counter("kvcache_iterations", "Engine scheduler iterations.", ENGINE),
+)
+
+# One series per GPU (NVML), joined to engines by UUID.
+GPU_FAMILIES = (
+    _gauge("kvcache_gpu_memory_bytes", "GPU memory by state, from NVML.", (*GPU, "state"), 2),
+    _gauge("kvcache_gpu_memory_total_bytes", "GPU memory in total, from NVML.", GPU),
+    _gauge("kvcache_gpu_utilization_ratio", "GPU utilisation (0-1) over NVML's last sample.", GPU),
+    _gauge(
+        "kvcache_gpu_non_kv_memory_bytes",
+        "GPU memory used by anything but the KV pools on it (weights, activations, other"
+        " processes, fragmentation): NVML used minus the pools' bytes.",
+        GPU,
+    ),
+    _gauge(
+        "kvcache_gpu_engine_info",
+        "Which engine's KV pools live on which GPU; value 1.",
+        (*GPU, *ENGINE),
+    ),
+)
+
+# The exporter's view of each target.
+TARGET_FAMILIES = (
+    _gauge("kvcache_exporter_target_up", "1 when the last poll of the target succeeded.", TARGET),
+    _counter("kvcache_exporter_polls", "Polls of the target.", TARGET),
+    _counter("kvcache_exporter_poll_errors", "Failed polls by reason.", (*TARGET, "reason"), 9),
+    _gauge(
+        "kvcache_exporter_last_success_timestamp_seconds",
+        "When the target was last polled successfully (Unix time).",
+        TARGET,
+    ),
+    _counter(
+        "kvcache_exporter_engine_restarts",
+        "Engine restarts seen (new instance id or counters going back).",
+        TARGET,
+    ),
+    Family(
+        "kvcache_exporter_poll_duration_seconds",
+        "histogram",
+        "Time to poll and parse a target.",
+        TARGET,
+        fanout=14,
+    ),
+    _counter(
+        "kvcache_exporter_render_errors",
+        "Renders of /metrics that left a target's series out (they could not be written).",
+        TARGET,
+    ),
+)
+
+# The exporter as a whole.
+EXPORTER_FAMILIES = (
+    _gauge("kvcache_exporter_nvml_up", "1 when NVML is in use.", ()),
+    _counter("kvcache_exporter_nvml_errors", "NVML errors by GPU and error.", ("gpu", "reason")),
+    _gauge(
+        "kvcache_exporter_build_info", "Exporter build; value 1.", ("version", "python_version")
+    ),
+    _counter(
+        "kvcache_exporter_config_reloads",
+        "Configuration reloads (SIGHUP, POST /-/reload) by result.",
+        ("result",),
+        fanout=2,
+    ),
+    _gauge(
+        "kvcache_exporter_config_last_reload_successful",
+        "1 when the last reload succeeded (or none was tried): 0 means a bad file is waiting.",
+        (),
+    ),
+    _gauge(
+        "kvcache_exporter_config_last_reload_success_timestamp_seconds",
+        "When the configuration was last loaded successfully (Unix time).",
+        (),
+    ),
+)
+
+ENGINE_SCOPED = POOL_FAMILIES + ENGINE_FAMILIES + COUNTER_FAMILIES
+ALL = ENGINE_SCOPED + GPU_FAMILIES + TARGET_FAMILIES + EXPORTER_FAMILIES
+BY_NAME = {family.name: family for family in ALL}
+assert len(BY_NAME) == len(ALL), "a metric family is declared twice"
+
+
+def series_estimate(pools_per_engine: list[int]) -> int:
+    """An upper bound on one target's series: its engines' (one count of pools per engine)
+    and its own exporter series."""
+    per_pool = sum(f.fanout for f in POOL_FAMILIES)
+    per_engine = sum(f.fanout for f in ENGINE_FAMILIES + COUNTER_FAMILIES)
+    per_target = sum(f.fanout for f in TARGET_FAMILIES)
+    return per_target + sum(per_engine + per_pool * pools for pools in pools_per_engine)
