@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python bench/soak.py [--rounds 100000]``.
 
 Each cycle polls all 64 targets through the real poll path (fetch, parse, validate, derive,
-record) with no sleeps; the network is httpx's in-memory MockTransport, so the cycle rate is
+record) with no sleeps; the network is an in-memory client, so the cycle rate is
 bounded by the exporter's own work. Targets evolve like engines do — counters grow, usage
 moves, an occasional restart (new instance id, counters back to 0) and failure (HTTP 500,
 garbage) — and the exposition is rendered every 15 cycles, as scrapes would. RSS and CPU per
@@ -23,13 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devtools.snapshots import canned_snapshot as valid
 from exporter.app import Exporter
 from exporter.config import parse_config
+from exporter.errors import PollError
 from exporter.sources import body_parser
 
 
@@ -74,12 +73,13 @@ class FakeEngine:
         self.queries = 0
         self.sequence = 0
 
-    def respond(self, request: httpx.Request) -> httpx.Response:
+    async def get(self, headers: dict[str, str], max_bytes: int, timeout: float) -> bytes:
+        """The poller's client interface (``exporter.sources.Client``), in memory."""
         r = self.rng.random()
         if r < 0.01:
-            return httpx.Response(500, content=b"busy")
+            raise PollError("http_status", "HTTP 500")
         if r < 0.015:
-            return httpx.Response(200, content=b"{truncated")
+            return b"{truncated"
         if r < 0.016:  # a restart: new instance, counters from zero
             self.instance += 1
             self.queries = 0
@@ -95,7 +95,7 @@ class FakeEngine:
             "queries": self.queries,
             "hits": self.queries // 2,
         }
-        return httpx.Response(200, content=body.encode())
+        return body.encode()
 
 
 async def soak(rounds: int, targets: int, checkpoints: int) -> None:
@@ -114,7 +114,6 @@ async def soak(rounds: int, targets: int, checkpoints: int) -> None:
     exporter = Exporter(config)  # not started: the loop below is the poller's, without sleeps
     poller = exporter.poller
     engines = [FakeEngine(i) for i in range(targets)]
-    transports = [httpx.MockTransport(e.respond) for e in engines]
     parse = body_parser("shim")
     print(
         f"soak: {targets} targets, {rounds} poll cycles ({rounds * targets:,} polls),"
@@ -126,7 +125,7 @@ async def soak(rounds: int, targets: int, checkpoints: int) -> None:
     last_cpu, last_wall, rss = cpu0, wall0, []
     for cycle in range(1, rounds + 1):
         await asyncio.gather(
-            *(poller.poll_once(t, s, parse) for t, s in zip(transports, poller.states, strict=True))
+            *(poller.poll_once(e, s, parse) for e, s in zip(engines, poller.states, strict=True))
         )
         if cycle % 15 == 0:
             exporter.exposition.render()

@@ -17,6 +17,10 @@ from urllib.parse import urlsplit
 import yaml
 
 from kvstats.kinds import KINDS, TARGET_KINDS
+
+from .errors import ConfigError
+
+__all__ = ["ConfigError"]
 from kvstats.units import host_port, size_bytes
 
 DEFAULT_LISTEN = "0.0.0.0:8322"
@@ -28,14 +32,6 @@ MAX_DURATION = 86400.0
 MIN_POLL_INTERVAL = 0.1  # faster polling measures the exporter, not the engine
 # RFC 6750 b64token: what an Authorization: Bearer header may carry.
 _BEARER_TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
-
-
-class ConfigError(ValueError):
-    def __init__(self, source: str, key: str, problem: str) -> None:
-        super().__init__(f"{source}: {key}: {problem}")
-        self.source = source
-        self.key = key
-        self.problem = problem
 
 
 @dataclass(frozen=True, slots=True)

@@ -145,11 +145,17 @@ def _escape(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
+MAX_CACHED_SERIES = 20_000
+
+
 class LineWriter:
     """Sample lines as prometheus_client writes them, with each series' prefix cached."""
 
     def __init__(self) -> None:
         self._prefixes: dict[tuple[str, tuple[str, ...]], str] = {}
+        # The last line written for each series, with its value: most values do not change
+        # between two polls, and then the line is reused as it is.
+        self._lines: dict[tuple[str, tuple[str, ...]], tuple[float, str]] = {}
 
     def prefix(self, name: str, label_names: tuple[str, ...], values: tuple[str, ...]) -> str:
         key = (name, values)
@@ -168,10 +174,21 @@ class LineWriter:
 
     def lines(self, family: Family, rows: Iterable[Row]) -> str:
         name = family.exposed
-        return "".join(
-            self.prefix(name, family.labels, values) + floatToGoString(value) + "\n"
-            for values, value in rows
-        )
+        cache = self._lines
+        out = []
+        for values, value in rows:
+            key = (name, values)
+            last = cache.get(key)
+            if last is not None and last[0] == value:
+                out.append(last[1])
+                continue
+            line = self.prefix(name, family.labels, values) + floatToGoString(value) + "\n"
+            if len(cache) > MAX_CACHED_SERIES:  # series come and go (models, pools): bounded
+                cache.clear()
+                self._prefixes.clear()
+            cache[key] = (value, line)
+            out.append(line)
+        return "".join(out)
 
     def histogram(self, family: Family, labels: tuple[str, ...], report: TargetReport) -> str:
         durations = report.durations

@@ -26,11 +26,12 @@ class Family:
     labels: tuple[str, ...]
     # Series per owner (pool, engine, target, GPU) at most: the values its last label takes.
     fanout: int = 1
+    # The name in the text format (``_total`` for counters); set from the above.
+    exposed: str = ""
 
-    @property
-    def exposed(self) -> str:
-        """The name in the text format (``_total`` for counters)."""
-        return f"{self.name}_total" if self.type == "counter" else self.name
+    def __post_init__(self) -> None:
+        exposed = f"{self.name}_total" if self.type == "counter" else self.name
+        object.__setattr__(self, "exposed", exposed)
 
     def header(self) -> str:
         """``# HELP`` and ``# TYPE`` lines, escaped as prometheus_client escapes them."""

@@ -19,17 +19,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from .errors import NvmlTimeout, NvmlUnavailable
+
 log = logging.getLogger(__name__)
 
 NVML_MODULE_ENV = "KVCACHE_EXPORTER_PYNVML"
 
 
-class NvmlUnavailable(RuntimeError):
-    pass
-
-
-class NvmlTimeout(RuntimeError):
-    """An NVML call did not return in time (a hung driver or GPU)."""
+__all__ = ["NvmlTimeout", "NvmlUnavailable"]
 
 
 class _Worker:

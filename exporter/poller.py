@@ -15,13 +15,12 @@ import threading
 import time
 from collections.abc import Callable
 
-import httpx
-
 from kvstats.snapshot import Snapshot
 
 from .config import Config
+from .errors import PollError
 from .nvml import GpuReading, NvmlReader
-from .sources import PollError, body_parser, fetch, new_transport, series_estimate
+from .sources import Client, body_parser, fetch, new_connection, series_estimate
 from .state import TargetReport, TargetState
 
 log = logging.getLogger(__name__)
@@ -118,7 +117,7 @@ class Poller:
     async def _main(self) -> None:
         assert self._stopping is not None
         tls = ssl.create_default_context()
-        clients = [new_transport(tls) for _ in self.states]
+        clients = [new_connection(s.target, tls) for s in self.states]
         first = [asyncio.Event() for _ in self.states]
         self._origin = asyncio.get_running_loop().time()
         tasks = [
@@ -133,15 +132,14 @@ class Poller:
         for task in [*tasks, waiter]:
             task.cancel()
         await asyncio.gather(*tasks, waiter, return_exceptions=True)
-        await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
+        for client in clients:
+            client.close()
 
     async def _await_first_round(self, first: list[asyncio.Event]) -> None:
         await asyncio.gather(*(e.wait() for e in first))
         self.rounds_completed.set()
 
-    async def _poll_target(
-        self, client: httpx.AsyncHTTPTransport, state: TargetState, first: asyncio.Event
-    ) -> None:
+    async def _poll_target(self, client: Client, state: TargetState, first: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         interval = self.config.poll_interval
         parse = body_parser(state.target.kind)
@@ -164,7 +162,7 @@ class Poller:
 
     async def poll_once(
         self,
-        client: httpx.AsyncHTTPTransport,
+        client: Client,
         state: TargetState,
         parse: Callable[[bytes], list[Snapshot]],
     ) -> None:

@@ -6,100 +6,43 @@ engine's Prometheus text, which ``engine_shim.bridges`` translates into the same
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 import time
 from collections.abc import Callable
-
-import httpx
+from typing import Protocol
 
 from kvstats.kinds import KINDS
 from kvstats.snapshot import Snapshot, SnapshotError, parse_snapshot
 
 from . import families
 from .config import Target
+from .errors import ERROR_REASONS, PollError
+from .fetch import Connection
 
-# Every reason a poll can fail; the error counter is pre-seeded with each at 0.
-ERROR_REASONS = (
-    "connect",
-    "timeout",
-    "http_status",
-    "too_large",
-    "invalid_body",
-    "invalid_snapshot",
-    "too_many_series",
-    "duplicate_instance",
-    "internal",
-)
+__all__ = ["ERROR_REASONS", "PollError"]
 
 
-class PollError(Exception):
-    def __init__(self, reason: str, message: str) -> None:
-        assert reason in ERROR_REASONS, reason
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+class Client(Protocol):
+    """What a poll needs of a target's connection (``fetch.Connection``; fakes in benchmarks)."""
+
+    async def get(self, headers: dict[str, str], max_bytes: int, timeout: float) -> bytes: ...
 
 
-def new_transport(tls: ssl.SSLContext) -> httpx.AsyncHTTPTransport:
-    """One keep-alive connection per target: a shared pool scans all its connections on each
-    request (polling became O(targets^2)), and the client layers (auth, redirects, cookies)
-    cost a third of a poll's CPU for nothing a stats endpoint needs. The TLS context is
-    shared: each one holds its own copy of the CA bundle (~0.6 MB)."""
-    return httpx.AsyncHTTPTransport(
-        verify=tls,
-        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-        trust_env=False,
-    )
+def new_connection(target: Target, tls: ssl.SSLContext) -> Connection:
+    """One kept-alive connection per target; the TLS context is shared (each one holds its own
+    copy of the CA bundle, ~0.6 MB)."""
+    return Connection(target.url, tls)
 
 
-async def fetch(transport: httpx.AsyncHTTPTransport, target: Target, max_bytes: int) -> bytes:
+async def fetch(client: Client, target: Target, max_bytes: int) -> bytes:
     """GET the target's URL within its timeout, the whole answer included (a target that
     trickles bytes cannot hold a poll open); the body is refused past ``max_bytes``."""
-    headers = {"Accept-Encoding": "identity", "User-Agent": "kvcache-exporter"}
+    headers = {"User-Agent": "kvcache-exporter", "Accept-Encoding": "identity"}
     token = target.bearer_token()
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    t = target.timeout
-    request = httpx.Request(
-        "GET",
-        target.url,
-        headers=headers,
-        extensions={"timeout": {"connect": t, "read": t, "write": t, "pool": t}},
-    )
-    try:
-        async with asyncio.timeout(t):
-            response = await transport.handle_async_request(request)
-            try:
-                if response.status_code != 200:
-                    raise PollError("http_status", f"HTTP {response.status_code} from {target.url}")
-                declared = response.headers.get("Content-Length")
-                if (
-                    declared is not None
-                    and declared.isascii()
-                    and declared.isdigit()
-                    and (len(declared) > 18 or int(declared) > max_bytes)
-                ):
-                    raise PollError(
-                        "too_large", f"Content-Length {declared} exceeds {max_bytes} bytes"
-                    )
-                chunks, size = [], 0
-                assert isinstance(response.stream, httpx.AsyncByteStream)
-                async for chunk in response.stream:
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise PollError("too_large", f"body exceeds {max_bytes} bytes")
-                    chunks.append(chunk)
-                return b"".join(chunks)
-            finally:
-                await response.aclose()
-    except TimeoutError:
-        raise PollError("timeout", f"no complete answer within {t} s") from None
-    except httpx.TimeoutException as exc:
-        raise PollError("timeout", f"no answer within {t} s ({type(exc).__name__})") from None
-    except httpx.TransportError as exc:
-        raise PollError("connect", f"{type(exc).__name__}: {exc}") from None
+    return await client.get(headers, max_bytes, target.timeout)
 
 
 def parse_shim_body(body: bytes) -> list[Snapshot]:

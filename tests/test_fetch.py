@@ -1,0 +1,178 @@
+"""The exporter's lean HTTP/1.1 client against httpx, on the same raw servers.
+
+Every answer shape a target can give (length-delimited, chunked, close-delimited, an error
+status, too large, truncated, not HTTP at all, an idle keep-alive connection the server closed)
+is fetched by both; the bodies must be equal, or both must fail, with the reason the exporter
+counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from exporter.errors import PollError
+from exporter.fetch import Connection
+
+BODY = b'{"schema": "kvcache.stats/v2", "padding": "' + b"x" * 5000 + b'"}'
+MAX = 64 << 10
+
+
+def answer(status: bytes, headers: list[bytes], body: bytes) -> bytes:
+    return b"HTTP/1.1 " + status + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body
+
+
+def chunked(body: bytes, size: int = 777) -> bytes:
+    parts = [body[i : i + size] for i in range(0, len(body), size)]
+    return b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in parts) + b"0\r\n\r\n"
+
+
+RESPONSES: dict[str, tuple[bytes, bool]] = {  # name: (raw answer, close after it)
+    "length": (answer(b"200 OK", [b"Content-Length: %d" % len(BODY)], BODY), False),
+    "chunked": (answer(b"200 OK", [b"Transfer-Encoding: chunked"], chunked(BODY)), False),
+    "close_delimited": (answer(b"200 OK", [b"Connection: close"], BODY), True),
+    "not_found": (answer(b"404 Not Found", [b"Content-Length: 2"], b"no"), False),
+    "too_large": (answer(b"200 OK", [b"Content-Length: %d" % (MAX + 1)], b""), True),
+    "too_large_chunked": (
+        answer(b"200 OK", [b"Transfer-Encoding: chunked"], chunked(b"y" * (MAX + 10))),
+        False,
+    ),
+    "truncated": (answer(b"200 OK", [b"Content-Length: %d" % len(BODY)], BODY[:100]), True),
+    "not_http": (b"SSH-2.0-OpenSSH_9.6\r\n", True),
+    "closed_after_each": (answer(b"200 OK", [b"Content-Length: %d" % len(BODY)], BODY), True),
+}
+REASONS = {  # what the exporter counts for each failure
+    "not_found": "http_status",
+    "too_large": "too_large",
+    "too_large_chunked": "too_large",
+    "truncated": "connect",
+    "not_http": "connect",
+}
+
+
+class RawServer:
+    """Reads a request's head, writes ``raw``; closes the connection after it if told to."""
+
+    def __init__(self, raw: bytes, close: bool) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.raw, self.close_after = raw, close
+        self.paths: list[bytes] = []
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1/kv/stats?x=1"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn: socket.socket) -> None:
+        with conn:
+            buffer = b""
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                self.paths.append(head.split(b" ")[1])
+                conn.sendall(self.raw)
+                if self.close_after:
+                    conn.shutdown(socket.SHUT_WR)
+                    return
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[str], RawServer]]:
+    made: list[RawServer] = []
+
+    def start(name: str) -> RawServer:
+        server = RawServer(*RESPONSES[name])
+        made.append(server)
+        return server
+
+    yield start
+    for server in made:
+        server.stop()
+
+
+def ours(url: str, times: int = 1) -> list[bytes | str]:
+    async def run() -> list[bytes | str]:
+        conn = Connection(url, ssl.create_default_context())
+        out: list[bytes | str] = []
+        for _ in range(times):
+            try:
+                out.append(await conn.get({"User-Agent": "t"}, MAX, 2.0))
+            except PollError as exc:
+                out.append(exc.reason)
+        conn.close()
+        return out
+
+    return asyncio.run(run())
+
+
+def theirs(url: str, times: int = 1) -> list[bytes | str]:
+    """httpx's reading of the same answer, on a fresh connection each time (httpx itself can
+    lose the race with a server that closes a kept-alive connection; ours retries that)."""
+    out: list[bytes | str] = []
+    for _ in range(times):
+        with httpx.Client(timeout=2.0) as client:
+            try:
+                response = client.get(url)
+            except httpx.TransportError:
+                out.append("connect")
+                continue
+            if response.status_code != 200:
+                out.append("http_status")
+            elif len(response.content) > MAX:
+                out.append("too_large")
+            else:
+                out.append(response.content)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(RESPONSES))
+def test_same_answer_as_httpx(name: str, serve: Callable[[str], RawServer]) -> None:
+    server = serve(name)
+    mine, reference = ours(server.url, times=3), theirs(server.url, times=3)
+    if name in REASONS:
+        assert mine == [REASONS[name]] * 3
+        if name not in ("too_large", "too_large_chunked"):  # httpx has no cap: it reads all
+            assert reference == [REASONS[name]] * 3
+    else:
+        assert mine == reference == [BODY] * 3
+    assert all(path == b"/v1/kv/stats?x=1" for path in server.paths)
+
+
+def test_a_kept_alive_connection_is_reused(serve: Callable[[str], RawServer]) -> None:
+    server = serve("length")
+    assert ours(server.url, times=5) == [BODY] * 5
+    assert server.connections == 1
+
+
+def test_a_connection_the_server_closed_is_reopened_once(
+    serve: Callable[[str], RawServer],
+) -> None:
+    server = serve("closed_after_each")
+    for _ in range(20):  # the race between the server's close and our next request
+        assert ours(server.url, times=3) == [BODY] * 3
+    assert server.connections == 60
