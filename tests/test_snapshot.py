@@ -9,51 +9,13 @@ from typing import Any
 
 import pytest
 
+from devtools.snapshots import canned_snapshot
 from kvstats.snapshot import SCHEMA_VERSION, SnapshotError, parse_snapshot
 
 
 def valid() -> dict[str, Any]:
-    return {
-        "schema": SCHEMA_VERSION,
-        "engine": {
-            "kind": "reference",
-            "version": "0.1.0",
-            "model": "tiny",
-            "dp_rank": 0,
-            "instance_id": "abc",
-        },
-        "time": 1_700_000_000.5,
-        "sequence": 7,
-        "max_model_len": 4096,
-        "pools": [
-            {
-                "name": "full",
-                "block_size": 16,
-                "capacity_slots": 1600,
-                "used_slots": 160,
-                "evictable_slots": 800,
-                "available_slots": 640,
-                "bytes_per_slot": 1024,
-                "device": "cuda:0",
-                "gpu_uuid": "GPU-1234",
-            }
-        ],
-        "groups": [
-            {"name": "full", "kind": "full_attention", "pool": "full", "blocks_per_request": 256}
-        ],
-        "max_concurrency": 0.390625,
-        "requests": {"running": 2, "waiting": 1},
-        "counters": {
-            "prefix_query_tokens": 1000,
-            "prefix_hit_tokens": {"device": 600, "host": 50, "storage": 10},
-            "evicted_tokens": 32,
-            "preemptions": 1,
-            "iterations": 99,
-        },
-        "host_tier": {"capacity_tokens": 4096, "used_tokens": 128},
-        "storage_tier": None,
-        "capacity_tokens": 1600,
-    }
+    """A valid snapshot with every field set (the benchmarks' canned one)."""
+    return canned_snapshot()
 
 
 def test_round_trip_is_exact() -> None:
