@@ -173,42 +173,34 @@ class LineWriter:
         return cached
 
     def lines(self, family: Family, rows: Iterable[Row]) -> str:
-        name = family.exposed
-        cache = self._lines
-        out = []
-        for values, value in rows:
-            key = (name, values)
-            last = cache.get(key)
-            if last is not None and last[0] == value:
-                out.append(last[1])
-                continue
-            line = self.prefix(name, family.labels, values) + floatToGoString(value) + "\n"
-            if len(cache) > MAX_CACHED_SERIES:  # series come and go (models, pools): bounded
-                cache.clear()
-                self._prefixes.clear()
-            cache[key] = (value, line)
-            out.append(line)
-        return "".join(out)
+        return "".join(
+            self.line(family.exposed, family.labels, values, value) for values, value in rows
+        )
+
+    def line(
+        self, name: str, label_names: tuple[str, ...], values: tuple[str, ...], value: float
+    ) -> str:
+        key = (name, values)
+        last = self._lines.get(key)
+        if last is not None and last[0] == value:
+            return last[1]
+        line = self.prefix(name, label_names, values) + floatToGoString(value) + "\n"
+        if len(self._lines) > MAX_CACHED_SERIES:  # series come and go (models, pools): bounded
+            self._lines.clear()
+            self._prefixes.clear()
+        self._lines[key] = (value, line)
+        return line
 
     def histogram(self, family: Family, labels: tuple[str, ...], report: TargetReport) -> str:
         durations = report.durations
-        bucket_labels = (*family.labels, "le")
+        name, label_names = family.name, family.labels
+        bucket_labels = (*label_names, "le")
         out = [
-            self.prefix(f"{family.name}_bucket", bucket_labels, (*labels, bound))
-            + floatToGoString(count)
-            + "\n"
+            self.line(f"{name}_bucket", bucket_labels, (*labels, bound), count)
             for bound, count in durations.cumulative()
         ]
-        out.append(
-            self.prefix(f"{family.name}_count", family.labels, labels)
-            + floatToGoString(sum(durations.counts))
-            + "\n"
-        )
-        out.append(
-            self.prefix(f"{family.name}_sum", family.labels, labels)
-            + floatToGoString(durations.total)
-            + "\n"
-        )
+        out.append(self.line(f"{name}_count", label_names, labels, sum(durations.counts)))
+        out.append(self.line(f"{name}_sum", label_names, labels, durations.total))
         return "".join(out)
 
 

@@ -203,6 +203,9 @@ class _Reader:
 
     def count(self, key: str, required: bool = True) -> int | None:
         """A non-negative integer; JSON floats with an integral value are accepted."""
+        value = self.data.get(key)
+        if type(value) is int and 0 <= value <= MAX_COUNT:
+            return value  # the common case, without the checks below that it would pass
         value = self._get(key, required)
         if value is None:
             if required:
