@@ -219,6 +219,18 @@ class TargetRenderer:
     def __init__(self) -> None:
         self.writer = LineWriter()
         self.render_errors = 0
+        # Each family's rows and text from the last render: a family whose rows did not
+        # change (capacity, block size, engine info, most counters of a quiet engine) costs
+        # one list comparison.
+        self._last: dict[str, tuple[list[Row], str]] = {}
+
+    def _text(self, family: Family, rows: list[Row]) -> str:
+        last = self._last.get(family.name)
+        if last is not None and last[0] == rows:
+            return last[1]
+        text = self.writer.lines(family, rows)
+        self._last[family.name] = (rows, text)
+        return text
 
     def render(self, report: TargetReport) -> TargetLines:
         lines: dict[str, str] = {}
@@ -229,7 +241,7 @@ class TargetRenderer:
                 for name, rows in engine_rows(report.target.name, rank, view).items():
                     merged[name].extend(rows)
             for family in ENGINE_SCOPED:
-                lines[family.name] = self.writer.lines(family, merged[family.name])
+                lines[family.name] = self._text(family, merged[family.name])
         except Exception as exc:  # the parsers refuse such data: this is the last line
             lines = {}
             rendered = False
@@ -245,7 +257,7 @@ class TargetRenderer:
             if family.type == "histogram":
                 lines[family.name] = self.writer.histogram(family, (report.target.name,), report)
             else:
-                lines[family.name] = self.writer.lines(family, own[family.name])
+                lines[family.name] = self._text(family, own[family.name])
         return TargetLines(lines, report, rendered)
 
 

@@ -65,6 +65,18 @@ def start(config: Path, *flags: str) -> subprocess.Popen[bytes]:
     )
 
 
+def stop(proc: subprocess.Popen[bytes]) -> str:
+    """SIGTERM, as an orchestrator stops it; killed if it does not end. Its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return stderr.decode() if stderr else ""
+
+
 def up(port: int, name: str) -> bool:
     try:
         return value(port, "kvcache_exporter_target_up", engine=name) == 1
@@ -108,9 +120,7 @@ def test_sighup_applies_a_good_file_and_keeps_running_on_a_bad_one(
         assert up(port, "a") and up(port, "b")
         assert proc.poll() is None
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=15)
-    log = stderr.decode()
+        log = stop(proc)
     assert "configuration reloaded: 2 targets (added: b; removed: none)" in log
     assert "reload failed, the running configuration stays" in log and "invalid YAML" in log
     assert proc.returncode == 0
@@ -127,8 +137,7 @@ def test_post_reload_only_with_lifecycle(
         wait_for(lambda: up(port, "a"), 20, "up")
         assert httpx.post(f"http://127.0.0.1:{port}/-/reload").status_code == 404
     finally:
-        plain.send_signal(signal.SIGTERM)
-        plain.communicate(timeout=15)
+        stop(plain)
     lifecycle = start(config, "--web.enable-lifecycle")
     try:
         wait_for(lambda: up(port, "a"), 20, "up")
@@ -142,5 +151,4 @@ def test_post_reload_only_with_lifecycle(
         assert reply.status_code == 500 and "targets[0].kind: must be one of" in reply.text
         assert up(port, "b")
     finally:
-        lifecycle.send_signal(signal.SIGTERM)
-        lifecycle.communicate(timeout=15)
+        stop(lifecycle)
