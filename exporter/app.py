@@ -13,7 +13,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from types import ModuleType
@@ -27,18 +26,10 @@ from .config import Config, ConfigError
 from .exposition import ExporterView, Exposition
 from .nvml import NvmlReader
 from .poller import Poller
-from .state import TargetReport
+from .state import ReloadStats, TargetReport
 from .webconfig import REALM, BasicAuth, WebConfig, load_web_config
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ReloadStats:
-    successes: int = 0
-    failures: int = 0
-    last_ok: bool = True
-    last_success: float = field(default_factory=time.time)
 
 
 class Exporter:

@@ -39,20 +39,13 @@ from .families import (
     Family,
 )
 from .nvml import GpuReading
-from .state import EngineView, TargetReport
+from .state import EngineView, ReloadStats, TargetReport
 
 log = logging.getLogger(__name__)
 
 Row = tuple[tuple[str, ...], float]  # label values in the family's label order, value
 # prometheus_client's own number formatting (untyped there): Go's, as Prometheus expects.
 floatToGoString = cast(Callable[[float], str], _untyped_float_to_go_string)
-
-
-class ReloadCounts(Protocol):
-    successes: int
-    failures: int
-    last_ok: bool
-    last_success: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,15 +58,14 @@ class ExporterView:
     nvml_enabled: bool
     # engine name -> GPU UUIDs from the config, for snapshots that carry none.
     gpu_map: dict[str, tuple[str, ...]]
-    reloads: ReloadCounts | None = None
+    reloads: ReloadStats | None = None
 
 
 # ------------------------------------------------------------------------------- rows
 
 
-def engine_rows(name: str, rank: int, view: EngineView) -> dict[str, list[Row]]:
-    """One engine's (DP rank's) values, by family name."""
-    rows: dict[str, list[Row]] = {f.name: [] for f in ENGINE_SCOPED}
+def engine_rows(name: str, rank: int, view: EngineView, rows: dict[str, list[Row]]) -> None:
+    """Append one engine's (DP rank's) values to ``rows``, by family name."""
     engine = (name, str(rank), view.model)
     snap = view.snapshot
     for pool in snap.pools:
@@ -117,7 +109,6 @@ def engine_rows(name: str, rank: int, view: EngineView) -> dict[str, list[Row]]:
             rows["kvcache_prefix_hit_tokens"].append(((*engine, key.tier), value))
         else:
             rows[f"kvcache_{key.name}"].append((engine, value))
-    return rows
 
 
 def target_rows(report: TargetReport, up: bool, render_errors: int) -> dict[str, list[Row]]:
@@ -209,7 +200,7 @@ class TargetLines:
     """One target's rendered lines by family name, and whether its engines made it in."""
 
     lines: dict[str, str]
-    reports: TargetReport
+    report: TargetReport
     rendered: bool
 
 
@@ -238,8 +229,7 @@ class TargetRenderer:
         try:
             merged: dict[str, list[Row]] = {f.name: [] for f in ENGINE_SCOPED}
             for rank, view in sorted(report.engines.items()):
-                for name, rows in engine_rows(report.target.name, rank, view).items():
-                    merged[name].extend(rows)
+                engine_rows(report.target.name, rank, view, merged)
             for family in ENGINE_SCOPED:
                 lines[family.name] = self._text(family, merged[family.name])
         except Exception as exc:  # the parsers refuse such data: this is the last line
@@ -273,7 +263,7 @@ def gpu_rows(view: ExporterView, targets: Sequence[TargetLines]) -> dict[str, li
     for target in targets:
         if not target.rendered:
             continue
-        report = target.reports
+        report = target.report
         mapped = view.gpu_map.get(report.target.name, ())
         for rank, engine_view in sorted(report.engines.items()):
             for pool in engine_view.snapshot.pools:

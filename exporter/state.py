@@ -8,6 +8,7 @@ are ever served; counter bases survive, so counters continue where they were.
 from __future__ import annotations
 
 import bisect
+import time
 import unicodedata
 from collections import deque
 from dataclasses import dataclass, field
@@ -73,6 +74,16 @@ class Histogram:
             running += count
             out.append((bound, float(running)))
         return out
+
+
+@dataclass(slots=True)
+class ReloadStats:
+    """Configuration reloads so far (SIGHUP, POST /-/reload)."""
+
+    successes: int = 0
+    failures: int = 0
+    last_ok: bool = True
+    last_success: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True, slots=True)

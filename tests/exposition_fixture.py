@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine_shim.bridges import convert
-from exporter.app import ReloadStats
 from exporter.config import parse_config
 from exporter.exposition import ExporterView
 from exporter.nvml import GpuReading
-from exporter.state import TargetState
+from exporter.state import ReloadStats, TargetState
 from kvstats.snapshot import parse_snapshot
 
 FIXTURES = Path(__file__).parent / "fixtures"

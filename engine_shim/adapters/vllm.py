@@ -349,7 +349,7 @@ POOL_MUTATORS = (
     "update_draft_token_ids",
 )
 # Other scheduler internals the shim relies on; checked at start-up (a rename fails loudly).
-SCHEDULER_HOOKS = ("_preempt_request", "shutdown", "get_request_counts", "kv_cache_manager")
+SCHEDULER_HOOKS = ("_preempt_request", "shutdown", "get_request_counts")
 BIND_RETRY_SECONDS = 10.0
 
 
@@ -446,7 +446,7 @@ class ShimEndpoint:
 
 
 def _check_scheduler_hooks(base: type) -> None:
-    for name in POOL_MUTATORS + SCHEDULER_HOOKS[:-1]:
+    for name in POOL_MUTATORS + SCHEDULER_HOOKS:
         if not callable(getattr(base, name, None)):
             raise UnsupportedVllm(f"{base.__name__}.{name} is missing; this vLLM is not supported")
 
@@ -502,7 +502,7 @@ def _scheduler_class() -> type:
                     " http://%s:%d/v1/kv/stats",
                     __version__,
                     facts.version.split(",")[0],
-                    ",".join(POOL_MUTATORS + SCHEDULER_HOOKS[:-1]),
+                    ",".join(POOL_MUTATORS + SCHEDULER_HOOKS),
                     self.kvcache_tracker.num_blocks,
                     self.kvcache_tracker.block_size,
                     self.kvcache_tracker.capacity_tokens,
