@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, TypeVar
@@ -96,29 +97,121 @@ def exhaustion_eta(
     least-squares line; the forecast is published only when at least ``MIN_ETA_SAMPLES`` cover
     half the window and the slope is at least ``MIN_TREND_T`` standard errors above zero. The
     forecast runs from the fitted value now (not the last, noisy sample) to capacity.
+
+    This is the two-pass reference; ``UsageTrend`` keeps the same fit with running sums.
     """
     n = len(samples)
     if n < MIN_ETA_SAMPLES:
         return None
-    t0 = samples[0][0]
-    span = samples[-1][0] - t0
-    if window is not None and span < window / 2:
-        return None
-    mean_t = sum(t - t0 for t, _ in samples) / n
+    mean_t = sum(t for t, _ in samples) / n
     mean_u = sum(u for _, u in samples) / n
-    var = sum((t - t0 - mean_t) ** 2 for t, _ in samples)
-    if var <= 0:
+    var = sum((t - mean_t) ** 2 for t, _ in samples)
+    cov = sum((t - mean_t) * (u - mean_u) for t, u in samples)
+    ss_u = sum((u - mean_u) ** 2 for _, u in samples)
+    span = samples[-1][0] - samples[0][0]
+    return _forecast(
+        _Fit(n, span, var, cov, ss_u, samples[-1][0] - mean_t, mean_u), capacity, window
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Fit:
+    """A window's least-squares statistics (deviations from the means)."""
+
+    n: int
+    span: float  # last time - first time
+    var_t: float  # sum of (t - mean t)^2
+    cov: float  # sum of (t - mean t)(u - mean u)
+    ss_u: float  # sum of (u - mean u)^2
+    last_t_from_mean: float  # last time - mean t
+    mean_u: float
+
+
+def _forecast(fit: _Fit, capacity: float, window: float | None) -> float | None:
+    if fit.n < MIN_ETA_SAMPLES or (window is not None and fit.span < window / 2):
         return None
-    slope = sum((t - t0 - mean_t) * (u - mean_u) for t, u in samples) / var
+    if fit.var_t <= 0:
+        return None
+    slope = fit.cov / fit.var_t
     if slope <= 0:
         return None
-    intercept = mean_u - slope * mean_t
-    residual = sum((u - (intercept + slope * (t - t0))) ** 2 for t, u in samples)
-    stderr = math.sqrt(residual / (n - 2) / var)
+    residual = max(0.0, fit.ss_u - slope * fit.cov)
+    stderr = math.sqrt(residual / (fit.n - 2) / fit.var_t)
     if stderr > 0 and slope / stderr < MIN_TREND_T:
         return None
-    fitted_now = intercept + slope * span
+    fitted_now = fit.mean_u + slope * fit.last_t_from_mean
     return max(0.0, (capacity - fitted_now) / slope)
+
+
+class UsageTrend:
+    """A pool's (time, used) samples over the last ``window`` seconds with running sums, so a
+    poll costs the same whatever the window holds (``exhaustion_eta`` is the reference it is
+    tested against).
+
+    The sums are exact: integers, with times in nanoseconds from an anchor sample and used
+    slots as the integers they are. Adding and removing samples therefore never builds up
+    rounding, and a flat pool has a slope of exactly zero (running float sums would leave a
+    residue there that reads as a trend). The anchor moves once per window (one pass over the
+    samples, O(1) per poll amortised) so the integers stay small.
+    """
+
+    __slots__ = ("_anchor", "_rebase_at", "_sums", "samples", "window")
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.samples: deque[tuple[float, int]] = deque()
+        self._anchor: tuple[float, int] = (0.0, 0)
+        self._sums = [0] * 5  # x, y, xx, xy, yy: x = t - anchor t in ns, y = used - anchor used
+        self._rebase_at = -math.inf
+
+    def clear(self) -> None:
+        """A gap in the data (failed poll, restart) is not a trend."""
+        self.samples.clear()
+        self._rebase_at = -math.inf
+
+    def add(self, t: float, used: int) -> None:
+        self.samples.append((t, used))
+        self._accumulate(t, used, 1)
+        while self.samples[0][0] < t - self.window:
+            old_t, old_used = self.samples.popleft()
+            self._accumulate(old_t, old_used, -1)
+        if t >= self._rebase_at:
+            self._anchor = (t, used)
+            self._sums = [0] * 5
+            for sample_t, sample_used in self.samples:
+                self._accumulate(sample_t, sample_used, 1)
+            self._rebase_at = t + self.window
+
+    def _x(self, t: float) -> int:
+        return round((t - self._anchor[0]) * 1e9)
+
+    def _accumulate(self, t: float, used: int, sign: int) -> None:
+        x, y = self._x(t), used - self._anchor[1]
+        sums = self._sums
+        sums[0] += sign * x
+        sums[1] += sign * y
+        sums[2] += sign * x * x
+        sums[3] += sign * x * y
+        sums[4] += sign * y * y
+
+    def eta(self, capacity: float) -> float | None:
+        """``exhaustion_eta`` over the samples in the window."""
+        n = len(self.samples)
+        if n < MIN_ETA_SAMPLES:
+            return None
+        sx, sy, sxx, sxy, syy = self._sums
+        last_t = self.samples[-1][0]
+        # n times the centred sums, exactly; divided once each (int / int rounds correctly).
+        fit = _Fit(
+            n=n,
+            span=last_t - self.samples[0][0],
+            var_t=(n * sxx - sx * sx) / n / 1e18,
+            cov=(n * sxy - sx * sy) / n / 1e9,
+            ss_u=(n * syy - sy * sy) / n,
+            last_t_from_mean=(n * self._x(last_t) - sx) / n / 1e9,
+            mean_u=self._anchor[1] + sy / n,
+        )
+        return _forecast(fit, capacity, self.window)
 
 
 # ------------------------------------------------------------ restarts and counter continuity

@@ -1,14 +1,17 @@
-"""``/metrics``, rendered incrementally: each target's lines when its state changes, joined on
-the scrape.
+"""``/metrics``, rendered incrementally: each target's lines once per change, joined on the
+scrape.
 
-A poll that changes a target renders that target's sample lines once, in the poller's thread
-(label prefixes are cached per series, so a poll formats only values). A scrape joins the
-cached lines of every target under the families' headers and renders the few fleet-wide
-series (GPUs, the exporter itself) fresh; the joined body, and its gzip, are reused until
-something changes. The text is format 0.0.4 exactly as prometheus_client writes it (its own
-``floatToGoString``, its label escaping and order): ``tests/test_exposition.py`` proves the
-output equal to ``generate_latest`` over the same data and to the exposition before this
-renderer, sample for sample.
+A poll hands the exposition its target's new state and returns (no formatting in the poller's
+loop). The next scrape renders the targets that changed since the one before, once each, however
+many polls that was (label prefixes and unchanged lines are cached per series, so a render
+formats only the values that moved); it joins the cached lines of every target under the
+families' headers and renders the few fleet-wide series (GPUs, the exporter itself) fresh. The
+joined body, and its gzip, are reused until something changes. Work therefore follows the
+slower of the poll and scrape rates: 64 targets polled every second and scraped every 15 s are
+rendered once per scrape, not fifteen times. The text is format 0.0.4 exactly as
+prometheus_client writes it (its own ``floatToGoString``, its label escaping and order):
+``tests/test_exposition.py`` proves the output equal to ``generate_latest`` over the same data
+and to the exposition before this renderer, sample for sample.
 
 A target whose series cannot be written (a value past float range, a label that is not valid
 UTF-8; the parsers refuse both) is left out of the scrape: its ``target_up`` is 0 and
@@ -46,6 +49,15 @@ log = logging.getLogger(__name__)
 Row = tuple[tuple[str, ...], float]  # label values in the family's label order, value
 # prometheus_client's own number formatting (untyped there): Go's, as Prometheus expects.
 floatToGoString = cast(Callable[[float], str], _untyped_float_to_go_string)
+
+
+def format_value(value: float) -> str:
+    """``floatToGoString``, with the common case (a small integer: counts, slots) done directly;
+    ``tests/test_exposition.py`` proves the two equal. Go's format switches to an exponent at
+    10^6 for positive numbers, so only integers below that take the shortcut."""
+    if type(value) is int and -(10**15) < value < 1_000_000:
+        return f"{value}.0"
+    return floatToGoString(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +159,7 @@ class LineWriter:
         # The last line written for each series, with its value: most values do not change
         # between two polls, and then the line is reused as it is.
         self._lines: dict[tuple[str, tuple[str, ...]], tuple[float, str]] = {}
+        self._histograms: dict[tuple[str, tuple[str, ...]], list[str]] = {}
 
     def prefix(self, name: str, label_names: tuple[str, ...], values: tuple[str, ...]) -> str:
         key = (name, values)
@@ -175,23 +188,38 @@ class LineWriter:
         last = self._lines.get(key)
         if last is not None and last[0] == value:
             return last[1]
-        line = self.prefix(name, label_names, values) + floatToGoString(value) + "\n"
+        line = self.prefix(name, label_names, values) + format_value(value) + "\n"
         if len(self._lines) > MAX_CACHED_SERIES:  # series come and go (models, pools): bounded
             self._lines.clear()
             self._prefixes.clear()
+            self._histograms.clear()
         self._lines[key] = (value, line)
         return line
 
     def histogram(self, family: Family, labels: tuple[str, ...], report: TargetReport) -> str:
+        """Every bucket of a histogram usually moves on each poll: the lines are written from
+        cached prefixes and integer counts, without a lookup per line."""
         durations = report.durations
-        name, label_names = family.name, family.labels
-        bucket_labels = (*label_names, "le")
-        out = [
-            self.line(f"{name}_bucket", bucket_labels, (*labels, bound), count)
-            for bound, count in durations.cumulative()
-        ]
-        out.append(self.line(f"{name}_count", label_names, labels, sum(durations.counts)))
-        out.append(self.line(f"{name}_sum", label_names, labels, durations.total))
+        key = (family.name, labels)
+        prefixes = self._histograms.get(key)
+        if prefixes is None:
+            bucket_labels = (*family.labels, "le")
+            bounds = [*map(str, durations.buckets), "+Inf"]
+            prefixes = self._histograms[key] = [
+                *(
+                    self.prefix(f"{family.name}_bucket", bucket_labels, (*labels, b))
+                    for b in bounds
+                ),
+                self.prefix(f"{family.name}_count", family.labels, labels),
+                self.prefix(f"{family.name}_sum", family.labels, labels),
+            ]
+        out = []
+        running = 0
+        for prefix, count in zip(prefixes, durations.counts, strict=False):
+            running += count
+            out.append(f"{prefix}{format_value(running)}\n")
+        out.append(f"{prefixes[-2]}{format_value(running)}\n")
+        out.append(f"{prefixes[-1]}{format_value(durations.total)}\n")
         return "".join(out)
 
 
@@ -223,7 +251,8 @@ class TargetRenderer:
         self._last[family.name] = (rows, text)
         return text
 
-    def render(self, report: TargetReport) -> TargetLines:
+    def render(self, report: TargetReport, polls: int = 1) -> TargetLines:
+        """``polls``: how many polls this state stands for (a failed render counts each)."""
         lines: dict[str, str] = {}
         rendered = True
         try:
@@ -235,8 +264,9 @@ class TargetRenderer:
         except Exception as exc:  # the parsers refuse such data: this is the last line
             lines = {}
             rendered = False
-            self.render_errors += 1
-            if self.render_errors == 1:
+            first = self.render_errors == 0
+            self.render_errors += polls
+            if first:
                 log.error(
                     "target %s: its series cannot be rendered, left out: %r",
                     report.target.name,
@@ -330,15 +360,22 @@ def render_text(view: ExporterView, targets: Sequence[TargetLines], writer: Line
 
 
 class Exposition:
-    """Per-target lines rendered on change, the joined body and its gzip reused until the next.
+    """Per-target lines rendered on the scrape after a change; the joined body and its gzip
+    reused until the next change.
 
-    ``update`` is called by the poller after it records a poll; ``render``/``render_gzip`` by
-    scrapes. ``view`` gives the fleet-wide part (GPUs, NVML, reloads) at scrape time.
+    ``update`` is called by the poller after it records a poll (it only files the report);
+    ``render``/``render_gzip`` by scrapes. ``view`` gives the fleet-wide part (GPUs, NVML,
+    reloads) at scrape time.
     """
 
     def __init__(self, view: ExporterView | None = None, process_metrics: bool = True) -> None:
+        # ``_lock`` guards what the poller touches (pending reports, the generation) and is
+        # held only for dict updates, so a scrape rendering never stalls the polling loop;
+        # ``_render_lock`` serialises scrapes over the renderers and the cached body.
         self._lock = threading.Lock()
+        self._render_lock = threading.RLock()
         self._renderers: dict[str, TargetRenderer] = {}
+        self._pending: dict[str, tuple[TargetReport, int]] = {}
         self._targets: dict[str, TargetLines] = {}
         self._order: list[str] = []
         self._fleet_writer = LineWriter()
@@ -360,24 +397,26 @@ class Exposition:
 
     @property
     def render_errors(self) -> dict[str, int]:
+        self._current()  # reports filed since the last scrape count too
         return {name: r.render_errors for name, r in self._renderers.items() if r.render_errors}
 
     def set_targets(self, names: Sequence[str]) -> None:
         """The configured targets, in order (on start and on reload)."""
-        with self._lock:
+        with self._render_lock, self._lock:
             self._order = list(names)
             self._renderers = {n: self._renderers.get(n) or TargetRenderer() for n in names}
             self._targets = {n: t for n, t in self._targets.items() if n in self._renderers}
+            self._pending = {n: p for n, p in self._pending.items() if n in self._renderers}
             self._generation += 1
 
     def update(self, report: TargetReport) -> None:
-        """A target's state changed: render its lines now (in the caller's thread)."""
-        renderer = self._renderers.get(report.target.name)
-        if renderer is None:
-            return  # removed by a reload while this poll was in flight
-        lines = renderer.render(report)
+        """A target's state changed: filed for the next scrape to render."""
+        name = report.target.name
         with self._lock:
-            self._targets[report.target.name] = lines
+            if name not in self._renderers:
+                return  # removed by a reload while this poll was in flight
+            waiting = self._pending.get(name)
+            self._pending[name] = (report, 1 if waiting is None else waiting[1] + 1)
             self._generation += 1
 
     def invalidate(self) -> None:
@@ -386,16 +425,23 @@ class Exposition:
             self._generation += 1
 
     def _current(self) -> tuple[bytes, int]:
-        with self._lock:
-            if self._rendered_generation != self._generation:
-                assert self.view_source is not None
-                view = self.view_source()
-                targets = [self._targets[n] for n in self._order if n in self._targets]
-                self._body = render_text(view, targets, self._fleet_writer).encode()
-                self._gzipped = None
-                self._rendered_generation = self._generation
-                self.renders += 1
-            return self._body, self._rendered_generation
+        with self._render_lock:
+            with self._lock:
+                generation = self._generation
+                if self._rendered_generation == generation:
+                    return self._body, generation
+                pending, self._pending = self._pending, {}
+                renderers = self._renderers
+            for name, (report, polls) in pending.items():
+                self._targets[name] = renderers[name].render(report, polls)
+            assert self.view_source is not None
+            view = self.view_source()
+            targets = [self._targets[n] for n in self._order if n in self._targets]
+            self._body = render_text(view, targets, self._fleet_writer).encode()
+            self._gzipped = None
+            self._rendered_generation = generation
+            self.renders += 1
+            return self._body, generation
 
     def render(self) -> bytes:
         body, _ = self._current()
@@ -403,8 +449,8 @@ class Exposition:
 
     def render_gzip(self) -> bytes:
         """Gzip of the cached part is cached too; process metrics are appended as a gzip member."""
-        body, generation = self._current()
-        with self._lock:
+        with self._render_lock:
+            body, generation = self._current()
             if self._gzipped is None or generation != self._rendered_generation:
                 self._gzipped = gzip.compress(body, compresslevel=1)
             cached = self._gzipped

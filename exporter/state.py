@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import time
 import unicodedata
-from collections import deque
 from dataclasses import dataclass, field
 
 from kvstats.snapshot import Snapshot
@@ -20,11 +19,11 @@ from .derive import (
     CounterContinuity,
     CounterKey,
     PoolRatios,
+    UsageTrend,
     concurrency_headroom,
     counter_values,
     engine_capacity_tokens,
     engine_max_concurrency,
-    exhaustion_eta,
     is_restart,
     pool_ratios,
 )
@@ -68,13 +67,6 @@ class Histogram:
         self.counts[bisect.bisect_left(self.buckets, value)] += 1
         self.total += value
 
-    def cumulative(self) -> list[tuple[str, float]]:
-        out, running = [], 0
-        for bound, count in zip((*map(str, self.buckets), "+Inf"), self.counts, strict=True):
-            running += count
-            out.append((bound, float(running)))
-        return out
-
 
 @dataclass(slots=True)
 class ReloadStats:
@@ -104,7 +96,7 @@ class TargetReport:
 class _RankMemory:
     previous: Snapshot | None = None
     continuity: CounterContinuity[CounterKey] = field(default_factory=CounterContinuity)
-    used_history: dict[str, deque[tuple[float, float]]] = field(default_factory=dict)
+    trends: dict[str, UsageTrend] = field(default_factory=dict)
 
 
 class TargetState:
@@ -147,7 +139,7 @@ class TargetState:
         self.up = False
         self.engines = {}
         for memory in self._ranks.values():
-            memory.used_history.clear()  # a gap in the data is not a trend
+            memory.trends.clear()  # a gap in the data is not a trend
         return news
 
     def record_success(self, snapshots: list[Snapshot], now: float, duration: float) -> None:
@@ -169,17 +161,17 @@ class TargetState:
         restarted = memory.previous is not None and is_restart(memory.previous, snapshot)
         if restarted:
             self.restarts += 1
-            memory.used_history.clear()
+            memory.trends.clear()
         memory.previous = snapshot
         counters = memory.continuity.update(counter_values(snapshot), restarted)
 
         etas = []
         for pool in snapshot.pools:
-            history = memory.used_history.setdefault(pool.name, deque())
-            history.append((now, float(pool.used_slots)))
-            while history and history[0][0] < now - self.eta_window:
-                history.popleft()
-            eta = exhaustion_eta(history, float(pool.capacity_slots), self.eta_window)
+            trend = memory.trends.get(pool.name)
+            if trend is None:
+                trend = memory.trends[pool.name] = UsageTrend(self.eta_window)
+            trend.add(now, pool.used_slots)
+            eta = trend.eta(float(pool.capacity_slots))
             if eta is not None:
                 etas.append(eta)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+import statistics
 
 import pytest
 
 from exporter.derive import (
     CounterContinuity,
     CounterKey,
+    UsageTrend,
     concurrency_headroom,
     counter_values,
     engine_max_concurrency,
@@ -107,6 +109,68 @@ def forecasts(series: list[float], capacity: float, window: float = 120, step: f
         history = [(t, u) for t, u in history if t >= now - window]
         out.append(exhaustion_eta(history, capacity, window))
     return out
+
+
+def test_exhaustion_eta_is_the_least_squares_line_to_capacity() -> None:
+    """Against an independent fit (the standard library's): from the fitted value at the last
+    sample, capacity is reached after (capacity - fitted) / slope seconds."""
+    rng = random.Random(3)
+    for _ in range(200):
+        slope = rng.uniform(0.5, 50)
+        times = sorted(rng.uniform(0, 100) for _ in range(rng.randint(5, 60)))
+        samples = [(t, 1000 + slope * t + rng.gauss(0, 5)) for t in times]
+        fit = statistics.linear_regression([t for t, _ in samples], [u for _, u in samples])
+        fitted_now = fit.intercept + fit.slope * times[-1]
+        eta = exhaustion_eta(samples, capacity=50_000)
+        assert eta == pytest.approx((50_000 - fitted_now) / fit.slope, rel=1e-9)
+
+
+def trend_series(rng: random.Random) -> tuple[str, list[tuple[float, int] | None]]:
+    """Polls as (time, used), None for a gap: growth, noise, saw-teeth, irregular intervals,
+    a wall clock and pools of every size."""
+    clock = rng.choice([0.0, 1.7e9])
+    scale = rng.choice([1.0, 1e3, 1e7])
+    shape = rng.choice(["growth", "noise", "saw", "step"])
+    out: list[tuple[float, int] | None] = []
+    gaps = set(rng.sample(range(150), 3))
+    t = clock
+    for i in range(400):
+        t += rng.choice([1.0, 1.0, 0.5, 2.5, rng.uniform(0.1, 3)])
+        base = {
+            "growth": 10 * i + rng.gauss(0, 20),
+            "noise": 500 + rng.gauss(0, 200),
+            "saw": 50 * (i % 40),
+            "step": 100.0 if i < 150 else 900.0,
+        }[shape]
+        out.append(None if i in gaps else (t, round(scale * max(0.0, base))))
+    return shape, out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_usage_trend_keeps_the_reference_fit_with_running_sums(seed: int) -> None:
+    rng = random.Random(seed)
+    window = rng.choice([10.0, 60.0, 300.0])
+    trend = UsageTrend(window)
+    history: list[tuple[float, int]] = []
+    published = 0
+    shape, polls = trend_series(rng)
+    for poll in polls:
+        if poll is None:
+            trend.clear()
+            history = []
+            continue
+        trend.add(*poll)
+        history = [(t, u) for t, u in [*history, poll] if t >= poll[0] - window]
+        assert list(trend.samples) == history
+        capacity = 2 * max(u for _, u in history) + 1
+        expected = exhaustion_eta(history, capacity, window)
+        got = trend.eta(capacity)
+        if expected is None:
+            assert got is None
+        else:
+            published += 1
+            assert got == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert published > 0 or shape != "growth"
 
 
 def test_forecast_is_quiet_on_noise_and_oscillation() -> None:

@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 
-from exporter.exposition import Exposition, LineWriter
+from exporter.exposition import Exposition, LineWriter, format_value
 from exporter.families import ALL, BY_NAME, Family, series_estimate
 from tests.exposition_fixture import fleet_states, fleet_view
 
@@ -76,6 +77,36 @@ def test_a_line_is_what_prometheus_client_writes(
     registry.register(type("C", (), {"collect": lambda self: [reference]})())
     ours = family.header() + LineWriter().lines(family, [((z, a), v) for z, a, v in values])
     assert ours == generate_latest(registry).decode()
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    value=st.integers(-(2**70), 2**70)
+    | st.integers(-2_000_000, 2_000_000)
+    | st.sampled_from([0, -1, 999_999, 1_000_000, -(10**15), -(10**15) + 1, 10**15])
+    | st.floats(allow_nan=True, allow_infinity=True)
+)
+def test_the_value_shortcut_writes_what_prometheus_client_does(value: float) -> None:
+    assert format_value(value) == floatToGoString(value)
+
+
+def test_polls_between_two_scrapes_are_rendered_once() -> None:
+    states = fleet_states(copies=1)
+    exposition = Exposition(fleet_view(states), process_metrics=False)
+    first = exposition.render()
+    renders = exposition.renders
+    assert exposition.render() == first and exposition.renders == renders  # nothing changed
+    for _ in range(5):  # five polls between two scrapes
+        for state in states:
+            if state.up:
+                snapshots = [view.snapshot for view in state.engines.values()]
+                state.record_success(snapshots, now=2e9, duration=0.01)
+            else:
+                state.record_failure("timeout", 0.5)
+            exposition.update(state.report())
+    text = exposition.render().decode()
+    assert exposition.renders == renders + 1
+    assert text == Exposition(fleet_view(states), process_metrics=False).render().decode()
 
 
 def test_updates_render_what_a_full_render_does() -> None:
