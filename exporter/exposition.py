@@ -286,8 +286,6 @@ class TargetRenderer:
 
 def gpu_rows(view: ExporterView, targets: Sequence[TargetLines]) -> dict[str, list[Row]]:
     rows: dict[str, list[Row]] = {f.name: [] for f in GPU_FAMILIES}
-    if not view.nvml_enabled:
-        return rows
     pool_bytes_by_uuid: dict[str, int] = {}
     engines_by_uuid: dict[str, set[tuple[str, str, str]]] = {}
     for target in targets:
@@ -306,6 +304,13 @@ def gpu_rows(view: ExporterView, targets: Sequence[TargetLines]) -> dict[str, li
                         pool_bytes_by_uuid[uuid] = pool_bytes_by_uuid.get(uuid, 0) + (
                             pool.bytes_per_slot * pool.capacity_slots
                         )
+    if not view.nvml_enabled:
+        # No GPU access in the sidecar: the engines' own UUIDs still join them to another GPU
+        # exporter's series (dcgm-exporter's, by UUID); the GPU index is NVML's to know.
+        for uuid, engines in sorted(engines_by_uuid.items()):
+            for engine_labels in sorted(engines):
+                rows["kvcache_gpu_engine_info"].append((("", uuid, *engine_labels), 1))
+        return rows
     for gpu in view.gpus:
         labels = (str(gpu.index), gpu.uuid)
         rows["kvcache_gpu_memory_bytes"].append(((*labels, "used"), gpu.memory_used))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -17,19 +16,26 @@ import yaml
 
 from exporter.app import Exporter
 from exporter.config import parse_config
+from mixin import dashboards as mixin_dashboards
+from mixin.build import outputs
+from mixin.config import MixinConfig
 from tests.fake_pynvml import FakeDevice, FakeNvml
 from tests.helpers import EngineProcess, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "alerts" / "kvcache-rules.yml"
-RULE_TESTS = ROOT / "alerts" / "tests" / "kvcache-alerts.test.yml"
+RULE_TESTS = sorted((ROOT / "alerts" / "tests").glob("*.test.yml"))
 ALERTMANAGER = ROOT / "alerts" / "alertmanager.yml"
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
 PROMTOOL = shutil.which("promtool")
 AMTOOL = shutil.which("amtool")
 # Grafana's variables, replaced by what Grafana would send, so promtool can parse the query.
-GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "30s", "$model": ".*", "$engine": ".*"}
+GRAFANA_VARS = {
+    "$__rate_interval": "1m",
+    "$__interval": "30s",
+    **{f"${v}": ".*" for v in ("cluster", "namespace", "instance", "model", "engine", "dp_rank")},
+}
 METRIC = re.compile(r"(?<![\w:])(kvcache_[a-z0-9_]+)")
 RECORDED = re.compile(r"(?<![\w:])([a-z_]+:kvcache_[a-z0-9_]+:[a-z0-9_]+)")
 
@@ -37,16 +43,6 @@ RECORDED = re.compile(r"(?<![\w:])([a-z_]+:kvcache_[a-z0-9_]+:[a-z0-9_]+)")
 def tool(name: str | None, what: str) -> str:
     assert name, f"{what} is missing: scripts/test installs it (Debian's prometheus packages)"
     return name
-
-
-def load_builder() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "dashboards_build", ROOT / "dashboards" / "build.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -82,27 +78,36 @@ def rule_exprs() -> list[tuple[str, str]]:
 def substitute(expr: str) -> str:
     for var, value in GRAFANA_VARS.items():
         expr = expr.replace(var, value)
-    assert "$" not in expr, f"an unknown Grafana variable in: {expr}"
+    # ($1 is label_replace's capture group, not a variable.)
+    assert not re.search(r"\$[A-Za-z_{]", expr), f"an unknown Grafana variable in: {expr}"
     return expr
 
 
 # ------------------------------------------------------------------------- dashboards
 
 
-def test_regenerating_the_dashboards_changes_nothing() -> None:
-    build = load_builder()
-    for name, make in build.DASHBOARDS.items():
-        assert (ROOT / "dashboards" / name).read_text() == build.render(make), (
-            f"dashboards/{name} is stale: run .venv/bin/python dashboards/build.py"
+def test_regenerating_the_monitoring_content_changes_nothing() -> None:
+    """Rules, routing, dashboards and their Kubernetes copies are the mixin's output."""
+    for relative, text in outputs(MixinConfig()).items():
+        assert (ROOT / relative).read_text() == text, (
+            f"{relative} is stale: run .venv/bin/python -m mixin build"
         )
-    assert {p.name for p in DASHBOARDS} == set(build.DASHBOARDS)
+    assert {p.name for p in DASHBOARDS} == set(mixin_dashboards.DASHBOARDS)
 
 
 def test_dashboards_are_importable_and_every_panel_explains_itself() -> None:
     for path in DASHBOARDS:
         d = json.loads(path.read_text())
         names = [v["name"] for v in d["templating"]["list"]]
-        assert names[:3] == ["datasource", "model", "engine"], path.name
+        assert names == [
+            "datasource",
+            "cluster",
+            "namespace",
+            "instance",
+            "engine",
+            "model",
+            "dp_rank",
+        ], path.name
         assert d["templating"]["list"][0]["query"] == "prometheus"
         for panel in panels(d):
             if panel["type"] == "row":
@@ -116,14 +121,18 @@ def test_dashboards_are_importable_and_every_panel_explains_itself() -> None:
             assert all(ref_ids) and len(set(ref_ids)) == len(ref_ids), panel["title"]
     titles = {p["title"] for path in DASHBOARDS for p in panels(json.loads(path.read_text()))}
     for needed in (
-        "Active vs physical usage",
-        "Evictable fraction",
-        "Max concurrency vs running",
-        "Headroom",
-        "Exhaustion ETA",
-        "Prefix hit ratio by tier",
-        "Preemption and eviction rates",
+        "Engines",
+        "Engines most at risk (top 20 by active usage)",
+        "Usage by model",
+        "Active usage, top 10 engines",
+        "Evictable fraction, top 10",
+        "Max concurrency vs running, by model",
+        "Headroom, 10 lowest",
+        "Exhaustion ETA, 10 soonest",
+        "Prefix hit ratio, 10 lowest",
+        "Preemption and eviction rates, top 10",
         "Targets down",
+        "Active vs physical usage by pool",
         "Pool breakdown",
         "Requests",
         "Prefix hits by tier",
@@ -235,8 +244,15 @@ def test_promtool_check_rules_is_clean() -> None:
 
 
 def test_promtool_rule_unit_tests_pass() -> None:
+    assert {p.name for p in RULE_TESTS} >= {
+        "capacity.test.yml",
+        "prefix.test.yml",
+        "exporter.test.yml",
+        "gpu.test.yml",
+        "fleet.test.yml",
+    }
     result = subprocess.run(
-        [tool(PROMTOOL, "promtool"), "test", "rules", str(RULE_TESTS)],
+        [tool(PROMTOOL, "promtool"), "test", "rules", *map(str, RULE_TESTS)],
         capture_output=True,
         text=True,
     )
@@ -249,11 +265,21 @@ def test_every_alert_is_tested_documented_and_well_formed() -> None:
         r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r
     ]
     assert len(alerts) >= 10
-    tested = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    tested = [t for path in RULE_TESTS for t in yaml.safe_load(path.read_text())["tests"]]
     cases: dict[str, list[bool]] = {}
+    clusters: dict[str, set[str]] = {}  # the clusters each alert's series came from in its tests
+    fired_with: dict[str, list[dict[str, str]]] = {}
     for test in tested:
+        series_clusters = {
+            m.group(1)
+            for series in test["input_series"]
+            if (m := re.search(r'cluster="([^"]+)"', series["series"]))
+        }
         for case in test.get("alert_rule_test", []):
-            cases.setdefault(case["alertname"], []).append(bool(case["exp_alerts"]))
+            name = case["alertname"]
+            cases.setdefault(name, []).append(bool(case["exp_alerts"]))
+            clusters.setdefault(name, set()).update(series_clusters)
+            fired_with.setdefault(name, []).extend(a["exp_labels"] for a in case["exp_alerts"])
     runbook = RUNBOOKS.read_text()
     for alert in alerts:
         name = alert["alert"]
@@ -262,12 +288,16 @@ def test_every_alert_is_tested_documented_and_well_formed() -> None:
         annotations = alert["annotations"]
         assert annotations["summary"].endswith("."), name
         assert "{{ $labels." in annotations["description"] or name == "KVCacheExporterAbsent", name
-        assert annotations["runbook_url"] == f"docs/runbooks.md#{name.lower()}"
+        assert annotations["runbook_url"] == MixinConfig().runbook_url(name)
+        assert annotations["runbook_url"].startswith("https://")
         assert f"\n## {name}\n" in runbook, f"{name} has no runbook section"
         assert True in cases.get(name, []), f"{name} has no promtool case where it fires"
-        # A non-firing case: an empty exp_alerts, or quiet series beside the firing ones
-        # (exp_alerts lists every alert expected, so any other series firing fails the test).
-        assert name in cases, name
+        # A quiet case: before `for:` has passed, or a situation that must not page (and
+        # exp_alerts lists every alert expected, so any other series firing fails the test).
+        assert False in cases[name], f"{name} has no promtool case where it stays quiet"
+        # Fleets: tested with two clusters, and what fires names the cluster it came from.
+        assert len(clusters[name]) >= 2, f"{name} is not tested with two clusters"
+        assert any("cluster" in labels for labels in fired_with[name]), name
 
 
 def test_alertmanager_config_is_clean_and_routes_by_severity() -> None:
@@ -278,9 +308,13 @@ def test_alertmanager_config_is_clean_and_routes_by_severity() -> None:
     config = yaml.safe_load(ALERTMANAGER.read_text())
     routes = {r["matchers"][0]: r["receiver"] for r in config["route"]["routes"]}
     assert routes == {'severity="critical"': "pager", 'severity="warning"': "chat"}
-    assert config["route"]["group_by"] == ["alertname", "model", "engine"]
+    assert config["route"]["group_by"] == ["alertname", "cluster", "namespace", "model", "engine"]
     inhibit = config["inhibit_rules"][0]
+    # One replica's critical alert silences that replica's warnings, never another's.
     assert inhibit["source_matchers"] == ['severity="critical"'] and inhibit["equal"] == [
+        "cluster",
+        "namespace",
+        "instance",
         "model",
         "engine",
     ]

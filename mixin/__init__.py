@@ -1,0 +1,1 @@
+"""kvcache-exporter's monitoring mixin: rules, alerts, routing and dashboards from one config."""
