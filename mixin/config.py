@@ -82,6 +82,7 @@ class MixinConfigError(ValueError):
 
 
 _ACCEPTED: dict[type, tuple[type, ...]] = {str: (str,), int: (int,), float: (int, float)}
+_NAMES = {str: "a string", int: "an integer", float: "a number"}
 
 
 def load_config(path: Path | None) -> MixinConfig:
@@ -97,7 +98,8 @@ def load_config(path: Path | None) -> MixinConfig:
 def override(config: MixinConfig, data: dict[str, Any], source: str = "overrides") -> MixinConfig:
     fields = {f.name for f in dataclasses.fields(MixinConfig)}
     changes: dict[str, Any] = {}
-    for key, value in data.items():
+    for key, given in data.items():
+        value: Any = given
         if key not in fields:
             raise MixinConfigError(f"{source}: unknown setting {key!r}")
         default = getattr(config, key)
@@ -106,8 +108,8 @@ def override(config: MixinConfig, data: dict[str, Any], source: str = "overrides
                 raise MixinConfigError(f"{source}: {key} must be a list of label names")
             value = tuple(value)
         elif isinstance(value, bool) or not isinstance(value, _ACCEPTED[type(default)]):
-            raise MixinConfigError(f"{source}: {key} must be a {type(default).__name__}")
-        elif isinstance(default, float):
+            raise MixinConfigError(f"{source}: {key} must be {_NAMES[type(default)]}")
+        elif isinstance(default, float) and isinstance(value, int | float):
             value = float(value)
         changes[key] = value
     result = dataclasses.replace(config, **changes)

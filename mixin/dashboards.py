@@ -129,7 +129,9 @@ def timeseries(
         ).fill_opacity(60)
     if limits is not None:
         panel = panel.thresholds(limits).thresholds_style(
-            common_builders.GraphThresholdsStyleConfig().mode(common.GraphTresholdsStyleMode.DASHED)
+            common_builders.GraphThresholdsStyleConfig().mode(
+                common.GraphThresholdsStyleMode.DASHED
+            )
         )
     for i, q in enumerate(queries):
         panel = panel.with_target(q.ref_id(chr(ord("A") + i)))
@@ -149,6 +151,9 @@ def stat(
         .height(5)
         .thresholds(limits)
         .color_mode(common.BigValueColorMode.BACKGROUND)
+        .show_percent_change(False)
+        .percent_change_color_mode(common.PercentChangeColorMode.STANDARD)
+        .wide_layout(True)
         .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]))
         .with_target(q.ref_id("A"))
     )
@@ -164,6 +169,9 @@ def table(title: str, description: str, unit: str, q: Dataquery, limits: Thresho
         .span(24)
         .height(8)
         .thresholds(limits)
+        .show_header(True)
+        .frame_index(0)
+        .cell_height(common.TableCellHeight.SM)
         .with_target(q.ref_id("A"))
     )
 
@@ -588,9 +596,16 @@ DASHBOARDS: dict[str, Callable[[MixinConfig], Dashboard]] = {
 def render(build: Callable[[MixinConfig], Dashboard], c: MixinConfig) -> str:
     dashboard = build(c).build()
     dashboard.schema_version = SCHEMA_VERSION
+    data = json.loads(JSONEncoder(sort_keys=True, indent=2).encode(dashboard))
+    for variable in data["templating"]["list"]:
+        # The SDK writes an interval variable's fields on every variable; Grafana's published
+        # schema has them nowhere (its VariableModel refuses the keys).
+        if variable["type"] != "interval":
+            for key in ("auto", "auto_count", "auto_min"):
+                variable.pop(key, None)
     return (
         json.dumps(
-            json.loads(JSONEncoder(sort_keys=True, indent=2).encode(dashboard)),
+            data,
             indent=2,
             sort_keys=True,
             ensure_ascii=False,

@@ -70,3 +70,14 @@ bootstrap_vllm_live() {
     touch "$stamp"
   fi
 }
+
+bootstrap_node() {
+  # Offline schema checks (Grafana's published dashboard schema, the Prometheus operator's CRD
+  # schemas) from the npm registry, pinned by tests/node/package-lock.json.
+  command -v npm >/dev/null 2>&1 || apt_install npm nodejs npm
+  local stamp="tests/node/node_modules/.installed"
+  if [ ! -f "$stamp" ] || [ tests/node/package-lock.json -nt "$stamp" ]; then
+    npm ci --prefix tests/node --no-audit --no-fund --loglevel=error >/dev/null
+    touch "$stamp"
+  fi
+}
