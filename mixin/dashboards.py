@@ -340,10 +340,14 @@ def fleet_overview(c: MixinConfig) -> Dashboard:
         timeseries(
             f"Exhaustion ETA, {k} soonest",
             "Time until pinned tokens reach capacity at the recent growth rate, from the exporter's forecast; "
-            "engines whose usage is not growing have none. Under "
+            "infinite (∞) for engines whose usage is not growing. Under "
             f"{c.forecast_horizon_seconds // 60} minutes with high usage pages (KVCacheExhaustionForecast).",
             "s",
-            query(f"bottomk({k}, kvcache_exhaustion_eta_seconds{{{sel}}})", legend),
+            query(
+                f"bottomk({k}, kvcache_exhaustion_eta_seconds{{{sel}}}"
+                f" or (kvcache_max_model_len_tokens{{{sel}}} * 0 + Inf))",
+                legend,
+            ),
             limits=thresholds(
                 (None, "red"),
                 (c.forecast_horizon_seconds, "orange"),
@@ -401,11 +405,11 @@ def fleet_overview(c: MixinConfig) -> Dashboard:
             "Evictions alone are normal; with a falling hit ratio they are thrash; preemptions mean too little KV.",
             "short",
             query(
-                f"topk({k}, engine:kvcache_preemptions:rate5m{{{sel}}} > 0)",
+                f"topk({k}, engine:kvcache_preemptions:rate5m{{{sel}}})",
                 "preemptions/s " + legend,
             ),
             query(
-                f"topk({k}, engine:kvcache_evicted_tokens:rate5m{{{sel}}} > 0)",
+                f"topk({k}, engine:kvcache_evicted_tokens:rate5m{{{sel}}})",
                 "evicted tok/s " + legend,
             ),
         )

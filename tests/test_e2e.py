@@ -28,6 +28,7 @@ import httpx
 import pytest
 import yaml
 
+from mixin.config import MixinConfig
 from tests.helpers import free_port
 from tests.test_dashboards_and_rules import dashboard_exprs, substitute
 from tests.timescale import compress_minutes
@@ -269,12 +270,18 @@ def test_the_whole_chain_delivers_dashboards_and_pages(stack: Stack) -> None:
     exprs = dashboard_exprs()
     assert len(exprs) >= 30
 
-    def all_have_data() -> bool:
-        return all(stack.query(substitute(expr)) for _, expr in exprs)
+    empty: list[str] = []
 
-    timings["every dashboard query has data"] = stack.wait(
-        all_have_data, 90, "every dashboard query"
-    )
+    def all_have_data() -> bool:
+        empty[:] = [where for where, expr in exprs if not stack.query(substitute(expr))]
+        return not empty
+
+    try:
+        timings["every dashboard query has data"] = stack.wait(
+            all_have_data, 90, "every dashboard query"
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"no data from: {empty}") from exc
     empty = [where for where, expr in exprs if not stack.query(substitute(expr))]
     assert not empty, empty
     assert stack.query('kvcache_physical_usage_ratio{pool="full"}')
@@ -293,18 +300,22 @@ def test_the_whole_chain_delivers_dashboards_and_pages(stack: Stack) -> None:
     finally:
         stop.set()
     (alert,) = stack.webhook.alerts("/pager", "KVCacheExhausted")[:1]
+    # The scrape target's identity (job, instance) stays on what fires.
     assert alert["labels"] == {
         "alertname": "KVCacheExhausted",
         "severity": "critical",
         "engine": "reference",
         "dp_rank": "0",
         "model": "reference-tiny",
+        "pool": "full",
+        "job": "kvcache-exporter",
+        "instance": f"127.0.0.1:{stack.ports['exporter']}",
     }
     assert alert["annotations"]["summary"] == "KV cache exhausted and requests are being preempted."
     assert alert["annotations"]["description"].startswith(
         "reference (DP rank 0, reference-tiny) has "
     )
-    assert alert["annotations"]["runbook_url"] == "docs/runbooks.md#kvcacheexhausted"
+    assert alert["annotations"]["runbook_url"] == MixinConfig().runbook_url("KVCacheExhausted")
     assert "Bearer e2e-token" in stack.webhook.auth  # the pager's token came from its file
 
     # The engine stops: the target-down page arrives.
