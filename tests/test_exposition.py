@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import re
 import shutil
@@ -26,7 +27,7 @@ from prometheus_client.utils import floatToGoString
 
 from exporter.exposition import Exposition, LineWriter, format_value
 from exporter.families import ALL, BY_NAME, Family, series_estimate
-from tests.exposition_fixture import fleet_states, fleet_view
+from tests.exposition_fixture import GPU_UUID, fleet_states, fleet_view
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "testdata" / "exposition" / "fleet.golden.prom"
@@ -120,6 +121,22 @@ def test_updates_render_what_a_full_render_does() -> None:
             incremental.update(state.report())
         fresh = Exposition(fleet_view(states), process_metrics=False)
         assert incremental.render() == fresh.render()
+
+
+def test_without_nvml_engines_still_name_their_gpus() -> None:
+    """For dcgm-exporter's join (by UUID): the engines' own UUIDs, or the config's gpus map for
+    engines that report none; the GPU index is NVML's to know, so it is empty."""
+    states = fleet_states()
+    view = dataclasses.replace(fleet_view(states), nvml_enabled=False, gpu_map={"vllm": ("GPU-v",)})
+    text = Exposition(view, process_metrics=False).render().decode()
+    info = {
+        (s.labels["gpu"], s.labels["uuid"], s.labels["engine"])
+        for f in text_string_to_metric_families(text)
+        if f.name == "kvcache_gpu_engine_info"
+        for s in f.samples
+    }
+    assert info == {("", GPU_UUID, "ref"), ("", "GPU-v", "vllm")}
+    assert "kvcache_gpu_memory_bytes{" not in text  # no NVML readings without NVML
 
 
 def test_families_are_declared_once_and_the_readme_lists_them() -> None:
