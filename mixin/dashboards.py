@@ -253,7 +253,7 @@ def fleet_overview(c: MixinConfig) -> Dashboard:
         stat(
             "Targets down",
             "Engines the exporter cannot read (kvcache_exporter_target_up = 0). Anything above 0: their KV cache "
-            "is unwatched. The table below names them; see the KVCacheTargetDown runbook.",
+            "is unwatched. KVCacheTargetDown names them; the engine detail's poll errors say why.",
             "none",
             query(f"count(kvcache_exporter_target_up{{{scope.target}}} == 0) or vector(0)", "down"),
             thresholds((None, "green"), (1, "red")),
