@@ -343,11 +343,7 @@ def fleet_overview(c: MixinConfig) -> Dashboard:
             "infinite (∞) for engines whose usage is not growing. Under "
             f"{c.forecast_horizon_seconds // 60} minutes with high usage pages (KVCacheExhaustionForecast).",
             "s",
-            query(
-                f"bottomk({k}, kvcache_exhaustion_eta_seconds{{{sel}}}"
-                f" or (kvcache_max_model_len_tokens{{{sel}}} * 0 + Inf))",
-                legend,
-            ),
+            query(f"bottomk({k}, engine:kvcache_exhaustion_eta_seconds:or_inf{{{sel}}})", legend),
             limits=thresholds(
                 (None, "red"),
                 (c.forecast_horizon_seconds, "orange"),

@@ -76,6 +76,13 @@ def recording_rules(c: MixinConfig) -> list[Rule]:
             "expr": f'sum by ({fleet}) (kvcache_requests{{state="running"}})',
         },
         {
+            # The forecast, or +Inf for an engine whose usage is not growing: the fleet panel's
+            # "soonest first" over 1,000 engines, computed once per evaluation instead of an
+            # `or` over every engine at every step of a 6 h range (1.2 s, measured).
+            "record": "engine:kvcache_exhaustion_eta_seconds:or_inf",
+            "expr": "kvcache_exhaustion_eta_seconds\n  or\nkvcache_max_model_len_tokens * 0 + Inf\n",
+        },
+        {
             "record": "model:kvcache_engines:count",
             "expr": f"count by ({fleet}) (kvcache_engine_info)",
         },
