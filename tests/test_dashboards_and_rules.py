@@ -300,6 +300,22 @@ def test_every_alert_is_tested_documented_and_well_formed() -> None:
         assert any("cluster" in labels for labels in fired_with[name]), name
 
 
+def test_every_recording_rule_has_an_exact_value_test() -> None:
+    recorded = [
+        r["record"]
+        for g in yaml.safe_load(RULES.read_text())["groups"]
+        for r in g["rules"]
+        if "record" in r
+    ]
+    tested: set[str] = set()
+    for path in RULE_TESTS:
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            for case in test.get("promql_expr_test", []):
+                assert case["exp_samples"], f"{path.name}: {case['expr']} expects nothing"
+                tested.update(RECORDED.findall(case["expr"]))
+    assert set(recorded) <= tested, f"no promql_expr_test: {sorted(set(recorded) - tested)}"
+
+
 def test_alertmanager_config_is_clean_and_routes_by_severity() -> None:
     result = subprocess.run(
         [tool(AMTOOL, "amtool"), "check-config", str(ALERTMANAGER)], capture_output=True, text=True
