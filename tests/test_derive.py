@@ -9,6 +9,7 @@ import statistics
 
 import pytest
 
+from exporter.config import parse_config
 from exporter.derive import (
     CounterContinuity,
     CounterKey,
@@ -20,6 +21,7 @@ from exporter.derive import (
     is_restart,
     pool_ratios,
 )
+from exporter.state import TargetState
 from kvstats.snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot
 
 
@@ -253,3 +255,27 @@ def test_counter_values_flatten_and_skip_unknowns() -> None:
         CounterKey("prefix_query_tokens"): 100,
         CounterKey("preemptions"): 2,
     }
+
+
+def test_a_failed_poll_or_a_restart_starts_the_forecast_over() -> None:
+    """A gap in the data is not a trend: after a failed poll (or an engine restart) the window
+    refills before a forecast is published again, and the forecast follows the new data only."""
+    config = parse_config({"targets": [{"name": "t", "kind": "shim", "url": "http://x"}]})
+    state = TargetState(config.targets[0], eta_window=60)
+
+    def poll(t: float, used: int, sequence: int, instance: str = "a") -> float | None:
+        state.record_success([snap(used, 0, 1600, instance, sequence)], now=t, duration=0.01)
+        return state.engines[0].eta_seconds
+
+    etas = [poll(t, 100 + 10 * t, t + 1) for t in range(40)]  # 10 slots/s
+    assert etas[-1] == pytest.approx((1600 - 490) / 10)
+    state.record_failure("timeout", 1.0)
+    # Back, and now shrinking: a kept history would still see growth and publish.
+    after = [poll(40 + t, 490 - t, 41 + t) for t in range(29)]
+    assert after == [None] * 29
+    # Another failure, then growth: published only once the new samples cover half the window.
+    state.record_failure("connect", 0.0)
+    regrow = [poll(100 + t, 500 + 20 * t, 100 + t) for t in range(40)]
+    assert regrow[:29] == [None] * 29 and regrow[-1] == pytest.approx((1600 - 1280) / 20)
+    # A restart (new instance) clears it too.
+    assert poll(140, 1300, 1, instance="b") is None
