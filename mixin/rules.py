@@ -80,7 +80,8 @@ def recording_rules(c: MixinConfig) -> list[Rule]:
             # "soonest first" over 1,000 engines, computed once per evaluation instead of an
             # `or` over every engine at every step of a 6 h range (1.2 s, measured).
             "record": "engine:kvcache_exhaustion_eta_seconds:or_inf",
-            "expr": "kvcache_exhaustion_eta_seconds\n  or\nkvcache_max_model_len_tokens * 0 + Inf\n",
+            "expr": "kvcache_exhaustion_eta_seconds\n"
+            "  or\nkvcache_max_model_len_tokens * 0 + Inf\n",
         },
         {
             "record": "model:kvcache_engines:count",

@@ -1,5 +1,10 @@
 """A radix tree over full blocks of token ids, with ref-counts and LRU eviction.
 
+Eviction takes the unpinned leaf released longest ago (SGLang's radix cache: a heap by last
+access); a parent left childless by an eviction joins the heap at its own release time, so it
+goes next only if nothing else has been idle longer. ``tests/test_prefix_cache.py`` checks the
+order against an oracle written from that definition.
+
 Each node is one full block of the pool (SGLang's radix cache with page-sized edges; vLLM's
 prefix cache with hash chains). A request pins every node on its path, so a node with
 ``ref == 0`` has only unpinned descendants: those nodes are exactly the evictable tokens, and
@@ -9,7 +14,8 @@ their count is kept incrementally, O(1) to read.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+import heapq
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +39,7 @@ class Node:
     parent: Node | None
     children: dict[tuple[int, ...], Node] = field(default_factory=dict)
     ref: int = 0
+    released: int = 0  # the cache's clock when the last pin was dropped
 
 
 # Called with (node) just before an evicted node's block returns to the free list.
@@ -46,8 +53,12 @@ class PrefixCache:
         self.on_evict = on_evict
         self.evictable_blocks = 0
         self.evicted_blocks = 0
-        # Unpinned leaves in LRU order (oldest first): the only nodes eviction may take.
-        self._lru_leaves: OrderedDict[Node, None] = OrderedDict()
+        # Unpinned leaves by release time (oldest first): the only nodes eviction may take.
+        # Entries go stale when a node is pinned again, gains a child or is released again;
+        # they are skipped when popped and swept when they outnumber the live ones.
+        self._clock = itertools.count(1)
+        self._heap: list[tuple[int, int, Node]] = []  # (released, tie-breaker, node)
+        self._tie = itertools.count()
 
     # ----------------------------------------------------------------- lookups and pinning
 
@@ -66,7 +77,6 @@ class PrefixCache:
     def pin(self, node: Node) -> None:
         if node.ref == 0:
             self.evictable_blocks -= 1
-            self._lru_leaves.pop(node, None)
         node.ref += 1
 
     def unpin(self, node: Node) -> None:
@@ -75,8 +85,26 @@ class PrefixCache:
         node.ref -= 1
         if node.ref == 0:
             self.evictable_blocks += 1
+            node.released = next(self._clock)
             if not node.children:
-                self._lru_leaves[node] = None  # most recently used
+                self._push(node)
+
+    def _push(self, node: Node) -> None:
+        heapq.heappush(self._heap, (node.released, next(self._tie), node))
+        if len(self._heap) > 2 * self.evictable_blocks + 64:
+            self._heap = [e for e in self._heap if self._live(e)]
+            heapq.heapify(self._heap)
+
+    @staticmethod
+    def _live(entry: tuple[int, int, Node]) -> bool:
+        released, _, node = entry
+        return (
+            node.ref == 0
+            and not node.children
+            and node.released == released
+            and node.parent is not None
+            and node.parent.children.get(node.key) is node
+        )
 
     def insert(self, parent: Node, key: tuple[int, ...], block: int) -> Node | None:
         """Cache a freshly filled block under ``parent``, pinned once by its writer.
@@ -87,17 +115,20 @@ class PrefixCache:
         if key in parent.children:
             return None
         node = Node(key=key, block=block, hash=block_hash(parent.hash, key), parent=parent, ref=1)
-        parent.children[key] = node
-        self._lru_leaves.pop(parent, None)  # a parent with a child is no longer a leaf
+        parent.children[key] = node  # the parent is no longer a leaf: its entry goes stale
         return node
 
     # ----------------------------------------------------------------------- eviction
 
     def evict_one(self) -> int | None:
         """Evict the least recently used unpinned leaf; returns its freed block id."""
-        if not self._lru_leaves:
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            if self._live(entry):
+                break
+        else:
             return None
-        node, _ = self._lru_leaves.popitem(last=False)
+        node = entry[2]
         if self.on_evict is not None:
             self.on_evict(node)
         parent = node.parent
@@ -105,10 +136,9 @@ class PrefixCache:
         del parent.children[node.key]
         self.evictable_blocks -= 1
         self.evicted_blocks += 1
+        node.parent = None  # no longer cached: any entry left for it is stale
         if parent is not self.root and parent.ref == 0 and not parent.children:
-            # Continue down this branch next: its leaf was older than anything reused since.
-            self._lru_leaves[parent] = None
-            self._lru_leaves.move_to_end(parent, last=False)
+            self._push(parent)  # a leaf now, at its own release time
         return node.block
 
     def allocate(self) -> int | None:

@@ -1,0 +1,120 @@
+"""The reference prefix cache's eviction order, against an oracle written here from the
+definition (not the cache's own bookkeeping): eviction takes the unpinned cached block that was
+released longest ago and has no cached children; a parent orphaned by that eviction was released
+no later than its child, so it goes next. Pinned blocks and blocks with children are never taken.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine_shim.reference import ModelShape
+from engine_shim.reference.pool import BlockPool
+from engine_shim.reference.prefix_cache import Node, PrefixCache
+
+BS = 2
+
+
+def cache(blocks: int) -> PrefixCache:
+    shape = ModelShape(num_layers=1, num_kv_heads=1, head_dim=2, vocab_size=64)
+    return PrefixCache(BlockPool("full", shape, 1, blocks, BS, torch.device("cpu")))
+
+
+class Oracle:
+    """Release times and the tree, kept by the test as requests use the cache."""
+
+    def __init__(self, pc: PrefixCache) -> None:
+        self.pc = pc
+        self.clock = 0
+        self.released: dict[Node, int] = {}
+
+    def write(self, tokens: list[int]) -> list[Node]:
+        """A request computes ``tokens``: reuses the cached prefix, caches the rest, pins all."""
+        path = self.pc.match(tokens)
+        for node in path:
+            self.pc.pin(node)
+        parent = path[-1] if path else self.pc.root
+        for start in range(len(path) * BS, len(tokens) - BS + 1, BS):
+            block = self.pc.allocate()
+            assert block is not None, "pool exhausted"
+            node = self.pc.insert(parent, tuple(tokens[start : start + BS]), block)
+            assert node is not None
+            path.append(node)
+            parent = node
+        return path
+
+    def release(self, path: list[Node]) -> None:
+        for node in reversed(path):  # leaf first, as the engines free a request's blocks
+            self.clock += 1
+            self.pc.unpin(node)
+            if node.ref == 0:
+                self.released[node] = self.clock
+
+    def expected_victim(self) -> Node | None:
+        candidates = [n for n in self.pc.iter_nodes() if n.ref == 0 and not n.children]
+        if not candidates:
+            return None
+        # Oldest release first; a parent released at the same time or before its child wins.
+        return min(candidates, key=lambda n: (self.released[n], -depth(n)))
+
+
+def depth(node: Node) -> int:
+    d = 0
+    while node.parent is not None:
+        node, d = node.parent, d + 1
+    return d
+
+
+def test_least_recently_released_goes_first_and_orphans_follow() -> None:
+    pc = cache(16)
+    oracle = Oracle(pc)
+    a = oracle.write([1, 1, 2, 2, 3, 3])  # three blocks: A1 -> A2 -> A3
+    oracle.release(a)
+    b = oracle.write([7, 7, 8, 8])  # B1 -> B2, released after A
+    oracle.release(b)
+    c = oracle.write([1, 1, 2, 2, 9, 9])  # reuses A1, A2; C3 beside A3
+    oracle.release(c)
+    order = [pc.evict_one() for _ in range(7)]
+    # A3 was released first and is a leaf; then B2, B1 (B released before C), then C3, then
+    # A2 and A1 (reused by C: released last), then nothing is left.
+    assert order == [a[2].block, b[1].block, b[0].block, c[2].block, a[1].block, a[0].block, None]
+
+
+def test_pinned_blocks_and_parents_are_never_taken() -> None:
+    pc = cache(8)
+    oracle = Oracle(pc)
+    held = oracle.write([1, 1, 2, 2])  # still running: pinned
+    done = oracle.write([1, 1, 2, 2, 5, 5])  # shares both blocks, adds one
+    oracle.release(done)
+    assert pc.evict_one() == done[2].block  # its own block; the shared ones are pinned
+    assert pc.evict_one() is None
+    oracle.release(held)
+    assert [pc.evict_one() for _ in range(3)] == [held[1].block, held[0].block, None]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_traffic_evicts_in_the_oracles_order(seed: int) -> None:
+    rng = random.Random(seed)
+    pc = cache(24)
+    oracle = Oracle(pc)
+    prefixes = [[rng.randrange(4) for _ in range(2 * BS)] for _ in range(3)]
+    running: list[list[Node]] = []
+    for _ in range(300):
+        if running and (rng.random() < 0.5 or len(running) > 3):
+            oracle.release(running.pop(rng.randrange(len(running))))
+            continue
+        tokens = rng.choice(prefixes) + [rng.randrange(6) for _ in range(BS * rng.randint(0, 3))]
+        needed = len(tokens) // BS - len(pc.match(tokens))
+        # Evict ahead, one block at a time, checking each choice against the oracle.
+        while pc.pool.num_free_blocks < needed:
+            expected = oracle.expected_victim()
+            if expected is None:
+                break
+            assert pc.evict_one() == expected.block
+            del oracle.released[expected]
+        if pc.pool.num_free_blocks >= needed:
+            running.append(oracle.write(tokens))
+        assert pc.evictable_blocks == sum(1 for n in pc.iter_nodes() if n.ref == 0)
