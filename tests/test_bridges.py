@@ -197,6 +197,57 @@ def test_sglang_old_storage_label_and_tokenizer_counters() -> None:
     assert snap.counters.prefix_query_tokens is None
 
 
+def test_vllm_external_prefix_queries_count_as_queries() -> None:
+    """Hand-written variant of the real format: a KV connector's cross-instance lookups
+    (external_prefix_cache_queries_total, 0 in the captured fixture) are queries too."""
+    text = VLLM.replace(
+        'vllm:external_prefix_cache_queries_total{engine="0",'
+        'model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.0',
+        'vllm:external_prefix_cache_queries_total{engine="0",'
+        'model_name="meta-llama/Llama-3.1-8B-Instruct"} 50000.0',
+    )
+    assert text != VLLM
+    (base,), _ = roundtrip("vllm", VLLM)
+    (snap,), _ = roundtrip("vllm", text)
+    assert base.counters.prefix_query_tokens == 1_843_211
+    assert snap.counters.prefix_query_tokens == 1_843_211 + 50_000
+
+
+def test_sglang_priority_series_are_not_added_to_the_totals() -> None:
+    """Hand-written variant: with priority scheduling SGLang also exports per-priority series
+    beside the total (priority=""); only the total is read."""
+    extra = []
+    for line in SGLANG.splitlines():
+        if line.startswith(("sglang:prefill_effective_tokens_total", "sglang:num_running_reqs")):
+            labels, value = line.rsplit(" ", 1)
+            extra.append(labels.replace("}", ',priority="1"}') + " " + str(float(value) / 4))
+            extra.append(line.replace("}", ',priority=""}', 1))
+    text = SGLANG + "\n".join(extra) + "\n"
+    text = "\n".join(
+        ln
+        for ln in text.splitlines()
+        if not (
+            ln.startswith(("sglang:prefill_effective_tokens_total", "sglang:num_running_reqs"))
+            and "priority" not in ln
+        )
+    )
+    (base,), _ = roundtrip("sglang", SGLANG)
+    (snap,), _ = roundtrip("sglang", text + "\n")
+    assert snap.counters == base.counters
+    assert snap.requests == base.requests
+    assert snap.counters.prefix_query_tokens == 13_105_152 + 18_734_592 + 2_461_696 + 393_216
+
+
+def test_sglang_tokenizer_totals_are_not_given_to_each_dp_rank() -> None:
+    """The tokenizer's cached_tokens_total has no dp_rank: with two ranks and no per-rank
+    prefill counters, neither rank gets the fleet's hits (reported missing instead)."""
+    text = "\n".join(ln for ln in sglang_dp2_tp2().splitlines() if "prefill_effective" not in ln)
+    snaps, missing = roundtrip("sglang", text + "\n")
+    assert [s.engine.dp_rank for s in snaps] == [0, 1]
+    assert [s.counters.prefix_hit_tokens for s in snaps] == [{}, {}]
+    assert sum("no per-rank prefill_effective_tokens_total" in m for m in missing) == 2
+
+
 def test_sglang_inconsistent_pool_is_left_out_not_guessed() -> None:
     text = re.sub(r"(sglang:kv_used_tokens\{[^}]*\}) [0-9.e+]+", r"\1 187393.0", SGLANG)
     (snap,), missing = roundtrip("sglang", text)
