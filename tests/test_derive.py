@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import random
 import statistics
 
@@ -13,9 +14,11 @@ from exporter.config import parse_config
 from exporter.derive import (
     CounterContinuity,
     CounterKey,
+    PoolRatios,
     UsageTrend,
     concurrency_headroom,
     counter_values,
+    engine_capacity_tokens,
     engine_max_concurrency,
     exhaustion_eta,
     is_restart,
@@ -279,3 +282,92 @@ def test_a_failed_poll_or_a_restart_starts_the_forecast_over() -> None:
     assert regrow[:29] == [None] * 29 and regrow[-1] == pytest.approx((1600 - 1280) / 20)
     # A restart (new instance) clears it too.
     assert poll(140, 1300, 1, instance="b") is None
+
+
+# ------------------------------------------ edges found by mutation testing (scripts/mutation)
+
+
+def test_an_empty_pool_has_zero_ratios_not_a_division_error() -> None:
+    empty = Pool("full", 16, 0, 0, 0, 0)
+    assert pool_ratios(empty) == PoolRatios(0.0, 0.0, 0.0)
+    blind = Pool("full", 16, 0, 0, None, None)
+    assert pool_ratios(blind) == PoolRatios(0.0, None, None)
+    one = Pool("full", 1, 1, 1, 0, 0)  # a one-slot pool is not an empty one
+    assert pool_ratios(one) == PoolRatios(1.0, 1.0, 0.0)
+
+
+def test_partial_blocks_do_not_count_towards_concurrency() -> None:
+    # 1,000 slots of 16-token blocks = 62 whole blocks (62.5 would admit half a block);
+    # 4 blocks per max-length request (64 tokens). (Headroom floors whole requests of whole
+    # blocks, so a partial block can never change it: that mutant is equivalent.)
+    pools = (Pool("full", 16, 1000, 0, 0, 1000),)
+    s = snap(pools=pools, groups=(KVGroup("full", "full_attention", "full", 4),))
+    assert engine_max_concurrency(s) == pytest.approx(62 / 4)
+
+
+def test_token_capacity_is_the_engines_own_or_vllms_formula() -> None:
+    stated = dataclasses.replace(snap(), capacity_tokens=12_345)
+    assert engine_capacity_tokens(stated, 99.0) == 12_345
+    derived = dataclasses.replace(snap(), capacity_tokens=None, max_model_len=64)
+    assert engine_capacity_tokens(derived, 2.5) == 160  # 2.5 x 64
+    assert engine_capacity_tokens(derived, None) is None
+    unknown_len = dataclasses.replace(derived, max_model_len=None)
+    assert engine_capacity_tokens(unknown_len, 2.5) is None
+
+
+def t_statistic(samples: list[tuple[float, float]]) -> float:
+    """The slope over its standard error, from the textbook formulas (independent of derive)."""
+    fit = statistics.linear_regression([t for t, _ in samples], [u for _, u in samples])
+    n = len(samples)
+    mean_t = sum(t for t, _ in samples) / n
+    sxx = sum((t - mean_t) ** 2 for t, _ in samples)
+    residual = sum((u - fit.intercept - fit.slope * t) ** 2 for t, u in samples)
+    return fit.slope / math.sqrt(residual / (n - 2) / sxx)
+
+
+def test_a_forecast_needs_three_standard_errors_of_growth() -> None:
+    """Published exactly when the slope is at least 3 standard errors above zero (n - 2
+    degrees of freedom), on noisy series around that line."""
+    rng = random.Random(5)
+    near = 0
+    for _ in range(400):
+        n = rng.randint(5, 12)
+        samples = [(float(i), 100 + 2 * i + rng.gauss(0, 4)) for i in range(n)]
+        t = t_statistic(samples)
+        if abs(t - 3.0) < 1e-9:
+            continue
+        near += 2.5 < t < 3.5
+        assert (exhaustion_eta(samples, 10_000) is not None) == (t >= 3.0), t
+    assert near >= 20  # the threshold itself was exercised, not only clear cases
+
+
+def test_forecast_window_and_spacing_edges() -> None:
+    line = [(t, 10.0 * t) for t in (0.0, 7.5, 15.0, 22.5, 30.0)]
+    assert exhaustion_eta(line, 1000, window=60) == pytest.approx(70.0)  # spans exactly half
+    assert exhaustion_eta(line[:-1], 1000, window=60) is None  # 22.5 s: less than half
+    fast = [(0.1 * i, 10.0 * i) for i in range(5)]  # 0.1 s polls: variance of times < 1 s^2
+    assert exhaustion_eta(fast, 1000) == pytest.approx((1000 - 40) / 100)
+    same_time = [(1.0, float(u)) for u in range(5)]
+    assert exhaustion_eta(same_time, 1000) is None
+
+
+def test_restart_edges() -> None:
+    before = snap()
+    # The same snapshot polled twice is not a restart.
+    assert not is_restart(before, before)
+    # Identity lost (an empty instance id now): a different engine answers.
+    assert is_restart(before, snap(instance="", sequence=2, queries=200))
+    # No identity on either side: an empty id is no identity, counters decide.
+    anon = snap(instance="", sequence=5)
+    assert not is_restart(anon, snap(instance="", sequence=1, queries=200, hits=60))
+    # An idle engine without identity: counters equal, not gone back.
+    assert not is_restart(anon, snap(instance="", sequence=5))
+
+
+def test_counters_hold_when_unchanged_and_survive_repeated_resets() -> None:
+    c: CounterContinuity[str] = CounterContinuity()
+    assert c.update({"q": 100}, restarted=False) == {"q": 100}
+    assert c.update({"q": 100}, restarted=False) == {"q": 100}  # idle: not a reset
+    assert c.update({"q": 10}, restarted=False) == {"q": 110}  # reset 1
+    assert c.update({"q": 5}, restarted=False) == {"q": 115}  # reset 2 keeps reset 1's base
+    assert c.update({"q": 7}, restarted=False) == {"q": 117}
