@@ -50,3 +50,21 @@ def test_separate_pools_are_bounded_by_the_tightest() -> None:
 
 def test_no_footprint_means_unknown() -> None:
     assert max_concurrency({"full": 10}, []) is None
+
+
+def test_sliding_window_footprint_by_hand() -> None:
+    # vLLM: cdiv(sliding_window - 1 + max_num_batched_tokens, block_size) + 1.
+    # 128 - 1 + 2 = 129 tokens -> 9 blocks (+1 spare) = 10; 128 tokens would make 8 + 1.
+    assert sliding_window_blocks(4096, 16, 128, 2) == 10
+    # Capped by max_model_len: 100 tokens -> 7 blocks + 1.
+    assert sliding_window_blocks(100, 16, 128, 2048) == 8
+
+
+def test_groups_without_a_pool_or_a_footprint_are_left_out() -> None:
+    one_block = [GroupFootprint("full", 1)]
+    assert max_concurrency({"full": 10}, one_block) == 10.0  # one block per request counts
+    # A group on a pool the engine did not report: no figure for it, not an error.
+    assert max_concurrency({"full": 10}, [*one_block, GroupFootprint("gone", 4)]) == 10.0
+    # A group that needs nothing bounds nothing.
+    assert max_concurrency({"full": 10, "x": 1}, [*one_block, GroupFootprint("x", 0)]) == 10.0
+    assert max_concurrency({"x": 1}, [GroupFootprint("x", 0)]) is None
