@@ -94,6 +94,129 @@ def test_vllm_dp2_divides_the_summed_block_count() -> None:
     assert (snaps[0].counters.preemptions, snaps[1].counters.preemptions) == (7, 2)
 
 
+RANK1 = {  # hand-written variant: engine 1 of a DP=2 server, every value its own
+    "vllm:num_requests_running": 4,
+    "vllm:num_requests_waiting": 0,
+    "vllm:kv_cache_usage_perc": 0.25,
+    "vllm:prefix_cache_queries_total": 500_000,
+    "vllm:prefix_cache_hits_total": 100_000,
+    "vllm:external_prefix_cache_queries_total": 7_000,
+    "vllm:num_preemptions_total": 2,
+    'vllm:prompt_tokens_cached_by_source_total{source="device"}': 90_000,
+    'vllm:prompt_tokens_cached_by_source_total{source="host"}': 6_000,
+    'vllm:prompt_tokens_cached_by_source_total{source="disk"}': 4_000,
+    'vllm:prompt_tokens_cached_by_source_total{source="p2p"}': 300,
+    'vllm:prompt_tokens_cached_by_source_total{source="external_unspecified"}': 20,
+}
+
+
+def vllm_dp2_distinct() -> str:
+    lines = []
+    for line in vllm_dp2().splitlines():
+        if 'engine="1"' in line and not line.startswith("#"):
+            name = line.split("{", 1)[0]
+            source = re.search(r'source="([^"]+)"', line)
+            key = f'{name}{{source="{source.group(1)}"}}' if source else name
+            if key in RANK1:
+                line = re.sub(r" [0-9.e+]+$", f" {float(RANK1[key])}", line)
+            elif name.endswith("_created"):
+                line = re.sub(r" [0-9.e+]+$", " 1.76390e+09", line)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def test_vllm_dp2_reads_each_engines_own_series() -> None:
+    """Every count comes from its own engine's series, never the other's or their sum."""
+    (zero, one), _ = roundtrip("vllm", vllm_dp2_distinct())
+    (alone,), _ = roundtrip("vllm", VLLM)
+    assert zero.counters == alone.counters and zero.requests == alone.requests
+    assert (one.requests.running, one.requests.waiting) == (4, 0)
+    assert one.pools[0].used_slots == 7123 * 16
+    assert one.counters.prefix_query_tokens == 500_000 + 7_000
+    assert one.counters.preemptions == 2
+    assert one.counters.prefix_hit_tokens == {
+        "device": 90_000,
+        "host": 6_000,
+        "storage": 4_000,
+        "p2p": 300,
+        "external": 20,
+    }
+    assert zero.engine.instance_id != one.engine.instance_id  # each from its own _created
+    assert one.engine.instance_id == "vllm-created-1763900000.000"
+
+
+def test_vllm_pool_bytes_from_the_kv_budget() -> None:
+    """Hand-written variant: vLLM 0.32+ exports kv_cache_memory_bytes (per worker); blocks are
+    budget // bytes per block, so budget // slots is the slot's size."""
+    slots = 28493 * 16
+    text = VLLM.replace(
+        'kv_cache_memory_bytes="None"', f'kv_cache_memory_bytes="{slots * 8192 + 999}"'
+    )
+    (snap,), missing = roundtrip("vllm", text)
+    assert snap.pools[0].bytes_per_slot == 8192
+    assert not any("pool bytes" in m for m in missing)
+    overridden = text.replace('num_gpu_blocks_override="None"', 'num_gpu_blocks_override="28493"')
+    (snap,), missing = roundtrip("vllm", overridden)
+    assert snap.pools[0].bytes_per_slot is None
+    assert any(
+        "pool bytes (kv_cache_memory_bytes not exported, or overridden)" in m for m in missing
+    )
+    (snap,), missing = roundtrip("vllm", VLLM)
+    assert snap.pools[0].bytes_per_slot is None and any("pool bytes" in m for m in missing)
+
+
+def with_usage(value: str, text: str = VLLM) -> str:
+    return re.sub(r"(vllm:kv_cache_usage_perc\{[^}]*\}) \S+", rf"\1 {value}", text)
+
+
+@pytest.mark.parametrize(
+    ("usage", "used_blocks"), [("0.0", 0), ("1.0", 28492), ("1.5", None), ("-0.1", None)]
+)
+def test_vllm_usage_bounds(usage: str, used_blocks: int | None) -> None:
+    if used_blocks is None:
+        with pytest.raises(BridgeError, match="no valid vllm:kv_cache_usage_perc"):
+            roundtrip("vllm", with_usage(usage))
+    else:
+        snaps, _ = roundtrip("vllm", with_usage(usage))
+        assert snaps[0].pools[0].used_slots == used_blocks * 16
+
+
+@pytest.mark.parametrize(
+    ("blocks", "block_size", "valid"),
+    [("2", "16", True), ("1", "16", False), ("28493", "1", True), ("28493", "0", False)],
+)
+def test_vllm_pool_shape_bounds(blocks: str, block_size: str, valid: bool) -> None:
+    text = VLLM.replace('num_gpu_blocks="28493"', f'num_gpu_blocks="{blocks}"')
+    text = text.replace('block_size="16",cache_dtype', f'block_size="{block_size}",cache_dtype')
+    text = re.sub(r'kv_cache_max_concurrency="[^"]*"', 'kv_cache_max_concurrency="None"', text)
+    if not valid:
+        with pytest.raises(BridgeError, match="no valid vllm:kv_cache_usage_perc"):
+            roundtrip("vllm", text)
+        return
+    snaps, _ = roundtrip("vllm", text)  # a two-block pool holds one usable block
+    assert snaps[0].pools[0].capacity_slots == (int(blocks) - 1) * int(block_size)
+
+
+def test_vllm_missing_counters_are_named_and_nonpositive_concurrency_ignored() -> None:
+    text = "\n".join(
+        ln
+        for ln in VLLM.splitlines()
+        if not ln.startswith(("vllm:prefix_cache_queries_total", "vllm:num_preemptions_total"))
+    )
+    text = text.replace(
+        'kv_cache_max_concurrency="13.91259765625"', 'kv_cache_max_concurrency="0.0"'
+    )
+    (snap,), missing = roundtrip("vllm", text + "\n")
+    assert "engine 0: prefix cache queries" in missing and "engine 0: preemptions" in missing
+    assert snap.counters.prefix_query_tokens is None and snap.counters.preemptions is None
+    assert snap.max_concurrency is None  # 0 is not a capacity
+    assert (snap.requests.running, snap.requests.waiting) == (12, 3)
+    assert snap.engine.version == "unknown" and snap.engine.dp_rank == 0 and snap.sequence == 0
+    no_waiting = "\n".join(ln for ln in VLLM.splitlines() if "num_requests_waiting{" not in ln)
+    (snap,), _ = roundtrip("vllm", no_waiting + "\n")
+    assert snap.requests is None  # half of a pair is not a pair
+
+
 def test_vllm_without_created_series_and_with_other_labels() -> None:
     # Multiprocess mode: no _created series. A newer vLLM: cache_config_info gains and loses labels.
     text = "\n".join(ln for ln in VLLM.splitlines() if "_created" not in ln) + "\n"
