@@ -371,6 +371,85 @@ def test_sglang_tokenizer_totals_are_not_given_to_each_dp_rank() -> None:
     assert sum("no per-rank prefill_effective_tokens_total" in m for m in missing) == 2
 
 
+LABELS = (
+    'engine_type="unified",model_name="meta-llama/Llama-3.1-8B-Instruct",moe_ep_rank="0",'
+    'pp_rank="0",tp_rank="0"'
+)
+
+
+def sglang_with(**series: float) -> str:
+    """Hand-written variant of the real format: the fixture plus scheduler series (gauges and
+    counters SGLang exports for hybrid SWA / Mamba models and retractions) with our values."""
+    extra = [f"sglang:{name}{{{LABELS}}} {float(value)}" for name, value in series.items()]
+    return SGLANG + "\n".join(extra) + "\n"
+
+
+def test_sglang_hybrid_pools_and_retractions() -> None:
+    text = sglang_with(
+        max_total_num_tokens_swa=65536,
+        swa_used_tokens=8192,
+        swa_evictable_tokens=4096,
+        swa_available_tokens=53248,
+        mamba_used_tokens=12,
+        mamba_evictable_tokens=3,
+        mamba_available_tokens=49,
+        num_retracted_requests_total=17,
+    )
+    (snap,), missing = roundtrip("sglang", text)
+    pools = {p.name: p for p in snap.pools}
+    assert list(pools) == ["full", "swa", "mamba"]
+    swa = pools["swa"]
+    assert (swa.block_size, swa.capacity_slots, swa.used_slots, swa.evictable_slots) == (
+        64,
+        65536,
+        8192,
+        4096,
+    )
+    assert swa.available_slots == 53248
+    mamba = pools["mamba"]  # one slot per request state: block size 1, capacity their sum
+    assert (mamba.block_size, mamba.capacity_slots, mamba.used_slots) == (1, 64, 12)
+    assert (mamba.evictable_slots, mamba.available_slots) == (3, 49)
+    assert snap.counters.preemptions == 17
+    assert snap.counters.evicted_tokens == 9_437_184
+    assert not any("retractions" in m for m in missing)
+
+
+def test_sglang_hybrid_pools_that_do_not_add_up_are_left_out() -> None:
+    text = sglang_with(
+        max_total_num_tokens_swa=65536,
+        swa_used_tokens=8192,
+        swa_evictable_tokens=4096,
+        swa_available_tokens=1,  # does not sum to 65,536
+        mamba_used_tokens=0,
+        mamba_evictable_tokens=0,
+        mamba_available_tokens=0,  # an empty Mamba pool: no pool at all
+    )
+    (snap,), missing = roundtrip("sglang", text)
+    assert [p.name for p in snap.pools] == ["full"]
+    assert any("swa pool counts used 8192 + evictable 4096 + available 1" in m for m in missing)
+    assert any("retractions (num_retracted_requests_total)" in m for m in missing)
+    # No SWA capacity exported: the swa counts are not read as a pool.
+    text = sglang_with(swa_used_tokens=1, swa_evictable_tokens=1, swa_available_tokens=1)
+    (snap,), _ = roundtrip("sglang", text)
+    assert [p.name for p in snap.pools] == ["full"]
+
+
+def test_sglang_reads_the_lowest_pipeline_and_tensor_rank() -> None:
+    """Hand-written variant: pipeline stage 1 and tensor rank 1 export their own series; the
+    bridge reads rank (tp 0, pp 0) only, never a sum or another rank's values."""
+    extra = []
+    for line in SGLANG.splitlines():
+        if line.startswith("sglang:") and 'pp_rank="0",tp_rank="0"' in line:
+            name, value = line.rsplit(" ", 1)
+            for pp, tp in (("1", "0"), ("0", "1")):
+                labels = name.replace('pp_rank="0",tp_rank="0"', f'pp_rank="{pp}",tp_rank="{tp}"')
+                extra.append(f"{labels} {float(value) / 2}")
+    (base,), _ = roundtrip("sglang", SGLANG)
+    (snap,), _ = roundtrip("sglang", SGLANG + "\n".join(extra) + "\n")
+    assert snap.pools == base.pools and snap.counters == base.counters
+    assert snap.requests == base.requests and snap.capacity_tokens == base.capacity_tokens
+
+
 def test_sglang_inconsistent_pool_is_left_out_not_guessed() -> None:
     text = re.sub(r"(sglang:kv_used_tokens\{[^}]*\}) [0-9.e+]+", r"\1 187393.0", SGLANG)
     (snap,), missing = roundtrip("sglang", text)
