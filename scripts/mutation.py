@@ -20,11 +20,7 @@ MODULES: dict[str, list[str]] = {
     "kvstats/capacity.py": ["tests/test_capacity.py"],
     "engine_shim/bridges/vllm.py": ["tests/test_bridges.py"],
     "engine_shim/bridges/sglang.py": ["tests/test_bridges.py"],
-    "engine_shim/reference/prefix_cache.py": [
-        "tests/test_prefix_cache.py",
-        "tests/test_reference_engine.py",
-        "tests/test_reference_properties.py",
-    ],
+    "engine_shim/reference/prefix_cache.py": ["tests/test_prefix_cache.py"],
 }
 
 
