@@ -6,6 +6,7 @@ no later than its child, so it goes next. Pinned blocks and blocks with children
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from engine_shim.reference import ModelShape
 from engine_shim.reference.pool import BlockPool
-from engine_shim.reference.prefix_cache import Node, PrefixCache
+from engine_shim.reference.prefix_cache import ROOT_HASH, Node, PrefixCache, block_hash
 
 BS = 2
 
@@ -118,3 +119,57 @@ def test_random_traffic_evicts_in_the_oracles_order(seed: int) -> None:
         if pc.pool.num_free_blocks >= needed:
             running.append(oracle.write(tokens))
         assert pc.evictable_blocks == sum(1 for n in pc.iter_nodes() if n.ref == 0)
+
+
+def test_block_hashes_chain_and_are_stable_across_processes() -> None:
+    one = block_hash(ROOT_HASH, (1, 2))
+    assert one == bytes.fromhex(block_hash(ROOT_HASH, (1, 2)).hex()) and len(one) == 16
+    # blake2b-128 of the parent's hash keyed into 4-byte little-endian token ids: a fixed value
+    # (storage-tier files are named by it, so it must never change between releases).
+    expected = hashlib.blake2b(ROOT_HASH, digest_size=16)
+    expected.update((1).to_bytes(4, "little") + (2).to_bytes(4, "little"))
+    assert one == expected.digest()
+    assert block_hash(one, (1, 2)) != one  # the same tokens under another parent
+    assert block_hash(ROOT_HASH, (2, 1)) != one
+    assert block_hash(ROOT_HASH, (70000, 1)) != block_hash(ROOT_HASH, (70000 % 65536, 1))
+
+
+def test_allocation_evicts_only_when_the_free_list_is_empty_and_counts_it() -> None:
+    pc = cache(2)
+    evicted: list[Node] = []
+    pc.on_evict = evicted.append
+    oracle = Oracle(pc)
+    a = oracle.write([1, 1, 2, 2])  # both blocks
+    oracle.release(a)
+    assert pc.pool.num_free_blocks == 0 and pc.evictable_blocks == 2
+    block = pc.allocate()  # no free block: the LRU one is evicted and handed out
+    assert block == a[1].block and evicted == [a[1]] and pc.evicted_blocks == 1
+    assert pc.evictable_blocks == 1
+    assert pc.match([1, 1, 2, 2]) == [a[0]]  # the evicted block is no longer found
+    assert pc.match([1, 1, 2]) == [a[0]]  # a partial block is never matched
+    assert pc.match([1]) == []
+
+
+def test_unpin_of_an_unpinned_block_is_a_bug_caught_at_once() -> None:
+    pc = cache(4)
+    (node,) = Oracle(pc).write([1, 1])
+    pc.unpin(node)
+    with pytest.raises(AssertionError, match="unpin of an unpinned node"):
+        pc.unpin(node)
+
+
+def test_a_hot_prefix_pinned_a_million_times_keeps_the_heap_small() -> None:
+    pc = cache(8)
+    oracle = Oracle(pc)
+    hot = oracle.write([1, 1, 2, 2])
+    oracle.release(hot)
+    cold = oracle.write([5, 5])
+    oracle.release(cold)
+    for _ in range(5000):  # pinned and released again and again, never evicted
+        for node in hot:
+            pc.pin(node)
+        oracle.release(hot)
+    assert len(pc._heap) <= 2 * pc.evictable_blocks + 64
+    # Still least recently released first: the cold block, then the hot leaf, then its parent.
+    assert [pc.evict_one() for _ in range(4)] == [cold[0].block, hot[1].block, hot[0].block, None]
+    assert pc.evicted_blocks == 3
