@@ -164,11 +164,6 @@ class UsageTrend:
         self._sums = [0] * 5  # x, y, xx, xy, yy: x = t - anchor t in ns, y = used - anchor used
         self._rebase_at = -math.inf
 
-    def clear(self) -> None:
-        """A gap in the data (failed poll, restart) is not a trend."""
-        self.samples.clear()
-        self._rebase_at = -math.inf
-
     def add(self, t: float, used: int) -> None:
         self.samples.append((t, used))
         self._accumulate(t, used, 1)

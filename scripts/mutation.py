@@ -24,7 +24,8 @@ MODULES: dict[str, list[str]] = {
 }
 
 
-def copy_tree(dest: Path) -> None:
+def copy_tree(dest: Path) -> list[str]:
+    """The tracked files into ``dest``; returns their top-level names (for mutmut's also_copy)."""
     files = subprocess.run(
         ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
     ).stdout.split(b"\0")
@@ -34,31 +35,14 @@ def copy_tree(dest: Path) -> None:
             target = dest / name.decode()
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+    return sorted({name.decode().split("/")[0] for name in files if name})
 
 
 def mutate(module: str, tests: list[str]) -> dict[str, object]:
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     with tempfile.TemporaryDirectory(prefix="kvcache-mutation-") as tmp:
         work = Path(tmp)
-        copy_tree(work)
-        top = sorted(
-            {
-                p.split("/")[0]
-                for p in [
-                    "kvstats",
-                    "exporter",
-                    "engine_shim",
-                    "devtools",
-                    "tests",
-                    "mixin",
-                    "alerts",
-                    "dashboards",
-                    "docs",
-                    "deploy",
-                    "README.md",
-                ]
-            }
-        )
+        top = copy_tree(work)
         with (work / "pyproject.toml").open("a") as f:
             f.write(
                 "\n[tool.mutmut]\n"

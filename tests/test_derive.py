@@ -160,8 +160,8 @@ def test_usage_trend_keeps_the_reference_fit_with_running_sums(seed: int) -> Non
     published = 0
     shape, polls = trend_series(rng)
     for poll in polls:
-        if poll is None:
-            trend.clear()
+        if poll is None:  # a gap: the exporter starts a new trend (TargetState drops the old)
+            trend = UsageTrend(window)
             history = []
             continue
         trend.add(*poll)

@@ -102,8 +102,7 @@ class PrefixCache:
             node.ref == 0
             and not node.children
             and node.released == released
-            and node.parent is not None
-            and node.parent.children.get(node.key) is node
+            and node.parent is not None  # evicted nodes lose their parent
         )
 
     def insert(self, parent: Node, key: tuple[int, ...], block: int) -> Node | None:
