@@ -20,7 +20,7 @@ from vllm.v1.kv_cache_interface import (
     KVCacheGroupSpec,
     SlidingWindowSpec,
 )
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
 from engine_shim.adapters.vllm import BlockPoolTracker, EngineFacts, brute_force_evictable
 from kvstats.snapshot import parse_snapshot
@@ -88,7 +88,12 @@ class Driver:
     def __init__(self, m: KVCacheManager, tracker: BlockPoolTracker) -> None:
         self.m, self.tracker = m, tracker
         self.running: dict[str, Request] = {}
+        self.preempted: dict[str, Request] = {}
         self.ids = 0
+        # What a user would count by hand: prompt tokens and hits of *first* admissions only
+        # (a re-admitted preempted request is vLLM's "preempted" bucket, not a new query).
+        self.first_queries = 0
+        self.first_hits = 0
 
     def check(self) -> None:
         pool = self.m.block_pool
@@ -102,20 +107,51 @@ class Driver:
         assert self.m.usage == pytest.approx(used / usable)
         snap = parse_snapshot(self.tracker.snapshot(len(self.running), 0).to_json())
         assert snap.pools[0].evictable_slots == evictable * BLOCK
+        assert (self.tracker.prefix_query_tokens, self.tracker.prefix_hit_tokens) == (
+            self.first_queries,
+            self.first_hits,
+        )
+        assert snap.counters.prefix_query_tokens == self.first_queries
+        # vLLM's own statistics agree: re-admissions land in its preempted_* fields.
+        stats = self.m.prefix_cache_stats
+        assert stats is not None
+        assert (stats.queries, stats.hits) == (self.first_queries, self.first_hits)
 
     def admit(self, prompt: list[int], max_tokens: int = 64) -> Request | None:
         self.ids += 1
         request = Request(
             f"r{self.ids}", prompt, SamplingParams(max_tokens=max_tokens), None, block_hasher=HASHER
         )
+        return request if self._schedule(request) else None
+
+    def _schedule(self, request: Request) -> bool:
+        """Lookup, allocation and stats as the scheduler's waiting-queue pass does them."""
         blocks, hits, _ = self.m.get_computed_blocks(request)
         new_tokens = request.num_tokens - hits
         if self.m.allocate_slots(request, new_tokens, hits, blocks) is None:
-            return None  # no room: the scheduler would leave it waiting
+            return False  # no room: the scheduler would leave it waiting
         self.m.record_prefix_cache_stats(request, hits)
+        if request.num_preemptions == 0:
+            self.first_queries += request.num_tokens
+            self.first_hits += hits
         request.num_computed_tokens = request.num_tokens
+        request.status = RequestStatus.RUNNING
         self.running[request.request_id] = request
-        return request
+        self.preempted.pop(request.request_id, None)
+        return True
+
+    def preempt(self, request: Request) -> None:
+        """What ``Scheduler._preempt_request`` does to the request and its blocks."""
+        self.m.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        del self.running[request.request_id]
+        self.preempted[request.request_id] = request
+
+    def readmit(self, request: Request) -> bool:
+        """A preempted request back from the waiting queue: looked up again (all its tokens)."""
+        return self._schedule(request)
 
     def decode(self, request: Request, token: int) -> bool:
         request.append_output_token_ids(token)

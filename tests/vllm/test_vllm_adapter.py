@@ -51,7 +51,7 @@ def test_the_blind_spot_vllm_leaves() -> None:
 
 ops = st.lists(
     st.tuples(
-        st.sampled_from(["admit", "admit", "decode", "decode", "decode", "free"]),
+        st.sampled_from(["admit", "admit", "decode", "decode", "decode", "free", "readmit"]),
         st.integers(0, 3),
         st.integers(1, 300),
         st.integers(0, 2**31),
@@ -78,8 +78,12 @@ def test_counts_equal_a_brute_force_count_after_every_step(
             d.admit(prompt[: MAX_LEN - 64])
         elif op == "decode" and d.running:
             request = rng.choice(list(d.running.values()))
-            if request.num_tokens >= MAX_LEN - 1 or not d.decode(request, rng.randrange(30000)):
-                d.free(request)  # out of room: the scheduler would preempt it
+            if request.num_tokens >= MAX_LEN - 1:
+                d.free(request)
+            elif not d.decode(request, rng.randrange(30000)):
+                d.preempt(request)  # out of room: the scheduler preempts it
+        elif op == "readmit" and d.preempted:
+            d.readmit(rng.choice(list(d.preempted.values())))
         elif op == "free" and d.running:
             d.free(rng.choice(list(d.running.values())))
         d.check()
@@ -87,6 +91,29 @@ def test_counts_equal_a_brute_force_count_after_every_step(
         d.free(request)
         d.check()
     assert tracker.counts()[0] == 0
+
+
+def test_a_preempted_request_readmitted_is_not_a_new_prefix_query() -> None:
+    """vLLM puts re-admissions in its preempted_* fields; counting them inflates the hit ratio."""
+    m, tracker = manager(16)  # 15 usable blocks
+    d = Driver(m, tracker)
+    a = d.admit(list(range(100)))  # 7 blocks
+    b = d.admit(list(range(1000, 1100)))  # 7 blocks
+    assert a is not None and b is not None
+    d.check()
+    token = 0
+    while d.decode(b, 5000 + token):  # b grows until the pool is full
+        token += 1
+    d.preempt(b)  # as vLLM does: the newest running request goes
+    d.check()
+    assert b.num_preemptions == 1 and tracker.prefix_query_tokens == 200
+    d.free(a)
+    assert d.readmit(b)  # its own blocks are still cached: a hit, but not a new query
+    d.check()
+    assert tracker.prefix_query_tokens == 200 and tracker.prefix_hit_tokens == 0
+    stats = m.prefix_cache_stats
+    assert stats is not None and stats.preempted_requests == 1
+    assert stats.preempted_queries == b.num_tokens and stats.preempted_hits > 0
 
 
 def test_eviction_under_pressure_is_counted() -> None:
