@@ -7,13 +7,14 @@ look and a live view until interrupted.
 
 from __future__ import annotations
 
+import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import httpx
 
@@ -21,30 +22,39 @@ from .app import Exporter
 from .config import Config, Target
 from .watch import LiveView, parse_exposition
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# The engine's start-up line names the port it bound (it is started on port 0).
+ENGINE_ADDRESS = re.compile(r"stats at http://127\.0\.0\.1:(\d+)/v1/kv/stats")
 
 
-def start_engine(port: int, workload: str, extra: list[str]) -> subprocess.Popen[bytes]:
+def start_engine(workload: str, extra: list[str]) -> tuple[subprocess.Popen[str], Future[int]]:
+    """The engine on a port it binds itself; the port comes from its start-up line."""
     cmd = [
         sys.executable,
         "-m",
         "engine_shim.cli",
         "reference",
         "--listen",
-        f"127.0.0.1:{port}",
+        "127.0.0.1:0",
         "--workload",
         workload,
         *extra,
     ]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    engine = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    port: Future[int] = Future()
+
+    def read_stdout() -> None:  # drained to the end, so the engine never blocks on the pipe
+        assert engine.stdout is not None
+        for line in engine.stdout:
+            found = ENGINE_ADDRESS.search(line)
+            if found and not port.done():
+                port.set_result(int(found.group(1)))
+
+    threading.Thread(target=read_stdout, daemon=True).start()
+    return engine, port
 
 
 def wait_until(
-    check: Callable[[], bool], timeout: float, what: str, engine: subprocess.Popen[bytes]
+    check: Callable[[], bool], timeout: float, what: str, engine: subprocess.Popen[str]
 ) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -57,16 +67,8 @@ def wait_until(
         time.sleep(0.2)
 
 
-def run_demo(
-    listen: tuple[str, int],
-    workload: str,
-    interval: float,
-    duration: float | None,
-    engine_args: list[str],
-) -> int:
-    engine_port = free_port()
-    engine = start_engine(engine_port, workload, engine_args)
-    config = Config(
+def demo_config(listen: tuple[str, int], interval: float, engine_port: int) -> Config:
+    return Config(
         listen_host=listen[0],
         listen_port=listen[1],
         poll_interval=interval,
@@ -86,11 +88,26 @@ def run_demo(
         ),
         source="demo",
     )
-    exporter = Exporter(config)
+
+
+def run_demo(
+    listen: tuple[str, int],
+    workload: str,
+    interval: float,
+    duration: float | None,
+    engine_args: list[str],
+) -> int:
+    engine, bound = start_engine(workload, engine_args)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    exporter: Exporter | None = None
     try:
+        # The engine first: an exporter started before it would warn that its target is down,
+        # which is only the expected start-up order.
+        print("starting the reference engine (torch) ...", flush=True)
+        wait_until(bound.done, 120, "the engine to listen", engine)
+        engine_port = bound.result()
 
         def engine_up() -> bool:
             try:
@@ -101,14 +118,14 @@ def run_demo(
             except httpx.HTTPError:
                 return False
 
+        wait_until(engine_up, 120, "the engine to answer", engine)
+        exporter = Exporter(demo_config(listen, interval, engine_port))
+
         def has_data() -> bool:
+            assert exporter is not None
             engines, _ = parse_exposition(exporter.exposition.render().decode())
             return bool(engines)
 
-        # The engine first: an exporter started before it would warn that its target is down,
-        # which is only the expected start-up order.
-        print("starting the reference engine (torch) ...", flush=True)
-        wait_until(engine_up, 120, "the engine to answer", engine)
         exporter.start()
         shown_host = "127.0.0.1" if listen[0] in ("0.0.0.0", "") else listen[0]
         metrics_url = f"http://{shown_host}:{exporter.port}/metrics"
@@ -132,7 +149,8 @@ def run_demo(
         print(f"kvcache-exporter demo: {exc}", file=sys.stderr)
         return 1
     finally:
-        exporter.stop()
+        if exporter is not None:
+            exporter.stop()
         engine.terminate()
         try:
             engine.wait(timeout=15)

@@ -12,11 +12,8 @@ from typing import Any
 
 import httpx
 
-from exporter.demo import free_port
+from devtools.ports import wait_listening
 from kvstats.http import QuietThreadingHTTPServer
-
-__all__ = ["free_port"]  # re-exported for the tests
-
 
 Responder = Callable[[BaseHTTPRequestHandler], None]
 
@@ -63,10 +60,10 @@ def body(content: bytes, status: int = 200, content_type: str = "application/jso
 
 
 class EngineProcess:
-    """``kvcache-shim reference`` as a real process on a fixed port (so it can be restarted)."""
+    """``kvcache-shim reference`` as a real process: binds port 0, keeps that port on restart."""
 
     def __init__(self, port: int | None = None, *args: str) -> None:
-        self.port = port or free_port()
+        self.port = port or 0
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -92,6 +89,7 @@ class EngineProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        (self.port,) = wait_listening(self.proc, timeout=timeout)
         deadline = time.monotonic() + timeout
         while True:
             assert self.proc.poll() is None, "engine process exited"

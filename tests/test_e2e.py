@@ -28,8 +28,8 @@ import httpx
 import pytest
 import yaml
 
+from devtools.ports import wait_listening
 from mixin.config import MixinConfig
-from tests.helpers import free_port
 from tests.test_dashboards_and_rules import dashboard_exprs, substitute
 from tests.timescale import compress_minutes
 
@@ -79,17 +79,20 @@ class Stack:
         self.tmp = tmp
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
-        self.ports = {
-            name: free_port() for name in ("engine", "exporter", "prometheus", "alertmanager")
-        }
+        self.ports: dict[str, int] = {}  # each bound by its process (port 0), read back
         self.webhook = Webhook()
 
     def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        """Start ``name`` listening on port 0; its port is in ``ports`` once it listens."""
         self.logs[name] = self.tmp / f"{name}.log"
         log = self.logs[name].open("wb")
-        self.procs[name] = subprocess.Popen(
+        self.procs[name] = proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
         )
+        try:
+            (self.ports[name],) = wait_listening(proc, timeout=120)
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}\n{self.log_tail()}") from None
 
     def log_tail(self) -> str:
         return "\n".join(
@@ -101,7 +104,7 @@ class Stack:
         cmd = list(COMPOSE["services"]["engine"]["command"])
         assert cmd[:2] == ["kvcache-shim", "reference"]
         values = {
-            "--listen": f"127.0.0.1:{self.ports['engine']}",
+            "--listen": "127.0.0.1:0",
             "--storage-dir": str(self.tmp / "kv"),
             "--kv-memory": "4MiB",
             "--host-tier": "4MiB",
@@ -118,7 +121,7 @@ class Stack:
 
         exporter = yaml.safe_load((ROOT / "deploy/exporter/exporter.yaml").read_text())
         exporter.update(
-            listen=f"127.0.0.1:{self.ports['exporter']}",
+            listen="127.0.0.1:0",
             poll_interval="1s",
             timeout="800ms",
             nvml="on",
@@ -134,6 +137,30 @@ class Stack:
                 "KVCACHE_EXPORTER_PYNVML": "tests.fake_nvml_module",
                 "FAKE_NVML_DEVICES": json.dumps(devices),
             },
+        )
+
+        am = yaml.safe_load((ROOT / "alerts/alertmanager.yml").read_text())
+        am["route"].update(group_wait="1s", group_interval="2s", repeat_interval="1m")
+        (self.tmp / "pager_token").write_text("e2e-token\n")
+        (self.tmp / "chat_webhook_url").write_text(f"{hook}/chat\n")
+        for receiver in am["receivers"]:
+            for hook_config in receiver.get("webhook_configs", []):
+                hook_config["url"] = f"{hook}/pager"
+                hook_config["http_config"]["authorization"]["credentials_file"] = str(
+                    self.tmp / "pager_token"
+                )
+            for slack in receiver.get("slack_configs", []):
+                slack["api_url_file"] = str(self.tmp / "chat_webhook_url")
+        (self.tmp / "alertmanager.yml").write_text(yaml.safe_dump(am))
+        self.spawn(
+            "alertmanager",
+            [
+                shutil.which("prometheus-alertmanager") or "prometheus-alertmanager",
+                f"--config.file={self.tmp / 'alertmanager.yml'}",
+                f"--storage.path={self.tmp / 'am'}",
+                "--web.listen-address=127.0.0.1:0",
+                "--cluster.listen-address=",
+            ],
         )
 
         rules = self.tmp / "kvcache-rules.yml"
@@ -156,31 +183,7 @@ class Stack:
                 shutil.which("prometheus") or "prometheus",
                 f"--config.file={self.tmp / 'prometheus.yml'}",
                 f"--storage.tsdb.path={self.tmp / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.ports['prometheus']}",
-            ],
-        )
-
-        am = yaml.safe_load((ROOT / "alerts/alertmanager.yml").read_text())
-        am["route"].update(group_wait="1s", group_interval="2s", repeat_interval="1m")
-        (self.tmp / "pager_token").write_text("e2e-token\n")
-        (self.tmp / "chat_webhook_url").write_text(f"{hook}/chat\n")
-        for receiver in am["receivers"]:
-            for hook_config in receiver.get("webhook_configs", []):
-                hook_config["url"] = f"{hook}/pager"
-                hook_config["http_config"]["authorization"]["credentials_file"] = str(
-                    self.tmp / "pager_token"
-                )
-            for slack in receiver.get("slack_configs", []):
-                slack["api_url_file"] = str(self.tmp / "chat_webhook_url")
-        (self.tmp / "alertmanager.yml").write_text(yaml.safe_dump(am))
-        self.spawn(
-            "alertmanager",
-            [
-                shutil.which("prometheus-alertmanager") or "prometheus-alertmanager",
-                f"--config.file={self.tmp / 'alertmanager.yml'}",
-                f"--storage.path={self.tmp / 'am'}",
-                f"--web.listen-address=127.0.0.1:{self.ports['alertmanager']}",
-                "--cluster.listen-address=",
+                "--web.listen-address=127.0.0.1:0",
             ],
         )
 
@@ -195,10 +198,13 @@ class Stack:
                 proc.kill()
         self.webhook.httpd.shutdown()
 
-    def query(self, expr: str) -> list[dict[str, Any]]:
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        params: dict[str, str | float] = {"query": expr}
+        if at is not None:
+            params["time"] = at
         r = httpx.get(
             f"http://127.0.0.1:{self.ports['prometheus']}/api/v1/query",
-            params={"query": expr},
+            params=params,
             timeout=5,
         )
         r.raise_for_status()
@@ -228,11 +234,144 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     for binary in ("prometheus", "prometheus-alertmanager"):
         assert shutil.which(binary), f"{binary} is missing: scripts/test installs Debian's packages"
     s = Stack(tmp_path)
-    s.start()
     try:
+        s.start()
         yield s
     finally:
         s.stop()
+
+
+class EngineRecorder:
+    """The engine's own reports, fetched back to back and kept by snapshot time.
+
+    The engine publishes a snapshot per iteration (~100-200 a second here); fetched back to
+    back, nearly every one is seen, so the one behind a Prometheus sample can be looked up
+    exactly by its timestamp.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.by_time: dict[float, dict[str, Any]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.is_set():
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    report = client.get(f"{self.url}/v1/kv/stats").json()
+                    self.by_time[float(report["time"])] = report
+
+    def __enter__(self) -> EngineRecorder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def expected_panel_values(report: dict[str, Any]) -> dict[tuple[str, tuple[str, ...]], float]:
+    """What the engine dashboard's main panels must show for this report.
+
+    Written from the definitions in docs/metrics.md, not from the exporter's code: physical =
+    (used + evictable) / capacity, active = used / capacity, headroom = max-length requests
+    that fit in the free (available + evictable) blocks.
+    """
+    want: dict[tuple[str, tuple[str, ...]], float] = {}
+    for pool in report["pools"]:
+        used, evictable = pool["used_slots"], pool["evictable_slots"]
+        available, capacity = pool["available_slots"], pool["capacity_slots"]
+        for state, slots in (("used", used), ("evictable", evictable), ("available", available)):
+            want["Pool breakdown", (pool["name"], state)] = slots
+        want["Active vs physical usage by pool", ("active", pool["name"])] = used / capacity
+        want["Active vs physical usage by pool", ("physical", pool["name"])] = (
+            used + evictable
+        ) / capacity
+    (full,) = report["pools"]  # the compose engine: one full-attention pool
+    per_request = -(-report["max_model_len"] // full["block_size"])
+    free_blocks = (full["available_slots"] + full["evictable_slots"]) // full["block_size"]
+    want["Max concurrency and headroom", ("headroom",)] = free_blocks // per_request
+    want["Max concurrency and headroom", ("max",)] = report["max_concurrency"]
+    want["Token capacity", ()] = report["capacity_tokens"]
+    for state in ("running", "waiting"):
+        want["Requests", (state,)] = report["requests"][state]
+    for tier in ("host_tier", "storage_tier"):
+        t = report[tier]
+        want["Host and storage tier usage", (tier.split("_")[0],)] = (
+            t["used_tokens"] / t["capacity_tokens"]
+        )
+    counters = report["counters"]
+    want["prefix queries", ()] = counters["prefix_query_tokens"]
+    for tier, hits in counters["prefix_hit_tokens"].items():
+        want["prefix hits", (tier,)] = hits
+    want["evicted", ()] = counters["evicted_tokens"]
+    want["preemptions", ()] = counters["preemptions"]
+    return want
+
+
+def key_of(title: str, expr: str, labels: dict[str, str]) -> tuple[str, tuple[str, ...]]:
+    """A Prometheus series as a key of ``expected_panel_values``."""
+    if title == "Pool breakdown":
+        return title, (labels["pool"], labels["state"])
+    if title == "Active vs physical usage by pool":
+        return title, ("active" if "active" in expr else "physical", labels["pool"])
+    if title == "Max concurrency and headroom":
+        return title, ("headroom" if "headroom" in expr else "max",)
+    if title == "Requests":
+        return title, (labels["state"],)
+    if title == "Host and storage tier usage":
+        return title, (labels["tier"],)
+    if title == "prefix hits":
+        return title, (labels["tier"],)
+    return title, ()
+
+
+# The engine dashboard's gauges as they are drawn, and the counters behind its rate panels.
+PANELS_WITH_VALUES = (
+    "Pool breakdown",
+    "Active vs physical usage by pool",
+    "Token capacity",
+    "Requests",
+    "Max concurrency and headroom",
+    "Host and storage tier usage",
+)
+COUNTERS = {
+    "prefix queries": 'kvcache_prefix_query_tokens_total{engine="reference"}',
+    "prefix hits": 'kvcache_prefix_hit_tokens_total{engine="reference"}',
+    "evicted": 'kvcache_evicted_tokens_total{engine="reference"}',
+    "preemptions": 'kvcache_preemptions_total{engine="reference"}',
+}
+
+
+def prometheus_matches_the_engine(stack: Stack, recorder: EngineRecorder) -> int:
+    """Compare, at one evaluation time, the panels with the engine report behind that scrape.
+
+    Returns how many values matched; raises on any mismatch. Returns 0 when the report behind
+    the sample was not recorded (the caller tries another moment).
+    """
+    at = time.time()
+    query = lambda expr: stack.query(expr, at)  # noqa: E731 - one evaluation time for all
+    (stamp,) = query('kvcache_snapshot_timestamp_seconds{engine="reference"}')
+    report = recorder.by_time.get(float(stamp["value"][1]))
+    if report is None:
+        return 0
+    want = expected_panel_values(report)
+    got: dict[tuple[str, tuple[str, ...]], float] = {}
+    panels = [
+        (where.split(": ", 1)[1], expr)
+        for where, expr in dashboard_exprs()
+        if where.startswith("kvcache-engine.json: ")
+        and where.split(": ", 1)[1] in PANELS_WITH_VALUES
+    ]
+    assert len(panels) == 8, panels
+    for title, expr in [*panels, *COUNTERS.items()]:
+        for series in query(substitute(expr)):
+            got[key_of(title, expr, series["metric"])] = float(series["value"][1])
+    assert set(got) == set(want), (sorted(set(got) ^ set(want)), report)
+    wrong = {k: (got[k], v) for k, v in want.items() if got[k] != pytest.approx(v, rel=1e-12)}
+    assert not wrong, f"Prometheus vs the engine's own report: {wrong}"
+    return len(want)
 
 
 def burst(port: int, stop: threading.Event) -> None:
@@ -284,8 +423,22 @@ def test_the_whole_chain_delivers_dashboards_and_pages(stack: Stack) -> None:
         raise AssertionError(f"no data from: {empty}") from exc
     empty = [where for where, expr in exprs if not stack.query(substitute(expr))]
     assert not empty, empty
-    assert stack.query('kvcache_physical_usage_ratio{pool="full"}')
     assert stack.query(f'kvcache_gpu_engine_info{{uuid="{GPU_UUID}", engine="reference"}}')
+
+    # Values, not presence: the main panels equal the engine's own report behind each sample.
+    matched: list[int] = []
+    with EngineRecorder(f"http://127.0.0.1:{stack.ports['engine']}") as recorder:
+
+        def three_matched() -> bool:
+            count = prometheus_matches_the_engine(stack, recorder)
+            if count:
+                matched.append(count)
+            return len(matched) >= 3
+
+        timings["panels equal the engine's report 3 times"] = stack.wait(
+            three_matched, 60, "three samples whose engine report was recorded"
+        )
+    assert matched == [18, 18, 18], matched  # 3 pool states, 2 ratios, 13 more
 
     # Pressure: the critical KV alert fires in Prometheus and reaches the pager.
     stop = threading.Event()

@@ -22,12 +22,13 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 import exporter.state
+from devtools.ports import wait_listening
 from exporter.app import Exporter
 from exporter.exposition import ExporterView, Exposition
 from exporter.state import TargetState
 from kvstats.snapshot import parse_snapshot
 from tests.fake_pynvml import FakeDevice, FakeNvml
-from tests.helpers import CannedServer, body, free_port, wait_for
+from tests.helpers import CannedServer, body, wait_for
 from tests.test_exporter_behaviour import get, snapshot_json, start
 from tests.test_fuzz import TARGET
 from tests.test_snapshot import valid
@@ -171,7 +172,7 @@ def test_a_hung_gpu_library_is_counted_and_its_series_go(canned: list[CannedServ
 
 def test_sigterm_ends_the_exporter_within_5_s_while_nvml_hangs(tmp_path: Path) -> None:
     config = {
-        "listen": f"127.0.0.1:{free_port()}",
+        "listen": "127.0.0.1:0",
         "poll_interval": "500ms",
         "timeout": "300ms",
         "nvml": "on",
@@ -189,7 +190,8 @@ def test_sigterm_ends_the_exporter_within_5_s_while_nvml_hangs(tmp_path: Path) -
         env=env,
         stderr=subprocess.PIPE,
     )
-    url = f"http://{config['listen']}/metrics"
+    (port,) = wait_listening(proc, timeout=30)
+    url = f"http://127.0.0.1:{port}/metrics"
 
     def hang_counted() -> bool:
         try:

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import CannedServer, body, free_port, wait_for
+from devtools.ports import wait_listening
+from tests.helpers import CannedServer, body, wait_for
 from tests.test_snapshot import valid
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,8 +51,9 @@ def value(port: int, name: str, **labels: str) -> float | None:
     return metrics(port).get((name, tuple(sorted(labels.items()))))
 
 
-def write(path: Path, targets: list[dict[str, Any]], port: int, **extra: Any) -> None:
-    config = {"listen": f"127.0.0.1:{port}", "poll_interval": "200ms", "nvml": "off"}
+def write(path: Path, targets: list[dict[str, Any]], **extra: Any) -> None:
+    # Port 0: the exporter binds a free port itself; the test reads it back (wait_listening).
+    config = {"listen": "127.0.0.1:0", "poll_interval": "200ms", "nvml": "off"}
     path.write_text(yaml.safe_dump({**config, "targets": targets, **extra}))
 
 
@@ -88,9 +90,10 @@ def test_sighup_applies_a_good_file_and_keeps_running_on_a_bad_one(
     engines: tuple[CannedServer, CannedServer], tmp_path: Path
 ) -> None:
     a, b = engines
-    port, config = free_port(), tmp_path / "exporter.yaml"
-    write(config, [{"name": "a", "kind": "shim", "url": a.url}], port)
+    config = tmp_path / "exporter.yaml"
+    write(config, [{"name": "a", "kind": "shim", "url": a.url}])
     proc = start(config)
+    (port,) = wait_listening(proc)
     try:
         wait_for(lambda: up(port, "a"), 20, "target a up")
         polls_before = value(port, "kvcache_exporter_polls_total", engine="a") or 0
@@ -100,7 +103,6 @@ def test_sighup_applies_a_good_file_and_keeps_running_on_a_bad_one(
                 {"name": "a", "kind": "shim", "url": a.url},
                 {"name": "b", "kind": "shim", "url": b.url},
             ],
-            port,
         )
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: up(port, "b"), 10, "target b after SIGHUP")
@@ -130,23 +132,25 @@ def test_post_reload_only_with_lifecycle(
     engines: tuple[CannedServer, CannedServer], tmp_path: Path
 ) -> None:
     a, b = engines
-    port, config = free_port(), tmp_path / "exporter.yaml"
-    write(config, [{"name": "a", "kind": "shim", "url": a.url}], port)
+    config = tmp_path / "exporter.yaml"
+    write(config, [{"name": "a", "kind": "shim", "url": a.url}])
     plain = start(config)
+    (port,) = wait_listening(plain)
     try:
         wait_for(lambda: up(port, "a"), 20, "up")
         assert httpx.post(f"http://127.0.0.1:{port}/-/reload").status_code == 404
     finally:
         stop(plain)
     lifecycle = start(config, "--web.enable-lifecycle")
+    (port,) = wait_listening(lifecycle)
     try:
         wait_for(lambda: up(port, "a"), 20, "up")
-        write(config, [{"name": "b", "kind": "shim", "url": b.url}], port)
+        write(config, [{"name": "b", "kind": "shim", "url": b.url}])
         reply = httpx.post(f"http://127.0.0.1:{port}/-/reload", timeout=10)
         assert (reply.status_code, reply.text) == (200, "reloaded\n")
         wait_for(lambda: up(port, "b"), 10, "b")
         assert value(port, "kvcache_exporter_target_up", engine="a") is None  # removed
-        write(config, [{"name": "b", "kind": "tgi", "url": b.url}], port)
+        write(config, [{"name": "b", "kind": "tgi", "url": b.url}])
         reply = httpx.post(f"http://127.0.0.1:{port}/-/reload", timeout=10)
         assert reply.status_code == 500 and "targets[0].kind: must be one of" in reply.text
         assert up(port, "b")
