@@ -24,7 +24,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from devtools.ports import wait_listening  # noqa: E402
 from devtools.snapshots import canned_snapshot  # noqa: E402
 from exporter.config import parse_config  # noqa: E402
 from exporter.exposition import ExporterView, Exposition  # noqa: E402
@@ -157,13 +157,6 @@ def write_openmetrics(path: Path, engines: int, start: int, end: int, step: int)
     return count
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def run(cmd: list[str], **kwargs: Any) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
@@ -174,7 +167,6 @@ def run(cmd: list[str], **kwargs: Any) -> None:
 
 class Prometheus:
     def __init__(self, tmp: Path, rules: Path) -> None:
-        self.port = free_port()
         self.data = tmp / "data"
         config = tmp / "prometheus.yml"
         config.write_text(f"global:\n  evaluation_interval: 15s\nrule_files:\n  - {rules}\n")
@@ -184,11 +176,12 @@ class Prometheus:
                 f"--config.file={config}",
                 f"--storage.tsdb.path={self.data}",
                 "--storage.tsdb.retention.time=30d",
-                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--web.listen-address=127.0.0.1:0",
             ],
             stdout=subprocess.DEVNULL,
             stderr=(tmp / "prometheus.log").open("w"),
         )
+        (self.port,) = wait_listening(self.proc, timeout=300)
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(timeout=120)
         deadline = time.monotonic() + 300

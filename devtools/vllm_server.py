@@ -5,15 +5,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from devtools.ports import listening_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKING_SCHEDULER = "tests.vllm_live.checking.CheckingScheduler"
@@ -21,11 +24,8 @@ SHIM_SCHEDULER = "engine_shim.adapters.vllm.KVCacheShimScheduler"
 MAX_MODEL_LEN = 2048
 
 
-def free_port() -> int:
-    # vLLM's server takes a port number, not a bound socket: pick one the kernel calls free.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# The shim's start-up line in vLLM's log names the port it bound.
+SHIM_ADDRESS = re.compile(r"KV stats for DP rank 0 at http://127\.0\.0\.1:(\d+)/v1/kv/stats")
 
 
 class VllmServer:
@@ -42,11 +42,14 @@ class VllmServer:
         self.model = model
         self.workdir = workdir
         self.scheduler = scheduler
-        self.port = free_port()
-        self.shim_port = shim_port or free_port()
+        # Both ports are bound by vLLM (port 0) and read back once it is ready; a shim port
+        # given here is one another server already holds (the busy-port test).
+        self.port = 0
+        self.shim_port = shim_port or 0
         self.extra_args = extra_args
-        self.log_path = workdir / f"vllm-{self.port}.log"
-        self.check_log = workdir / f"check-{self.port}.jsonl"
+        tag = uuid.uuid4().hex[:8]
+        self.log_path = workdir / f"vllm-{tag}.log"
+        self.check_log = workdir / f"check-{tag}.jsonl"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -102,11 +105,17 @@ class VllmServer:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"vLLM exited ({self.proc.returncode}):\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if self.port == 0:  # the API server's socket, in vLLM's own process
+                self.port = min(listening_ports(self.proc.pid), default=0)
+            if self.port:
+                try:
+                    if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                        found = SHIM_ADDRESS.search(self.log())
+                        if found and not self.shim_port:
+                            self.shim_port = int(found.group(1))
+                        return
+                except httpx.HTTPError:
+                    pass
             if time.monotonic() > deadline:
                 raise AssertionError(f"vLLM not ready after {timeout:.0f} s:\n{self.log_tail()}")
             time.sleep(0.5)

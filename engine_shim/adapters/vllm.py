@@ -271,9 +271,10 @@ def _group_kind(spec: Any) -> str:
 
 
 def _listen_address(dp_rank: int) -> tuple[str, int]:
+    """Port + DP rank; port 0 stays 0 (each rank binds a free port and logs it)."""
     text = os.environ.get("KVCACHE_SHIM_LISTEN", DEFAULT_LISTEN)
     host, _, port = text.rpartition(":")
-    return host or "127.0.0.1", int(port) + dp_rank
+    return host or "127.0.0.1", int(port) + dp_rank if int(port) else 0
 
 
 def _facts_from_config(vllm_config: Any, kv_cache_config: Any) -> EngineFacts:

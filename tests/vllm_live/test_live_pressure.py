@@ -22,7 +22,8 @@ import httpx
 import pytest
 import yaml
 
-from devtools.vllm_server import ROOT, VllmServer, free_port
+from devtools.ports import wait_listening
+from devtools.vllm_server import ROOT, VllmServer
 from tests.timescale import compress_minutes
 
 from .test_live_vllm import (
@@ -101,9 +102,9 @@ class Chain:
 
     def __init__(self, server: VllmServer, tmp: Path) -> None:
         self.tmp = tmp
-        self.exporter_port, self.prom_port = free_port(), free_port()
+        self.exporter_port = self.prom_port = 0  # each bound by its process, read back
         config = {
-            "listen": f"127.0.0.1:{self.exporter_port}",
+            "listen": "127.0.0.1:0",
             "poll_interval": "1s",
             "timeout": "800ms",
             "nvml": "off",
@@ -122,9 +123,36 @@ class Chain:
         )
         assert "> 5\n" in rules
         (tmp / "rules.yml").write_text(rules)
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, name: str, cmd: list[str]) -> int:
+        """Start ``name`` on port 0; the port it bound."""
+        log = (self.tmp / f"{name}.log").open("wb")
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        try:
+            (port,) = wait_listening(proc, timeout=60)
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()}") from None
+        return port
+
+    def start(self) -> None:
+        prometheus = shutil.which("prometheus")
+        assert prometheus, "prometheus is missing: scripts/test installs Debian's package"
+        assert EXPORTER_PYTHON.exists(), "the project's .venv is missing: run scripts/test"
+        self.exporter_port = self.spawn(
+            "exporter",
+            [
+                str(EXPORTER_PYTHON),
+                "-m",
+                "exporter.cli",
+                "--config",
+                str(self.tmp / "exporter.yaml"),
+            ],
+        )
         prom = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(tmp / "rules.yml")],
+            "rule_files": [str(self.tmp / "rules.yml")],
             "scrape_configs": [
                 {
                     "job_name": "kvcache-exporter",
@@ -132,36 +160,16 @@ class Chain:
                 }
             ],
         }
-        (tmp / "prometheus.yml").write_text(yaml.safe_dump(prom))
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self) -> None:
-        prometheus = shutil.which("prometheus")
-        assert prometheus, "prometheus is missing: scripts/test installs Debian's package"
-        assert EXPORTER_PYTHON.exists(), "the project's .venv is missing: run scripts/test"
-        for name, cmd in (
-            (
-                "exporter",
-                [
-                    str(EXPORTER_PYTHON),
-                    "-m",
-                    "exporter.cli",
-                    "--config",
-                    str(self.tmp / "exporter.yaml"),
-                ],
-            ),
-            (
-                "prometheus",
-                [
-                    prometheus,
-                    f"--config.file={self.tmp / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={self.tmp / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{self.prom_port}",
-                ],
-            ),
-        ):
-            log = (self.tmp / f"{name}.log").open("wb")
-            self.procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        (self.tmp / "prometheus.yml").write_text(yaml.safe_dump(prom))
+        self.prom_port = self.spawn(
+            "prometheus",
+            [
+                prometheus,
+                f"--config.file={self.tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.tmp / 'tsdb'}",
+                "--web.listen-address=127.0.0.1:0",
+            ],
+        )
 
     def stop(self) -> None:
         for proc in self.procs:

@@ -172,12 +172,13 @@ def test_a_busy_shim_port_never_stops_vllm(models: dict[str, Path], workdir: Pat
     small = ("--num-gpu-blocks-override", "48")
     first = VllmServer(models["llama"], workdir / "busy-a", extra_args=small)
     first.start()
-    second = VllmServer(
-        models["llama"], workdir / "busy-b", shim_port=first.shim_port, extra_args=small
-    )
+    second: VllmServer | None = None
     try:
-        first.wait_ready()
+        first.wait_ready()  # its shim port is known from here on
         first_instance = shim(first).engine.instance_id
+        second = VllmServer(
+            models["llama"], workdir / "busy-b", shim_port=first.shim_port, extra_args=small
+        )
         second.start()
         second.wait_ready()
         assert second.complete(SHARED, 4)["choices"][0]["finish_reason"] == "length"
@@ -200,4 +201,5 @@ def test_a_busy_shim_port_never_stops_vllm(models: dict[str, Path], workdir: Pat
         assert "port free again" in second.log()
     finally:
         first.stop()
-        second.stop()
+        if second is not None:
+            second.stop()
