@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -614,7 +613,14 @@ def test_exporter_publishes_contract_metrics_for_bridged_targets() -> None:
             5,
             "restart",
         )
-        time.sleep(0.4)
+        wait_for(  # the restarted engine's first poll is published with the restart count
+            lambda: (
+                sample_map().get(("kvcache_prefix_query_tokens_total", "vllm", ""))
+                == 1_843_211 + 500
+            ),
+            5,
+            "the counters continued across the restart",
+        )
         m = sample_map()
         assert m[("kvcache_preemptions_total", "vllm", "")] == 8  # 7 before, 1 since
         assert m[("kvcache_prefix_query_tokens_total", "vllm", "")] == 1_843_211 + 500

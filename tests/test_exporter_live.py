@@ -8,8 +8,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -85,9 +85,18 @@ def test_every_contract_metric_matches_the_engines_own_snapshot(engine: EnginePr
     exporter = make_exporter(engine.url, nvml, gpus={"ref": uuid})
     try:
         wait_for(exporter.healthy, 10, "first poll")
-        time.sleep(2 * INTERVAL)  # idle engine: its counts are stable now
-        truth = parse_snapshot(engine.stats())
-        samples = scrape(exporter)
+        pair: list[Any] = []
+
+        def same_snapshot() -> bool:
+            """The engine's report and a scrape of the exporter that carries that very report."""
+            report = engine.stats()
+            samples = scrape(exporter)
+            pair[:] = [parse_snapshot(report), samples]
+            stamp = value(samples, "kvcache_snapshot_timestamp_seconds", engine="ref", dp_rank="0")
+            return stamp == report["time"]
+
+        wait_for(same_snapshot, 10, "a scrape carrying the engine's current report")
+        truth, samples = pair
         e = {"engine": "ref", "dp_rank": "0", "model": "reference-tiny"}
         full = truth.pool("full")
         assert (
@@ -273,9 +282,11 @@ def test_exporter_process_never_imports_torch(engine: EngineProcess) -> None:
                                "targets": [{{"name": "ref", "kind": "shim", "url": "{engine.url}"}},
                                            {{"name": "v", "kind": "vllm", "url": "http://127.0.0.1:1"}}]}})
         e = Exporter(config); e.start()
-        time.sleep(1.0)
         import httpx
-        assert "kvcache_pool_slots" in httpx.get(f"http://127.0.0.1:{{e.port}}/metrics").text
+        deadline = time.monotonic() + 30
+        while "kvcache_pool_slots" not in httpx.get(f"http://127.0.0.1:{{e.port}}/metrics").text:
+            assert time.monotonic() < deadline, "no pool metrics within 30 s"
+            time.sleep(0.1)
         e.stop()
         print("torch" in sys.modules)
     """)
