@@ -167,7 +167,11 @@ def bench_snapshot_cost(sizes: list[int], repeats: int) -> None:
             json.dumps(snap.to_json())
             times.append(time.perf_counter() - start)
         start = time.perf_counter()
-        brute = engine.cache.brute_force_evictable_blocks()
+        brute, stack = 0, list(engine.cache.root.children.values())
+        while stack:  # every cached block, walked from the root: the unpinned ones
+            node = stack.pop()
+            brute += node.ref == 0
+            stack.extend(node.children.values())
         scan = time.perf_counter() - start
         assert brute == engine.cache.evictable_blocks
         print(

@@ -650,3 +650,238 @@ def test_config_labels_that_are_not_numbers_never_crash(label: str, value: str) 
         return
     for snap in result.snapshots:
         parse_snapshot(snap.to_json())
+
+
+# ------------------------------------------- SGLang: what a user reads in the snapshot and why
+
+
+def drop(text: str, *names: str) -> str:
+    """The text without the series (and HELP/TYPE) of these metric names."""
+    return (
+        "\n".join(
+            ln
+            for ln in text.splitlines()
+            if not any(re.match(rf"(# \w+ )?{n}\b", ln) for n in names)
+        )
+        + "\n"
+    )
+
+
+def set_value(text: str, name: str, value: float) -> str:
+    return re.sub(rf"^({re.escape(name)}\{{[^}}]*\}}) \S+$", rf"\g<1> {value}", text, flags=re.M)
+
+
+def test_sglang_identity_and_capacity_as_published() -> None:
+    (snap,), missing = roundtrip("sglang", SGLANG)
+    e = snap.engine
+    assert (e.kind, e.version, e.model, e.dp_rank, e.instance_id) == (
+        "sglang",
+        "unknown",  # SGLang's /metrics carries neither its version nor an instance id
+        "meta-llama/Llama-3.1-8B-Instruct",
+        0,
+        "unknown",
+    )
+    assert snap.sequence == 0 and snap.time == 1000.0
+    assert snap.capacity_tokens == 425_984  # max_total_num_tokens, SGLang's own token figure
+    assert missing == ["dp 0: retractions (num_retracted_requests_total)"]
+    unnamed = SGLANG.replace('model_name="meta-llama/Llama-3.1-8B-Instruct",', "")
+    (snap,), _ = roundtrip("sglang", unnamed)
+    assert snap.engine.model == "unknown"
+
+
+def test_sglang_without_rank_labels_and_with_other_rank_numbers() -> None:
+    """Older/single-process SGLang has no tp/pp labels; a scrape may hold only TP rank 1."""
+    (base,), _ = roundtrip("sglang", SGLANG)
+    for text in (
+        SGLANG.replace(',pp_rank="0",tp_rank="0"', "").replace(',pp_rank="0"', ""),
+        SGLANG.replace('tp_rank="0"', 'tp_rank="1"').replace('pp_rank="0"', 'pp_rank="2"'),
+    ):
+        (snap,), _ = roundtrip("sglang", text)
+        assert snap.pools == base.pools and snap.requests == base.requests
+        assert snap.counters.prefix_hit_tokens == base.counters.prefix_hit_tokens
+
+
+def test_sglang_every_reason_names_the_rank_and_the_cause() -> None:
+    with pytest.raises(
+        BridgeError,
+        match=re.escape(
+            "sglang:max_total_num_tokens is missing: metrics are off (--enable-metrics),"
+            " or this is not SGLang"
+        ),
+    ):
+        convert("sglang", drop(SGLANG, "sglang:max_total_num_tokens"))
+    with pytest.raises(
+        BridgeError,
+        match=re.escape(
+            "no data-parallel rank could be read: dp 0: no valid sglang:max_total_num_tokens"
+        ),
+    ):
+        convert("sglang", set_value(SGLANG, "sglang:max_total_num_tokens", 0))
+    neither = drop(SGLANG, "sglang:kv_used_tokens", "sglang:num_used_tokens")
+    with pytest.raises(
+        BridgeError,
+        match=re.escape(
+            "no data-parallel rank could be read: dp 0: neither kv_*_tokens (SGLang >= 0.5.11)"
+            " nor num_used_tokens"
+        ),
+    ):
+        convert("sglang", neither)
+    old = drop(SGLANG, "sglang:kv_used_tokens", "sglang:kv_evictable_tokens")
+    (snap,), missing = roundtrip("sglang", old)
+    assert snap.pools[0].evictable_slots is None
+    assert missing == [
+        "dp 0: evictable tokens (SGLang < 0.5.11 exports no kv_evictable_tokens)",
+        "dp 0: retractions (num_retracted_requests_total)",
+    ]
+    tokenizer_only = drop(SGLANG, "sglang:prefill_effective_tokens_total")
+    _, missing = roundtrip("sglang", tokenizer_only)
+    assert missing == [
+        "dp 0: prefix query tokens (no prefill_effective_tokens_total)",
+        "dp 0: retractions (num_retracted_requests_total)",
+    ]
+
+
+def test_sglang_partial_pool_counts_fall_back_to_num_used_tokens() -> None:
+    for gone in ("sglang:kv_available_tokens", "sglang:kv_evictable_tokens"):
+        (snap,), _ = roundtrip("sglang", drop(SGLANG, gone))
+        full = snap.pools[0]
+        assert (full.used_slots, full.evictable_slots, full.available_slots) == (
+            187_392,
+            None,
+            None,
+        )
+    # An old SGLang whose pool is completely full is still read (used == capacity).
+    full_old = set_value(drop(SGLANG, "sglang:kv_used_tokens"), "sglang:num_used_tokens", 425_984)
+    (snap,), _ = roundtrip("sglang", full_old)
+    assert snap.pools[0].used_slots == 425_984
+
+
+def test_sglang_defaults_for_series_it_may_lack() -> None:
+    (snap,), _ = roundtrip("sglang", drop(SGLANG, "sglang:page_size"))
+    assert snap.pools[0].block_size == 1  # token-granular pool when no page size is exported
+    no_storage = "\n".join(ln for ln in SGLANG.splitlines() if 'mode="storage_hit"' not in ln)
+    (snap,), _ = roundtrip("sglang", no_storage + "\n")
+    assert snap.counters.prefix_hit_tokens == {
+        "device": 18_734_592,
+        "host": 2_461_696,
+        "storage": 0,
+    }
+    assert snap.counters.prefix_query_tokens == 34_694_656 - 393_216
+    (snap,), _ = roundtrip("sglang", drop(SGLANG, "sglang:num_queue_reqs"))
+    assert snap.requests is None  # half a request count is not published
+    (snap,), _ = roundtrip("sglang", drop(SGLANG, "sglang:num_running_reqs"))
+    assert snap.requests is None
+
+
+def test_sglang_tokenizer_hits_summed_per_tier_and_unlabelled_series_ignored() -> None:
+    text = drop(SGLANG, "sglang:prefill_effective_tokens_total").replace(
+        'sglang:cached_tokens_total{cache_source="storage",',
+        'sglang:cached_tokens_total{cache_source="storage_mooncake",engine_type="x"} 7.0\n'
+        'sglang:cached_tokens_total{cache_source="storage_file",',
+    )
+    text += 'sglang:cached_tokens_total{engine_type="unified"} 5.0\n'  # no cache_source
+    (snap,), _ = roundtrip("sglang", text)
+    assert snap.counters.prefix_hit_tokens == {
+        "device": 18_734_592,
+        "host": 2_461_696,
+        "storage": 393_216 + 7,
+    }
+
+
+def test_sglang_host_tier_only_when_its_counts_make_sense() -> None:
+    def host(used: float | None, total: float | None) -> object:
+        text = SGLANG
+        for name, value in (
+            ("sglang:hicache_host_used_tokens", used),
+            ("sglang:hicache_host_total_tokens", total),
+        ):
+            text = drop(text, name) if value is None else set_value(text, name, value)
+        (snap,), _ = roundtrip("sglang", text)
+        tier = snap.host_tier
+        return None if tier is None else (tier.capacity_tokens, tier.used_tokens)
+
+    assert host(851_968, 851_968) == (851_968, 851_968)  # a full host tier
+    assert host(851_969, 851_968) is None  # more used than there is: not published
+    assert host(None, 851_968) is None
+    assert host(0, 0) is None  # HiCache off
+    assert host(5, None) is None
+
+
+def test_sglang_a_one_slot_mamba_pool_is_a_pool() -> None:
+    text = sglang_with(mamba_used_tokens=1, mamba_evictable_tokens=0, mamba_available_tokens=0)
+    (snap,), _ = roundtrip("sglang", text)
+    assert [(p.name, p.capacity_slots) for p in snap.pools] == [("full", 425_984), ("mamba", 1)]
+
+
+def test_sglang_non_numeric_dp_rank_is_rank_0_not_a_crash() -> None:
+    text = re.sub(r'^((?!.*dp_rank).*tp_rank="0")\}', r'\1,dp_rank="a"}', SGLANG, flags=re.M)
+    (snap,), _ = roundtrip("sglang", text)
+    assert snap.engine.dp_rank == 0 and snap.pools[0].used_slots == 187_392
+
+
+def sglang_dp2_old_hybrid() -> str:
+    """Hand-written: DP=2 of an SGLang < 0.5.11 hybrid model, every per-rank value distinct."""
+    out = []
+    values = {
+        "num_used_tokens": (1000, 2000),
+        "max_total_num_tokens_swa": (4096, 8192),
+        "swa_used_tokens": (100, 200),
+        "swa_evictable_tokens": (10, 20),
+        "swa_available_tokens": (3986, 7972),
+        "mamba_used_tokens": (1, 2),
+        "mamba_evictable_tokens": (3, 4),
+        "mamba_available_tokens": (5, 6),
+        "num_retracted_requests_total": (7, 8),
+        "evicted_tokens_total": (90, 91),
+    }
+    base = drop(SGLANG, "sglang:kv_used_tokens", "sglang:kv_evictable_tokens")
+    base = drop(base, "sglang:kv_available_tokens", "sglang:evicted_tokens_total")
+    for name in values:
+        if f"sglang:{name}{{" not in base:
+            base += f"sglang:{name}{{{LABELS}}} 0.0\n"
+    for line in base.splitlines():
+        if line.startswith("#") or 'tp_rank="0"' not in line:
+            out.append(line)
+            continue
+        for dp in (0, 1):
+            ranked = line.replace('tp_rank="0"', f'tp_rank="0",dp_rank="{dp}"')
+            name = ranked.split("{")[0].removeprefix("sglang:")
+            if name in values:
+                ranked = re.sub(r" \S+$", f" {float(values[name][dp])}", ranked)
+            out.append(ranked)
+    return "\n".join(out) + "\n"
+
+
+def test_sglang_dp2_old_hybrid_reads_each_ranks_own_series() -> None:
+    snaps, _ = roundtrip("sglang", sglang_dp2_old_hybrid())
+    assert [s.engine.dp_rank for s in snaps] == [0, 1]
+    got = [
+        (
+            {p.name: (p.used_slots, p.evictable_slots, p.capacity_slots) for p in s.pools},
+            s.counters.preemptions,
+            s.counters.evicted_tokens,
+            s.engine.model,
+        )
+        for s in snaps
+    ]
+    model = "meta-llama/Llama-3.1-8B-Instruct"
+    assert got == [
+        (
+            {"full": (1000, None, 425_984), "swa": (100, 10, 4096), "mamba": (1, 3, 9)},
+            7,
+            90,
+            model,
+        ),
+        (
+            {"full": (2000, None, 425_984), "swa": (200, 20, 8192), "mamba": (2, 4, 12)},
+            8,
+            91,
+            model,
+        ),
+    ]
+
+
+def test_sglang_garbage_in_families_it_does_not_read_costs_nothing() -> None:
+    text = SGLANG + 'sglang:some_future_metric{a="1"} not-a-number\n'
+    (snap,), _ = roundtrip("sglang", text)
+    assert snap.pools[0].used_slots == 187_392

@@ -19,6 +19,16 @@ from engine_shim.reference.prefix_cache import ROOT_HASH, Node, PrefixCache, blo
 BS = 2
 
 
+def cached_nodes(pc: PrefixCache) -> list[Node]:
+    """Every cached block, walked from the root (the test's own walk, not the cache's)."""
+    out, stack = [], list(pc.root.children.values())
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        stack.extend(node.children.values())
+    return out
+
+
 def cache(blocks: int) -> PrefixCache:
     shape = ModelShape(num_layers=1, num_kv_heads=1, head_dim=2, vocab_size=64)
     return PrefixCache(BlockPool("full", shape, 1, blocks, BS, torch.device("cpu")))
@@ -55,7 +65,7 @@ class Oracle:
                 self.released[node] = self.clock
 
     def expected_victim(self) -> Node | None:
-        candidates = [n for n in self.pc.iter_nodes() if n.ref == 0 and not n.children]
+        candidates = [n for n in cached_nodes(self.pc) if n.ref == 0 and not n.children]
         if not candidates:
             return None
         # Oldest release first; a parent released at the same time or before its child wins.
@@ -118,7 +128,7 @@ def test_random_traffic_evicts_in_the_oracles_order(seed: int) -> None:
             del oracle.released[expected]
         if pc.pool.num_free_blocks >= needed:
             running.append(oracle.write(tokens))
-        assert pc.evictable_blocks == sum(1 for n in pc.iter_nodes() if n.ref == 0)
+        assert pc.evictable_blocks == sum(1 for n in cached_nodes(pc) if n.ref == 0)
 
 
 def test_block_hashes_chain_and_are_stable_across_processes() -> None:
@@ -154,7 +164,7 @@ def test_unpin_of_an_unpinned_block_is_a_bug_caught_at_once() -> None:
     pc = cache(4)
     (node,) = Oracle(pc).write([1, 1])
     pc.unpin(node)
-    with pytest.raises(AssertionError, match="unpin of an unpinned node"):
+    with pytest.raises(AssertionError, match=r"^unpin of an unpinned node$"):
         pc.unpin(node)
 
 
@@ -173,3 +183,25 @@ def test_a_hot_prefix_pinned_a_million_times_keeps_the_heap_small() -> None:
     # Still least recently released first: the cold block, then the hot leaf, then its parent.
     assert [pc.evict_one() for _ in range(4)] == [cold[0].block, hot[1].block, hot[0].block, None]
     assert pc.evicted_blocks == 3
+
+
+def test_token_ids_up_to_2_32_hash_and_chain() -> None:
+    """Vocabularies reach 2^31 and beyond; a hash must take any uint32 token id."""
+    top = block_hash(ROOT_HASH, (2**32 - 1, 2**31))
+    expected = hashlib.blake2b(ROOT_HASH, digest_size=16)
+    expected.update((2**32 - 1).to_bytes(4, "little") + (2**31).to_bytes(4, "little"))
+    assert top == expected.digest()
+
+
+def test_inserted_blocks_keep_their_block_id_and_chained_hash() -> None:
+    evicted: list[Node] = []
+    pc = PrefixCache(cache(4).pool, on_evict=evicted.append)
+    first = pc.insert(pc.root, tuple(range(BS)), 3)
+    assert first is not None
+    second = pc.insert(first, tuple(range(BS, 2 * BS)), 1)
+    assert second is not None
+    assert (first.block, second.block) == (3, 1)
+    assert first.hash == block_hash(ROOT_HASH, tuple(range(BS)))
+    assert second.hash == block_hash(first.hash, tuple(range(BS, 2 * BS)))
+    pc.unpin(second)
+    assert pc.evict_one() == 1 and evicted == [second]  # the hook given at construction

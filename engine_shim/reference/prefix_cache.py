@@ -146,17 +146,3 @@ class PrefixCache:
         if block is None:
             block = self.evict_one()
         return block
-
-    # ----------------------------------------------------------------------- checks
-
-    def iter_nodes(self) -> list[Node]:
-        out, stack = [], list(self.root.children.values())
-        while stack:
-            node = stack.pop()
-            out.append(node)
-            stack.extend(node.children.values())
-        return out
-
-    def brute_force_evictable_blocks(self) -> int:
-        """O(N) ground truth for tests and benchmarks: unpinned cached blocks."""
-        return sum(1 for n in self.iter_nodes() if n.ref == 0)
