@@ -7,7 +7,9 @@ a vLLM bridge cannot see evictable blocks, so it says ``null`` instead of ``0``.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Mapping
@@ -125,6 +127,36 @@ class Tier:
     used_tokens: int
 
 
+REUSE_SECTION_VERSION = 1
+MAX_REUSE_BUCKETS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ReuseDistances:
+    """Looked-up prefix tokens by reuse distance: the hit ratio at every cache size.
+
+    ``cumulative_tokens[i]`` of the ``query_tokens`` looked up had a distance of at most
+    ``bounds_tokens[i]``, i.e. would have hit in a pool of that many tokens (see
+    ``engine_shim/reuse_distance.py`` for the model). Estimates from a sample of blocks
+    (``sampling_rate``); ``query_tokens`` is exact. Counters since ``instance_id`` started.
+    Optional and versioned on its own, so bridges and older shims simply lack it.
+    """
+
+    sampling_rate: float
+    bounds_tokens: tuple[int, ...]
+    cumulative_tokens: tuple[int, ...]
+    query_tokens: int
+    distance_sum_tokens: int
+    version: int = REUSE_SECTION_VERSION
+
+    def hit_ratio_at(self, size_tokens: float) -> float | None:
+        """The hit ratio of a pool of ``size_tokens`` (the largest bound not above it)."""
+        if self.query_tokens == 0:
+            return None
+        i = bisect.bisect_right(self.bounds_tokens, size_tokens)
+        return 0.0 if i == 0 else self.cumulative_tokens[i - 1] / self.query_tokens
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     engine: EngineIdentity
@@ -141,6 +173,7 @@ class Snapshot:
     # Tokens the engine holds, in the engine's own terms: vLLM's ``kv_cache_size_tokens``
     # (max_concurrency x max_model_len, group-aware), SGLang's ``max_total_num_tokens``.
     capacity_tokens: int | None = None
+    reuse_distance: ReuseDistances | None = None
     schema: str = SCHEMA_VERSION
 
     def pool(self, name: str) -> Pool | None:
@@ -366,6 +399,42 @@ def _parse_tier(r: _Reader | None) -> Tier | None:
     return tier
 
 
+def _parse_reuse(r: _Reader | None) -> ReuseDistances | None:
+    """The optional reuse-distance section; one of a newer version is skipped, not refused."""
+    if r is None or r.data.get("version") != REUSE_SECTION_VERSION:
+        return None
+    rate = r.number("sampling_rate")
+    assert rate is not None
+    if not 0 < rate <= 1:
+        raise SnapshotError(f"{r.path}.sampling_rate", f"must be in (0, 1], got {rate}")
+    bounds = [
+        _as_count(b, f"{r.path}.bounds_tokens[{i}]") for i, b in enumerate(r.array("bounds_tokens"))
+    ]
+    cumulative = [
+        _as_count(c, f"{r.path}.cumulative_tokens[{i}]")
+        for i, c in enumerate(r.array("cumulative_tokens"))
+    ]
+    if not 0 < len(bounds) <= MAX_REUSE_BUCKETS or len(cumulative) != len(bounds):
+        raise SnapshotError(
+            f"{r.path}.bounds_tokens",
+            f"1 to {MAX_REUSE_BUCKETS} bounds, one cumulative count each",
+        )
+    if bounds[0] == 0 or any(a >= b for a, b in itertools.pairwise(bounds)):
+        raise SnapshotError(f"{r.path}.bounds_tokens", "must be positive and increasing")
+    if any(a > b for a, b in itertools.pairwise(cumulative)):
+        raise SnapshotError(f"{r.path}.cumulative_tokens", "must not decrease")
+    queries = r.req_count("query_tokens")
+    if cumulative[-1] > queries:
+        raise SnapshotError(f"{r.path}.cumulative_tokens", "exceeds query_tokens")
+    return ReuseDistances(
+        sampling_rate=rate,
+        bounds_tokens=tuple(bounds),
+        cumulative_tokens=tuple(cumulative),
+        query_tokens=queries,
+        distance_sum_tokens=r.req_count("distance_sum_tokens"),
+    )
+
+
 def parse_snapshot(data: Any) -> Snapshot:
     """Validate decoded JSON into a Snapshot, or raise SnapshotError naming the field."""
     root = _Reader(data, "")
@@ -426,4 +495,5 @@ def parse_snapshot(data: Any) -> Snapshot:
         host_tier=_parse_tier(root.obj("host_tier", required=False)),
         storage_tier=_parse_tier(root.obj("storage_tier", required=False)),
         capacity_tokens=None if legacy else root.count("capacity_tokens", required=False),
+        reuse_distance=None if legacy else _parse_reuse(root.obj("reuse_distance", required=False)),
     )

@@ -1,0 +1,244 @@
+"""Reuse distances: the tracker against an exact computation and against a real LRU prefix cache.
+
+The oracles are written here from the definitions, not taken from the code under test:
+- ``ExactDistances``: the distance of a block is the pinned tokens plus one block per distinct
+  block released after it (plus itself), by a linear scan over every block ever released;
+- ``measured_hit_ratio``: the reference engine's own prefix cache (LRU by release time, leaves
+  first) of a given size, fed the same requests, counting the tokens it really hits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import random
+from collections.abc import Hashable
+
+import pytest
+import torch
+
+from engine_shim.reference import ModelShape
+from engine_shim.reference.pool import BlockPool
+from engine_shim.reference.prefix_cache import PrefixCache
+from engine_shim.reuse_distance import RecencyOrder, ReuseDistanceTracker, bucket_bounds
+from kvstats.snapshot import ReuseDistances, SnapshotError, parse_snapshot
+from tests.test_snapshot import valid
+
+BS = 4
+
+
+class ExactDistances:
+    """The definition, by brute force: every release time kept, every rank counted."""
+
+    def __init__(self) -> None:
+        self.released: dict[Hashable, int] = {}
+        self.held: set[Hashable] = set()
+        self.clock = 0
+
+    def pinned(self, key: Hashable) -> None:
+        self.released.pop(key, None)
+        self.held.add(key)
+
+    def release(self, key: Hashable) -> None:
+        self.held.discard(key)
+        self.clock += 1
+        self.released[key] = self.clock
+
+    def distance(self, key: Hashable, pinned_tokens: int) -> float:
+        if key in self.held:
+            return float(max(pinned_tokens, BS))
+        if key not in self.released:
+            return math.inf
+        t = self.released[key]
+        newer = sum(1 for other in self.released.values() if other > t)
+        return float(pinned_tokens + BS * (1 + newer))
+
+
+def chains(prompt: list[int]) -> list[tuple[int, ...]]:
+    """Block keys of a prompt's cacheable full blocks: the whole prefix up to each block."""
+    cacheable = len(prompt) - 1
+    return [tuple(prompt[: (i + 1) * BS]) for i in range(cacheable // BS)]
+
+
+def trace(seed: int, n: int, prefixes: int = 6) -> list[list[int]]:
+    """Requests sharing a few prefixes of different popularity, with unique tails."""
+    rng = random.Random(seed)
+    shared = [
+        [rng.randrange(1000) for _ in range(rng.choice((8, 16, 40)))] for _ in range(prefixes)
+    ]
+    out = []
+    for _ in range(n):
+        head = shared[min(int(rng.expovariate(0.6)), prefixes - 1)]
+        tail = [rng.randrange(1000) for _ in range(rng.randrange(1, 14))]
+        out.append(head + tail)
+    return out
+
+
+def test_recency_order_counts_newer_releases_through_renumbering() -> None:
+    order = RecencyOrder(capacity=4)  # tiny: renumbering happens every few releases
+    exact = ExactDistances()
+    rng = random.Random(3)
+    for step in range(2000):
+        key = rng.randrange(40)
+        if rng.random() < 0.2:
+            order.remove(key)
+            exact.pinned(key)
+        else:
+            order.release(key)
+            exact.release(key)
+        probe = rng.randrange(40)
+        if probe in exact.released:
+            want = (exact.distance(probe, 0) - BS) / BS
+            assert order.newer_than(probe) == want, step
+        assert (probe in order) == (probe in exact.released)
+    assert len(order) == len(exact.released)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_unsampled_distances_equal_the_definition(seed: int) -> None:
+    rng = random.Random(seed)
+    tracker = ReuseDistanceTracker(BS, pool_tokens=64, max_tracked=10**9)
+    exact = ExactDistances()
+    running: list[list[tuple[int, ...]]] = []
+    pinned_tokens = 0
+    for prompt in trace(seed, 150):
+        keys = chains(prompt)
+        got = tracker.distances(keys, pinned_tokens)
+        want = [exact.distance(k, pinned_tokens) for k in keys]
+        assert got == want
+        assert all(a <= b for a, b in itertools.pairwise(got)), "distances along a prompt"
+        tracker.record(len(prompt), len(keys), got)
+        for k in keys:
+            tracker.pinned(k)
+            exact.pinned(k)
+        running.append(keys)
+        pinned_tokens += len(keys) * BS
+        while running and (len(running) > 3 or rng.random() < 0.5):
+            done = running.pop(rng.randrange(len(running)))
+            pinned_tokens -= len(done) * BS
+            for k in reversed(done):  # leaf first, as the engines release
+                if not any(k in other for other in running):
+                    tracker.released(k)
+                    exact.release(k)
+
+
+def lru_replay(prompts: list[list[int]], pool_blocks: int) -> tuple[int, int]:
+    """(hit tokens, query tokens) of the reference engine's prefix cache of this size."""
+    shape = ModelShape(num_layers=1, num_kv_heads=1, head_dim=2, vocab_size=1000)
+    cache = PrefixCache(BlockPool("full", shape, 1, pool_blocks, BS, torch.device("cpu")))
+    hits = queries = 0
+    for prompt in prompts:
+        cacheable = prompt[: len(prompt) - 1]
+        path = cache.match(cacheable)
+        for node in path:
+            cache.pin(node)
+        hits += len(path) * BS
+        queries += len(prompt)
+        parent = path[-1] if path else cache.root
+        for i in range(len(path), len(cacheable) // BS):
+            block = cache.allocate()
+            if block is None:
+                break
+            node = cache.insert(parent, tuple(cacheable[i * BS : (i + 1) * BS]), block)
+            assert node is not None
+            path.append(node)
+            parent = node
+        for node in reversed(path):  # leaf first
+            cache.unpin(node)
+    return hits, queries
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_histogram_predicts_a_real_lru_cache_exactly_without_sampling(seed: int) -> None:
+    """One request at a time (nothing pinned at lookups): the curve is exact at every bound."""
+    prompts = trace(seed, 400)
+    tracker = ReuseDistanceTracker(BS, pool_tokens=64, max_tracked=10**9)
+    for prompt in prompts:
+        keys = chains(prompt)
+        tracker.lookup(keys, len(prompt), pinned_tokens=0)
+        for k in keys:
+            tracker.pinned(k)
+        for k in reversed(keys):
+            tracker.released(k)
+    hist = tracker.histogram()
+    assert hist.sampling_rate == 1.0 and hist.query_tokens == sum(map(len, prompts))
+    for bound, cumulative in zip(hist.bounds_tokens, hist.cumulative_tokens, strict=True):
+        if bound % BS:
+            continue  # a real pool holds whole blocks
+        hits, queries = lru_replay(prompts, bound // BS)
+        assert queries == hist.query_tokens
+        assert cumulative == hits, f"{bound} tokens"
+
+
+def test_sampling_keeps_memory_bounded_and_the_curve_close() -> None:
+    rng = random.Random(11)
+    shared = [[rng.randrange(10**6) for _ in range(64)] for _ in range(400)]
+    prompts = [
+        shared[min(int(rng.paretovariate(1.1)) - 1, 399)] + [rng.randrange(10**6) for _ in range(9)]
+        for _ in range(6000)
+    ]
+    exact = ReuseDistanceTracker(BS, pool_tokens=2048, max_tracked=10**9)
+    sampled = ReuseDistanceTracker(BS, pool_tokens=2048, max_tracked=2000)
+    for prompt in prompts:
+        keys = [hashlib.blake2b(repr(k).encode(), digest_size=16).digest() for k in chains(prompt)]
+        for t in (exact, sampled):
+            t.lookup(keys, len(prompt), 0)
+            for k in keys:
+                t.pinned(k)
+            for k in reversed(keys):
+                t.released(k)
+        assert sampled.tracked <= 2000
+    assert sampled.rate < 0.5 < exact.rate
+    e, s = exact.histogram(), sampled.histogram()
+    errors = [
+        abs(a - b) / e.query_tokens
+        for a, b in zip(e.cumulative_tokens, s.cumulative_tokens, strict=True)
+    ]
+    print(f"sampling rate {sampled.rate:.3f}: max error {max(errors):.4f}")
+    assert max(errors) < 0.03
+
+
+def test_bounds_span_a_sixteenth_to_64_times_the_pool() -> None:
+    bounds = bucket_bounds(4096, extra=[4096 + 1000])
+    assert bounds[0] == 256 and bounds[-1] == 4096 * 64
+    for multiple in (0.25, 0.5, 1, 2, 4):
+        assert int(4096 * multiple) in bounds
+    assert 5096 in bounds and list(bounds) == sorted(set(bounds))
+    with pytest.raises(ValueError):
+        bucket_bounds(0)
+
+
+def test_the_section_round_trips_and_bad_sections_are_refused() -> None:
+    tracker = ReuseDistanceTracker(BS, pool_tokens=64)
+    tracker.lookup([b"\x00" * 8], 10, 0)
+    tracker.released(b"\x00" * 8)
+    tracker.lookup([b"\x00" * 8], 10, 8)
+    data = valid()
+    data["reuse_distance"] = _wire(tracker.histogram())
+    snap = parse_snapshot(data)
+    assert snap.reuse_distance == tracker.histogram()
+    hist = snap.reuse_distance
+    assert hist is not None and hist.distance_sum_tokens == 4 * 12  # 8 pinned + 1 block of 4
+    assert hist.hit_ratio_at(16) == 4 / 20  # distance 12: in the bucket up to 16 tokens
+    assert hist.hit_ratio_at(11) == 0.0
+    # A newer section version is skipped, not refused: an older exporter keeps working.
+    data["reuse_distance"] = {**_wire(tracker.histogram()), "version": 2}
+    assert parse_snapshot(data).reuse_distance is None
+    for change, message in (
+        ({"sampling_rate": 0}, "sampling_rate"),
+        ({"bounds_tokens": [2, 1] + [5] * 19}, "bounds_tokens"),
+        ({"cumulative_tokens": [1, 0] + [0] * 19}, "must not decrease"),
+        ({"query_tokens": 0, "cumulative_tokens": [0] * 20 + [1]}, "exceeds query_tokens"),
+        ({"bounds_tokens": [1]}, "one cumulative count each"),
+    ):
+        data["reuse_distance"] = {**_wire(tracker.histogram()), **change}
+        with pytest.raises(SnapshotError, match=message):
+            parse_snapshot(data)
+
+
+def _wire(hist: ReuseDistances) -> dict[str, object]:
+    wire: dict[str, object] = json.loads(json.dumps(dataclasses.asdict(hist)))
+    return wire
