@@ -48,4 +48,12 @@ def canned_snapshot(instance_id: str = "abc") -> dict[str, Any]:
         },
         "host_tier": {"capacity_tokens": 4096, "used_tokens": 128},
         "storage_tier": None,
+        "reuse_distance": {
+            "sampling_rate": 0.5,
+            "bounds_tokens": [400, 800, 1600, 3200, 5696, 102400],
+            "cumulative_tokens": [100, 300, 550, 600, 650, 700],
+            "query_tokens": 1000,
+            "distance_sum_tokens": 560000,
+            "version": 1,
+        },
     }

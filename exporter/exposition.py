@@ -32,6 +32,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
 
+from kvstats.snapshot import ReuseDistances, Snapshot
+
 from . import __version__
 from .families import (
     ALL,
@@ -121,6 +123,31 @@ def engine_rows(name: str, rank: int, view: EngineView, rows: dict[str, list[Row
             rows["kvcache_prefix_hit_tokens"].append(((*engine, key.tier), value))
         else:
             rows[f"kvcache_{key.name}"].append((engine, value))
+    reuse = snap.reuse_distance
+    if reuse is not None:
+        rows["kvcache_prefix_reuse_distance_tokens"].append((engine, reuse))  # type: ignore[arg-type]
+        rows["kvcache_prefix_reuse_sampling_ratio"].append((engine, reuse.sampling_rate))
+        for bound, mark in reuse_marks(snap, reuse):
+            rows["kvcache_prefix_reuse_bucket_info"].append(
+                ((*engine, format_value(bound), mark), 1)
+            )
+
+
+def reuse_marks(snap: Snapshot, reuse: ReuseDistances) -> list[tuple[int, str]]:
+    """Bucket bounds that are this engine's sizes: the pool, the pool with its lower tiers,
+    the largest bound. Rules pick a bucket by joining on these (PromQL cannot read ``le``)."""
+    full = snap.pool("full")
+    sizes: list[tuple[int, str]] = [(reuse.bounds_tokens[-1], "top")]
+    if full is not None:
+        pool = full.capacity_slots
+        sizes.append((pool, "pool"))
+        if snap.host_tier is not None:
+            pool += snap.host_tier.capacity_tokens
+            sizes.append((pool, "pool_host"))
+            if snap.storage_tier is not None:
+                sizes.append((pool + snap.storage_tier.capacity_tokens, "pool_host_storage"))
+    bounds = set(reuse.bounds_tokens)
+    return sorted((size, mark) for size, mark in sizes if size in bounds)
 
 
 def target_rows(report: TargetReport, up: bool, render_errors: int) -> dict[str, list[Row]]:
@@ -196,6 +223,32 @@ class LineWriter:
         self._lines[key] = (value, line)
         return line
 
+    def reuse_histograms(self, family: Family, rows: Iterable[Row]) -> str:
+        """Engines' reuse-distance histograms: cumulative buckets, +Inf = count = lookups."""
+        out: list[str] = []
+        bucket_labels = (*family.labels, "le")
+        for labels, hist in rows:
+            assert isinstance(hist, ReuseDistances)
+            for bound, cumulative in zip(hist.bounds_tokens, hist.cumulative_tokens, strict=True):
+                out.append(
+                    self.line(
+                        f"{family.name}_bucket",
+                        bucket_labels,
+                        (*labels, format_value(bound)),
+                        cumulative,
+                    )
+                )
+            out.append(
+                self.line(
+                    f"{family.name}_bucket", bucket_labels, (*labels, "+Inf"), hist.query_tokens
+                )
+            )
+            out.append(self.line(f"{family.name}_count", family.labels, labels, hist.query_tokens))
+            out.append(
+                self.line(f"{family.name}_sum", family.labels, labels, hist.distance_sum_tokens)
+            )
+        return "".join(out)
+
     def histogram(self, family: Family, labels: tuple[str, ...], report: TargetReport) -> str:
         """Every bucket of a histogram usually moves on each poll: the lines are written from
         cached prefixes and integer counts, without a lookup per line."""
@@ -247,7 +300,10 @@ class TargetRenderer:
         last = self._last.get(family.name)
         if last is not None and last[0] == rows:
             return last[1]
-        text = self.writer.lines(family, rows)
+        if family.type == "histogram":
+            text = self.writer.reuse_histograms(family, rows)
+        else:
+            text = self.writer.lines(family, rows)
         self._last[family.name] = (rows, text)
         return text
 

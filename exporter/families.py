@@ -136,6 +136,34 @@ COUNTER_FAMILIES = (
     _counter("kvcache_iterations", "Engine scheduler iterations.", ENGINE),
 )
 
+# Engines that publish reuse distances (the shim's reference engine and vLLM adapter): the
+# histogram's series are one per bucket bound, so they are counted per engine below.
+REUSE_MARKS = ("pool", "pool_host", "pool_host_storage", "top")
+REUSE_FAMILIES = (
+    Family(
+        "kvcache_prefix_reuse_distance_tokens",
+        "histogram",
+        "Prompt tokens looked up in the prefix cache, by reuse distance: the KV (tokens) an LRU"
+        " cache needs to still hold them. rate(bucket{le=C}) / rate(count) is the hit ratio a"
+        " pool of C tokens would have had; cold misses are only in +Inf. Sampled (SHARDS);"
+        " resets when the engine restarts.",
+        ENGINE,
+    ),
+    _gauge(
+        "kvcache_prefix_reuse_bucket_info",
+        "Which bucket bound of kvcache_prefix_reuse_distance_tokens (bound = its le) is this"
+        " engine's pool size (mark=pool), pool + host tier (pool_host), pool + host + storage"
+        " (pool_host_storage), or the largest (top); value 1.",
+        (*ENGINE, "bound", "mark"),
+        fanout=len(REUSE_MARKS),
+    ),
+    _gauge(
+        "kvcache_prefix_reuse_sampling_ratio",
+        "Share of cache blocks whose reuse distances are tracked (spatial sampling).",
+        ENGINE,
+    ),
+)
+
 # One series per GPU (NVML), joined to engines by UUID.
 GPU_FAMILIES = (
     _gauge("kvcache_gpu_memory_bytes", "GPU memory by state, from NVML.", (*GPU, "state"), 2),
@@ -208,16 +236,18 @@ EXPORTER_FAMILIES = (
     ),
 )
 
-ENGINE_SCOPED = POOL_FAMILIES + ENGINE_FAMILIES + COUNTER_FAMILIES
+ENGINE_SCOPED = POOL_FAMILIES + ENGINE_FAMILIES + COUNTER_FAMILIES + REUSE_FAMILIES
 ALL = ENGINE_SCOPED + GPU_FAMILIES + TARGET_FAMILIES + EXPORTER_FAMILIES
 BY_NAME = {family.name: family for family in ALL}
 assert len(BY_NAME) == len(ALL), "a metric family is declared twice"
 
 
-def series_estimate(pools_per_engine: list[int]) -> int:
-    """An upper bound on one target's series: its engines' (one count of pools per engine)
-    and its own exporter series."""
+def series_estimate(pools_per_engine: list[int], reuse_bounds: list[int] | None = None) -> int:
+    """An upper bound on one target's series: its engines' (one count of pools per engine, and
+    the reuse histogram's bucket bounds of those that publish one) and its own series."""
     per_pool = sum(f.fanout for f in POOL_FAMILIES)
     per_engine = sum(f.fanout for f in ENGINE_FAMILIES + COUNTER_FAMILIES)
     per_target = sum(f.fanout for f in TARGET_FAMILIES)
-    return per_target + sum(per_engine + per_pool * pools for pools in pools_per_engine)
+    # Per bound one bucket; then +Inf, _count and _sum, the marks and the sampling ratio.
+    reuse = sum(bounds + 3 + len(REUSE_MARKS) + 1 for bounds in reuse_bounds or [])
+    return per_target + reuse + sum(per_engine + per_pool * pools for pools in pools_per_engine)

@@ -91,4 +91,7 @@ def body_parser(kind: str) -> Callable[[bytes], list[Snapshot]]:
 
 def series_estimate(snapshots: list[Snapshot]) -> int:
     """An upper bound on the series these snapshots become (for the per-target cap)."""
-    return families.series_estimate([len(s.pools) for s in snapshots])
+    return families.series_estimate(
+        [len(s.pools) for s in snapshots],
+        [len(s.reuse_distance.bounds_tokens) for s in snapshots if s.reuse_distance],
+    )

@@ -63,9 +63,37 @@ DESCRIPTIONS: dict[str, str] = {
     "Counters.iterations": "scheduler iterations (engine steps)",
     "Tier.capacity_tokens": "tokens the tier can hold",
     "Tier.used_tokens": "tokens it holds",
+    "Snapshot.reuse_distance": (
+        "optional: looked-up prompt tokens by reuse distance (the what-if hit-ratio curve);"
+        " absent from bridges and older shims"
+    ),
+    "ReuseDistances.sampling_rate": "share of blocks tracked, in (0, 1] (spatial sampling)",
+    "ReuseDistances.bounds_tokens": (
+        "bucket upper bounds in tokens, increasing, 1 to 64 of them (the reference engine and"
+        " the vLLM shim: the pool x 2^(k/2) from 1/16x to 64x, plus pool + each lower tier)"
+    ),
+    "ReuseDistances.cumulative_tokens": (
+        "looked-up tokens whose distance is at most each bound (would have hit in a pool that"
+        " size); non-decreasing, at most query_tokens"
+    ),
+    "ReuseDistances.query_tokens": "every looked-up prompt token (the +Inf bucket), exact",
+    "ReuseDistances.distance_sum_tokens": "sum of distance x tokens over reused tokens",
+    "ReuseDistances.version": (
+        "1; a section of another version is skipped by this parser (the rest of the snapshot"
+        " is still read)"
+    ),
 }
 
-CLASSES = [s.Snapshot, s.EngineIdentity, s.Pool, s.KVGroup, s.Requests, s.Counters, s.Tier]
+CLASSES = [
+    s.Snapshot,
+    s.EngineIdentity,
+    s.Pool,
+    s.KVGroup,
+    s.Requests,
+    s.Counters,
+    s.Tier,
+    s.ReuseDistances,
+]
 
 
 def _type_text(tp: object) -> str:

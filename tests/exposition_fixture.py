@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine_shim.bridges import convert
+from engine_shim.reuse_distance import bucket_bounds
 from exporter.config import parse_config
 from exporter.exposition import ExporterView
 from exporter.nvml import GpuReading
@@ -86,6 +87,20 @@ def reference_snapshot(instance: str, used: int, sequence: int) -> dict:
         },
         "host_tier": {"capacity_tokens": 65536, "used_tokens": 4096},
         "storage_tier": {"capacity_tokens": 1_048_576, "used_tokens": 8192},
+        "reuse_distance": reuse_section(),
+    }
+
+
+def reuse_section() -> dict:
+    """The reference engine's bounds for this pool and its tiers, with made-up counts."""
+    bounds = bucket_bounds(29776, [29776 + 65536, 29776 + 65536 + 1_048_576])
+    return {
+        "sampling_rate": 0.25,
+        "bounds_tokens": list(bounds),
+        "cumulative_tokens": [min(60_000, 3_000 * (i + 1)) for i in range(len(bounds))],
+        "query_tokens": 100_000,
+        "distance_sum_tokens": 987_654_321,
+        "version": 1,
     }
 
 

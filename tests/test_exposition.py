@@ -164,5 +164,46 @@ def test_series_estimate_bounds_the_fleet() -> None:
                 )
             )
         ]
-        pools = [len(v.snapshot.pools) for v in report.engines.values()]
-        assert len(target_series) <= series_estimate(pools)
+        snaps = [v.snapshot for v in report.engines.values()]
+        reuse = [len(s.reuse_distance.bounds_tokens) for s in snaps if s.reuse_distance]
+        estimate = series_estimate([len(s.pools) for s in snaps], reuse)
+        assert len(target_series) <= estimate
+        if reuse:  # the histogram is counted, not left to the slack of other families
+            assert len(target_series) > series_estimate([len(s.pools) for s in snaps])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    bounds=st.lists(st.integers(1, 2**40), min_size=1, max_size=64, unique=True).map(sorted),
+    data=st.data(),
+)
+def test_a_reuse_histogram_is_what_prometheus_client_writes(
+    bounds: list[int], data: st.DataObject
+) -> None:
+    """The golden file gained this family with the reuse-distance section: its lines are
+    checked here against the library's own histogram family, for any bounds and counts."""
+    from prometheus_client.core import HistogramMetricFamily
+
+    from exporter.families import BY_NAME as FAMILIES
+    from kvstats.snapshot import ReuseDistances
+
+    steps = data.draw(st.lists(st.integers(0, 2**30), min_size=len(bounds), max_size=len(bounds)))
+    cumulative = [sum(steps[: i + 1]) for i in range(len(bounds))]
+    queries = cumulative[-1] + data.draw(st.integers(0, 2**30))
+    hist = ReuseDistances(
+        0.5, tuple(bounds), tuple(cumulative), queries, data.draw(st.integers(0, 2**50))
+    )
+    family = FAMILIES["kvcache_prefix_reuse_distance_tokens"]
+    reference = HistogramMetricFamily(family.name, family.help, labels=list(family.labels))
+    reference.add_metric(
+        ["ref", "0", "m"],
+        [
+            *((floatToGoString(b), c) for b, c in zip(bounds, cumulative, strict=True)),
+            ("+Inf", queries),
+        ],
+        sum_value=hist.distance_sum_tokens,
+    )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(type("C", (), {"collect": lambda self: [reference]})())
+    ours = family.header() + LineWriter().reuse_histograms(family, [(("ref", "0", "m"), hist)])
+    assert ours == generate_latest(registry).decode()

@@ -19,7 +19,7 @@ from kvstats.snapshot import KVGroup
 
 from .model import DTYPES, ToyModel
 from .pool import BlockPool
-from .prefix_cache import Node, PrefixCache, block_hash
+from .prefix_cache import ROOT_HASH, Node, PrefixCache, block_hash
 from .request import TIERS, EngineConfig, Request, RequestRejected
 from .tiers import HostTier, StorageTier
 
@@ -307,9 +307,22 @@ class KVManager:
 
     # -------------------------------------------------------------- release paths
 
+    def prefix_keys(self, tokens: list[int]) -> list[bytes]:
+        """Chain hashes of the full blocks a lookup of ``tokens`` may hit (the last token is
+        always computed), root first: the blocks' identities across evictions and tiers."""
+        bs, parent, keys = self.config.block_size, ROOT_HASH, []
+        for start in range(0, len(tokens) - bs, bs):
+            parent = block_hash(parent, tuple(tokens[start : start + bs]))
+            keys.append(parent)
+        return keys
+
     def release(self, request: Request) -> None:
-        """Give back every block the request holds (its cached ones stay, evictable)."""
-        for block, node in zip(request.block_table, request.nodes, strict=True):
+        """Give back every block the request holds (its cached ones stay, evictable).
+
+        Leaf first: a parent is released last, so it is at least as recent as its children
+        (the radix cache evicts leaves first; recency then agrees with that)."""
+        pairs = list(zip(request.block_table, request.nodes, strict=True))
+        for block, node in reversed(pairs):
             if node is not None:
                 self.cache.unpin(node)
             else:

@@ -42,8 +42,10 @@ class Node:
     released: int = 0  # the cache's clock when the last pin was dropped
 
 
-# Called with (node) just before an evicted node's block returns to the free list.
+# Called with (node) just before an evicted node's block returns to the free list; and, for
+# whoever watches recency (the reuse-distance tracker), when a node becomes held or idle.
 EvictHook = Callable[[Node], None]
+NodeHook = Callable[[Node], None]
 
 
 class PrefixCache:
@@ -51,6 +53,8 @@ class PrefixCache:
         self.pool = pool
         self.root = Node(key=(), block=-1, hash=ROOT_HASH, parent=None, ref=1)
         self.on_evict = on_evict
+        self.on_held: NodeHook | None = None  # ref 0 -> 1, and a newly inserted node
+        self.on_idle: NodeHook | None = None  # ref 1 -> 0
         self.evictable_blocks = 0
         self.evicted_blocks = 0
         # Unpinned leaves by release time (oldest first): the only nodes eviction may take.
@@ -77,6 +81,8 @@ class PrefixCache:
     def pin(self, node: Node) -> None:
         if node.ref == 0:
             self.evictable_blocks -= 1
+            if self.on_held is not None:
+                self.on_held(node)
         node.ref += 1
 
     def unpin(self, node: Node) -> None:
@@ -86,6 +92,8 @@ class PrefixCache:
         if node.ref == 0:
             self.evictable_blocks += 1
             node.released = next(self._clock)
+            if self.on_idle is not None:
+                self.on_idle(node)
             if not node.children:
                 self._push(node)
 
@@ -115,6 +123,8 @@ class PrefixCache:
             return None
         node = Node(key=key, block=block, hash=block_hash(parent.hash, key), parent=parent, ref=1)
         parent.children[key] = node  # the parent is no longer a leaf: its entry goes stale
+        if self.on_held is not None:
+            self.on_held(node)
         return node
 
     # ----------------------------------------------------------------------- eviction

@@ -43,13 +43,16 @@ class Scheduler:
         admitted: list[Request] = []
         while self.waiting and len(self.running) < self.config.max_running:
             request = self.waiting[0]
+            first = not request.admitted_once
+            # Distances are taken before admission pins the prompt's cached blocks.
+            distances = self.telemetry.reuse_distances(request) if first else None
             hits = self.kv.allocate_for_admission(request)
             if hits is None:
                 break
-            if not request.admitted_once:
+            if first:
                 request.admitted_once = True
                 request.cached_tokens = hits
-                self.telemetry.admitted(len(request.prompt), hits)
+                self.telemetry.admitted(request, hits, distances)
             self.waiting.popleft()
             self.running.append(request)
             admitted.append(request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -10,8 +11,9 @@ from collections.abc import Sized
 from kvstats.snapshot import Counters, EngineIdentity, Pool, Requests, Snapshot, Tier
 
 from .. import __version__
+from ..reuse_distance import ReuseDistanceTracker
 from .kv_manager import KVManager
-from .request import TIERS, EngineConfig
+from .request import TIERS, EngineConfig, Request
 
 iteration_log = logging.getLogger("engine_shim.iterations")
 
@@ -29,12 +31,33 @@ class Telemetry:
         self.preemptions = 0
         self.iterations = 0
         self._sequence = 0
+        full = kv.full_pool
+        lower = [t.capacity_blocks * config.block_size for t in (kv.host, kv.storage) if t]
+        # The pool and the pool with each lower tier below it are bounds of their own.
+        self.reuse = ReuseDistanceTracker(
+            config.block_size,
+            full.capacity_slots,
+            extra_bounds=itertools.accumulate(lower, initial=full.capacity_slots),
+        )
+        kv.cache.on_held = lambda node: self.reuse.pinned(node.hash)
+        kv.cache.on_idle = lambda node: self.reuse.released(node.hash)
 
-    def admitted(self, prompt_tokens: int, hits: dict[str, int]) -> None:
+    def reuse_distances(self, request: Request) -> list[float]:
+        """The reuse distances of a request's prompt blocks now, before anything is pinned."""
+        if request.prefix_keys is None:
+            request.prefix_keys = self.kv.prefix_keys(request.prompt)
+        used, _, _ = self.kv.pool_counts(self.kv.full_pool)
+        return self.reuse.distances(request.prefix_keys, used)
+
+    def admitted(
+        self, request: Request, hits: dict[str, int], distances: list[float] | None = None
+    ) -> None:
         """A request's first admission: its prompt was looked up (re-admissions are not)."""
-        self.prefix_query_tokens += prompt_tokens
+        self.prefix_query_tokens += len(request.prompt)
         for tier, count in hits.items():
             self.prefix_hit_tokens[tier] += count
+        if distances is not None:
+            self.reuse.record(len(request.prompt), len(request.prefix_keys or ()), distances)
 
     def snapshot(self, running: Sized, waiting: Sized) -> Snapshot:
         kv, bs = self.kv, self.config.block_size
@@ -89,6 +112,7 @@ class Telemetry:
             storage_tier=None
             if kv.storage is None
             else Tier(kv.storage.capacity_blocks * bs, kv.storage.used_blocks * bs),
+            reuse_distance=self.reuse.histogram(),
         )
 
     def log_iteration(
