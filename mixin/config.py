@@ -69,6 +69,15 @@ class MixinConfig:
     stale_for: str = "5m"
     gpu_memory_full: float = 0.98
     gpu_memory_full_for: str = "10m"
+    # The prefix cache's working set: the KV size that reaches this share of the hit ratio a
+    # cache 64x the pool would have (from the reuse-distance histogram, over the lookback).
+    working_set_fraction: float = 0.9
+    working_set_lookback: str = "1h"
+    # Page-worthy only when a pool that held the working set would hit this much more often,
+    # with real traffic, for this long.
+    working_set_min_gain: float = 0.1
+    working_set_min_query_tokens_per_second: float = 100
+    working_set_for: str = "1h"
 
     def runbook_url(self, alert: str) -> str:
         return self.runbook_url_pattern.replace("%s", alert.lower())

@@ -31,6 +31,8 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common, prometheus
 from grafana_foundation_sdk.models.dashboard import (
     DataSourceRef,
+    DataTransformerConfig,
+    DynamicConfigValue,
     Threshold,
     ThresholdsMode,
     VariableRefresh,
@@ -521,6 +523,8 @@ def engine_detail(c: MixinConfig) -> Dashboard:
         )
     )
 
+    d = what_if_panels(d, c, sel)
+
     d = d.with_row(Row("GPU memory"))
     d = d.with_panel(
         timeseries(
@@ -582,6 +586,102 @@ def engine_detail(c: MixinConfig) -> Dashboard:
             query(f"time() - kvcache_snapshot_timestamp_seconds{{{sel}}}", scope.legend),
             width=8,
             limits=thresholds((None, "green"), (c.stale_after_seconds, "red")),
+        )
+    )
+    return d
+
+
+def what_if_panels(d: Dashboard, c: MixinConfig, sel: str) -> Dashboard:
+    """The prefix cache's hit ratio at other KV sizes, from the reuse-distance histogram."""
+    reuse = "kvcache_prefix_reuse_distance_tokens"
+    w = c.working_set_lookback
+    curve = (
+        Table()
+        .title("Hit ratio vs KV cache size")
+        .unit("short")
+        .description(
+            "What the prefix hit ratio would have been over the dashboard's time range with a KV cache of each "
+            "size (tokens), from the reuse distances of the lookups (reference engine and vLLM shim; see "
+            "docs/reuse-distance.md). The rows marked pool, pool_host (+ host tier) and top (64x the pool) are "
+            "this engine's; sizes above the pool are what more KV memory would buy."
+        )
+        .datasource(DS)
+        .span(12)
+        .height(10)
+        .show_header(True)
+        .cell_height(common.TableCellHeight.SM)
+        .with_target(
+            table_query(
+                f'sum by (le) (rate({reuse}_bucket{{{sel}, le!="+Inf"}}[$__range]))\n'
+                f"  / ignoring (le) group_left ()\nsum(rate({reuse}_count{{{sel}}}[$__range]))"
+            ).ref_id("A")
+        )
+        .with_target(
+            table_query(
+                "max by (le, mark) (label_replace(kvcache_prefix_reuse_bucket_info"
+                f'{{{sel}}}, "le", "$1", "bound", "(.+)"))'
+            ).ref_id("B")
+        )
+        .with_transformation(DataTransformerConfig(id_val="merge", options={}))
+        .with_transformation(
+            DataTransformerConfig(
+                id_val="convertFieldType",
+                options={"conversions": [{"targetField": "le", "destinationType": "number"}]},
+            )
+        )
+        .with_transformation(
+            DataTransformerConfig(id_val="sortBy", options={"sort": [{"field": "le"}]})
+        )
+        .with_transformation(
+            DataTransformerConfig(
+                id_val="organize",
+                options={
+                    "excludeByName": {"Time": True, "Value #B": True},
+                    "renameByName": {
+                        "le": "KV cache size (tokens)",
+                        "Value #A": "hit ratio",
+                        "mark": "this engine",
+                    },
+                },
+            )
+        )
+        .override_by_name(
+            "hit ratio",
+            [
+                DynamicConfigValue(id_val="unit", value="percentunit"),
+                DynamicConfigValue(id_val="min", value=0),
+                DynamicConfigValue(id_val="max", value=1),
+                DynamicConfigValue(
+                    id_val="custom.cellOptions", value={"type": "gauge", "mode": "basic"}
+                ),
+            ],
+        )
+    )
+    d = d.with_panel(curve)
+    d = d.with_panel(
+        timeseries(
+            f"Predicted hit ratio at this pool, pool + host, 64x ({w})",
+            f"The curve read at this engine's sizes over the last {w}, beside the measured hit ratio (all tiers). "
+            "A wide gap between pool and 64x is hit ratio that more KV memory would buy "
+            "(KVCachePrefixWorkingSetOutgrowsPool).",
+            "percentunit",
+            query(
+                f"engine_mark:kvcache_prefix_hit_ratio_at_size:rate{w}{{{sel}}}",
+                "predicted at {{mark}}",
+            ),
+            query(f"engine:kvcache_prefix_hit_ratio:rate1h{{{sel}}}", "measured"),
+            width=6,
+        )
+    )
+    d = d.with_panel(
+        timeseries(
+            "Working set vs pool",
+            f"The KV size (tokens) that reaches {c.working_set_fraction:.0%} of the hit ratio a cache 64x the pool "
+            f"would have, over the last {w}, and the pool's size. Above the pool: the working set does not fit.",
+            "short",
+            query(f"engine:kvcache_prefix_working_set_tokens:rate{w}{{{sel}}}", "working set"),
+            query(f'kvcache_pool_capacity_slots{{{sel}, pool="{c.pool}"}}', "pool"),
+            width=6,
         )
     )
     return d

@@ -87,8 +87,49 @@ def recording_rules(c: MixinConfig) -> list[Rule]:
             "record": "model:kvcache_engines:count",
             "expr": f"count by ({fleet}) (kvcache_engine_info)",
         },
+        *reuse_rules(c),
     ]
     return rules
+
+
+REUSE = "kvcache_prefix_reuse_distance_tokens"
+
+
+def _marked(matcher: str) -> str:
+    """Bucket-info series (``mark`` matching), with the bound as ``le`` to join the buckets."""
+    return (
+        f"label_replace(kvcache_prefix_reuse_bucket_info{{mark{matcher}}},"
+        ' "le", "$1", "bound", "(.+)")'
+    )
+
+
+def reuse_rules(c: MixinConfig) -> list[Rule]:
+    """The what-if curve read at this engine's sizes, and the working set's size.
+
+    PromQL cannot read a number out of ``le``, so the exporter marks which bound is the pool
+    (and pool + tiers, and the largest) in ``kvcache_prefix_reuse_bucket_info``; joining on it
+    picks those buckets. The working set is ``histogram_quantile`` over the buckets of *reused*
+    tokens only: the largest bound's bucket stands in for +Inf, so cold misses are left out."""
+    w = c.working_set_lookback
+    top, every = _marked('="top"'), _marked('!=""')
+    return [
+        {
+            "record": f"engine_mark:kvcache_prefix_hit_ratio_at_size:rate{w}",
+            "expr": "sum without (le, bound) (\n"
+            f"  rate({REUSE}_bucket[{w}])\n"
+            f"    * ignoring (bound, mark) group_right ()\n  {every}\n)\n"
+            f"  / ignoring (mark) group_left ()\n(rate({REUSE}_count[{w}]) > 0)\n",
+        },
+        {
+            "record": f"engine:kvcache_prefix_working_set_tokens:rate{w}",
+            "expr": f"histogram_quantile(\n  {c.working_set_fraction},\n"
+            f"  label_replace(\n    rate({REUSE}_bucket[{w}]) and ignoring (bound, mark) {top},\n"
+            '    "le", "+Inf", "", ""\n  )\n'
+            "    or\n"
+            f'  (rate({REUSE}_bucket{{le!="+Inf"}}[{w}]) unless ignoring (bound, mark) {top})\n'
+            ")\n  > 0\n",
+        },
+    ]
 
 
 def gpu_join_rules(c: MixinConfig) -> list[Rule]:
@@ -142,6 +183,7 @@ WHO = (
 
 def alerts(c: MixinConfig) -> list[Rule]:
     full = f'pool="{c.pool}"'
+    at_size = f"engine_mark:kvcache_prefix_hit_ratio_at_size:rate{c.working_set_lookback}"
     exporter_up = f"up{{{c.exporter_selector}}}"
     fleet = c.fleet_by()
     return [
@@ -233,6 +275,27 @@ def alerts(c: MixinConfig) -> list[Rule]:
             "warning",
             "Prefix cache hit ratio fell to under half its hourly level.",
             f"{WHO}: prefix hit ratio {{{{ $value | humanizePercentage }}}} over 5 minutes.",
+        ),
+        # Capacity planning, not an outage: more KV memory would buy real hits.
+        _alert(
+            c,
+            "KVCachePrefixWorkingSetOutgrowsPool",
+            f"engine:kvcache_prefix_working_set_tokens:rate{c.working_set_lookback}\n"
+            f"  > ignoring (pool) kvcache_pool_capacity_slots{{{full}}}\n"
+            "and ignoring (mark)\n(\n"
+            f'  {at_size}{{mark="top"}}\n'
+            "    - ignoring (mark)\n"
+            f'  {at_size}{{mark="pool"}}\n'
+            f") > {c.working_set_min_gain}\n"
+            f"and\nrate(kvcache_prefix_reuse_distance_tokens_count[{c.working_set_lookback}])"
+            f" > {c.working_set_min_query_tokens_per_second:g}\n",
+            c.working_set_for,
+            "warning",
+            "The prefix cache's working set no longer fits in the KV pool.",
+            f"{WHO}: {c.working_set_fraction:.0%} of the achievable prefix hits need"
+            " {{ $value | humanize }} tokens of KV, more than the pool holds, and more KV would"
+            f" raise the hit ratio by over {c.working_set_min_gain * 100:g} points. See the engine"
+            " dashboard's hit ratio vs KV cache size.",
         ),
         _alert(
             c,

@@ -34,6 +34,7 @@ AMTOOL = shutil.which("amtool")
 GRAFANA_VARS = {
     "$__rate_interval": "1m",
     "$__interval": "30s",
+    "$__range": "5m",
     **{f"${v}": ".*" for v in ("cluster", "namespace", "instance", "model", "engine", "dp_rank")},
 }
 METRIC = re.compile(r"(?<![\w:])(kvcache_[a-z0-9_]+)")
@@ -250,6 +251,7 @@ def test_promtool_rule_unit_tests_pass() -> None:
         "exporter.test.yml",
         "gpu.test.yml",
         "fleet.test.yml",
+        "reuse.test.yml",
     }
     result = subprocess.run(
         [tool(PROMTOOL, "promtool"), "test", "rules", *map(str, RULE_TESTS)],

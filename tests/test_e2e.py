@@ -307,6 +307,10 @@ def expected_panel_values(report: dict[str, Any]) -> dict[tuple[str, tuple[str, 
         want["prefix hits", (tier,)] = hits
     want["evicted", ()] = counters["evicted_tokens"]
     want["preemptions", ()] = counters["preemptions"]
+    reuse = report["reuse_distance"]  # the what-if curve's lookups, and its bucket at the pool
+    want["reuse lookups", ()] = reuse["query_tokens"]
+    at_pool = reuse["bounds_tokens"].index(full["capacity_slots"])
+    want["reuse hits at the pool size", ()] = reuse["cumulative_tokens"][at_pool]
     return want
 
 
@@ -341,6 +345,10 @@ COUNTERS = {
     "prefix hits": 'kvcache_prefix_hit_tokens_total{engine="reference"}',
     "evicted": 'kvcache_evicted_tokens_total{engine="reference"}',
     "preemptions": 'kvcache_preemptions_total{engine="reference"}',
+    "reuse lookups": 'kvcache_prefix_reuse_distance_tokens_count{engine="reference"}',
+    "reuse hits at the pool size": 'kvcache_prefix_reuse_distance_tokens_bucket{engine="reference"}'
+    ' and ignoring (bound, mark) label_replace(kvcache_prefix_reuse_bucket_info{mark="pool"},'
+    ' "le", "$1", "bound", "(.+)")',
 }
 
 
@@ -438,7 +446,7 @@ def test_the_whole_chain_delivers_dashboards_and_pages(stack: Stack) -> None:
         timings["panels equal the engine's report 3 times"] = stack.wait(
             three_matched, 60, "three samples whose engine report was recorded"
         )
-    assert matched == [18, 18, 18], matched  # 3 pool states, 2 ratios, 13 more
+    assert matched == [20, 20, 20], matched  # 3 pool states, 2 ratios, 15 more
 
     # Pressure: the critical KV alert fires in Prometheus and reaches the pager.
     stop = threading.Event()
