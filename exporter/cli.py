@@ -15,7 +15,9 @@ USAGE = """\
 kvcache-exporter --config FILE [--listen HOST:PORT]   run the sidecar (SIGHUP reloads FILE)
 kvcache-exporter check-config FILE                     validate a config and exit
 kvcache-exporter demo [--workload agentic|chat|burst]  reference engine + exporter + live view
-kvcache-exporter watch [--url URL]                     live one-line-per-engine view"""
+kvcache-exporter watch [--url URL]                     live one-line-per-engine view
+kvcache-exporter reuse-curve (--shim URL | --prometheus URL --engine NAME [--window 1h])
+                                                       hit ratio vs KV cache size"""
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -58,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--url", default="http://127.0.0.1:8322/metrics")
     watch.add_argument("--interval", type=float, default=2.0)
     watch.add_argument("--count", type=int, default=None, help="stop after this many refreshes")
+    curve = sub.add_parser("reuse-curve", help="the what-if hit-ratio curve of an engine")
+    source = curve.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shim", help="a shim's URL (its /v1/kv/stats): since the engine started")
+    source.add_argument("--prometheus", help="a Prometheus URL: the exporter's histogram")
+    curve.add_argument(
+        "--engine", help="engine name (the exporter's target name), with --prometheus"
+    )
+    curve.add_argument("--window", default="1h", help="with --prometheus: the range (default 1h)")
     return parser
 
 
@@ -112,6 +122,25 @@ def run(
     return 0
 
 
+def reuse_curve(args: argparse.Namespace) -> int:
+    from .reuse_curve import CurveError, curve_from_prometheus, curves_from_shim, format_curve
+
+    try:
+        if args.shim:
+            curves = curves_from_shim(args.shim)
+        elif not args.engine:
+            print("kvcache-exporter reuse-curve: --prometheus needs --engine", file=sys.stderr)
+            return 2
+        else:
+            curves = [curve_from_prometheus(args.prometheus, args.engine, args.window)]
+    except CurveError as exc:
+        print(f"kvcache-exporter reuse-curve: {exc}", file=sys.stderr)
+        return 1
+    for curve in curves:
+        print("\n".join(format_curve(curve)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -141,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
         extra = [a for a in args.engine_args if a != "--"]
         return run_demo(args.demo_listen, args.workload, args.interval, args.duration, extra)
+    if args.command == "reuse-curve":
+        return reuse_curve(args)
     if args.command == "watch":
         from .watch import watch
 

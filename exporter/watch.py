@@ -1,9 +1,12 @@
 """A live one-line-per-engine terminal view of an exporter's ``/metrics``.
 
     ref/0 reference-tiny  phys 72.1% (active 2.3%, evictable 69.8%) 53591/82448 tok |
-    max conc 13.9 | headroom 9 | run 3 wait 0 | hit dev 61% host 7% sto 1%
+    max conc 13.9 | headroom 9 | run 3 wait 0 | hit dev 61% host 7% sto 1% |
+    if KV x0.5 40% x1 62% x2 70% x4 74%, working set 1.6x
 
-Hit ratios are over the last refresh (rates, not lifetime averages) once two scrapes exist.
+Hit ratios are over the last refresh (rates, not lifetime averages) once two scrapes exist;
+the "if KV" part is the what-if curve (engines that publish reuse distances) at multiples of
+the pool, and the working set (90 % of the hits at 64x) as a multiple of the pool.
 """
 
 from __future__ import annotations
@@ -16,8 +19,14 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvstats.snapshot import curve_at, working_set
+
 EngineKey = tuple[str, str, str]  # engine, dp_rank, model
 TIER_SHORT = {"device": "dev", "host": "host", "storage": "sto", "p2p": "p2p", "external": "ext"}
+
+
+REUSE = "kvcache_prefix_reuse_distance_tokens"
+WHAT_IF_MULTIPLES = (0.5, 1, 2, 4)
 
 
 @dataclass
@@ -25,6 +34,8 @@ class EngineSample:
     pools: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
     values: dict[str, float] = field(default_factory=dict)
     hits: dict[str, float] = field(default_factory=dict)
+    reuse: dict[float, float] = field(default_factory=dict)  # finite bucket bound -> count
+    marks: dict[str, float] = field(default_factory=dict)  # mark -> bucket bound
 
 
 def parse_exposition(text: str) -> tuple[dict[EngineKey, EngineSample], dict[str, float]]:
@@ -48,6 +59,11 @@ def parse_exposition(text: str) -> tuple[dict[EngineKey, EngineSample], dict[str
                 sample.hits[labels["tier"]] = s.value
             elif s.name == "kvcache_requests":
                 sample.values[f"requests:{labels['state']}"] = s.value
+            elif s.name == f"{REUSE}_bucket":
+                if labels["le"] != "+Inf":
+                    sample.reuse[float(labels["le"])] = s.value
+            elif s.name == "kvcache_prefix_reuse_bucket_info":
+                sample.marks[labels["mark"]] = float(labels["bound"])
             else:
                 sample.values[s.name] = s.value
     return dict(engines), up
@@ -101,7 +117,33 @@ def format_engine_line(key: EngineKey, now: EngineSample, before: EngineSample |
             parts.append("hit " + " ".join(hit_parts))
         else:
             parts.append("hit (no queries)")
+    what_if = format_what_if(now, before)
+    if what_if:
+        parts.append(what_if)
     return f"{engine}/{rank} {model}  " + " | ".join(parts)
+
+
+def format_what_if(now: EngineSample, before: EngineSample | None) -> str:
+    """The what-if curve at multiples of the pool, since the last refresh when it moved."""
+    pool = now.marks.get("pool")
+    count = now.values.get(f"{REUSE}_count")
+    if pool is None or count is None or not now.reuse:
+        return ""
+    bounds = sorted(now.reuse)
+    cumulative = [now.reuse[b] for b in bounds]
+    if before is not None and before.reuse.keys() == now.reuse.keys():
+        delta = count - before.values.get(f"{REUSE}_count", 0.0)
+        if delta > 0:
+            cumulative = [c - before.reuse[b] for b, c in zip(bounds, cumulative, strict=True)]
+            count = delta
+    ratios = [curve_at(bounds, cumulative, count, pool * m) for m in WHAT_IF_MULTIPLES]
+    if any(r is None for r in ratios):
+        return ""
+    text = "if KV " + " ".join(
+        f"x{m:g} {100 * (r or 0):.0f}%" for m, r in zip(WHAT_IF_MULTIPLES, ratios, strict=True)
+    )
+    size = working_set(bounds, cumulative, 0.9)
+    return text if size is None else f"{text}, working set {size / pool:.1f}x"
 
 
 def render_lines(

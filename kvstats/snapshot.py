@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -151,10 +151,40 @@ class ReuseDistances:
 
     def hit_ratio_at(self, size_tokens: float) -> float | None:
         """The hit ratio of a pool of ``size_tokens`` (the largest bound not above it)."""
-        if self.query_tokens == 0:
-            return None
-        i = bisect.bisect_right(self.bounds_tokens, size_tokens)
-        return 0.0 if i == 0 else self.cumulative_tokens[i - 1] / self.query_tokens
+        return curve_at(self.bounds_tokens, self.cumulative_tokens, self.query_tokens, size_tokens)
+
+    def working_set_tokens(self, fraction: float = 0.9) -> float | None:
+        """The size reaching ``fraction`` of the hits at the largest bound (as the recording
+        rule computes it with histogram_quantile)."""
+        return working_set(self.bounds_tokens, self.cumulative_tokens, fraction)
+
+
+def curve_at(
+    bounds: Sequence[float], cumulative: Sequence[float], total: float, size: float
+) -> float | None:
+    """A cumulative reuse histogram read at ``size``: the largest bound not above it."""
+    if total <= 0:
+        return None
+    i = bisect.bisect_right(bounds, size)
+    return 0.0 if i == 0 else cumulative[i - 1] / total
+
+
+def working_set(
+    bounds: Sequence[float], cumulative: Sequence[float], fraction: float
+) -> float | None:
+    """Where the cumulative counts reach ``fraction`` of the last one, interpolated linearly
+    inside the bucket (Prometheus' histogram_quantile with the last bucket as +Inf)."""
+    if not bounds or cumulative[-1] <= 0:
+        return None
+    rank = fraction * cumulative[-1]
+    i = bisect.bisect_left(cumulative, rank)
+    if i >= len(bounds) - 1:
+        return float(bounds[-2]) if len(bounds) > 1 else float(bounds[-1])
+    lower, below = (0.0, 0.0) if i == 0 else (float(bounds[i - 1]), float(cumulative[i - 1]))
+    inside = cumulative[i] - below
+    if inside <= 0:
+        return float(bounds[i])
+    return lower + (bounds[i] - lower) * (rank - below) / inside
 
 
 @dataclass(frozen=True, slots=True)

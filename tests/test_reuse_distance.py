@@ -24,7 +24,7 @@ from engine_shim.reference import ModelShape
 from engine_shim.reference.pool import BlockPool
 from engine_shim.reference.prefix_cache import PrefixCache
 from engine_shim.reuse_distance import RecencyOrder, ReuseDistanceTracker, bucket_bounds
-from kvstats.snapshot import ReuseDistances, SnapshotError, parse_snapshot
+from kvstats.snapshot import ReuseDistances, SnapshotError, parse_snapshot, working_set
 from tests.test_snapshot import valid
 
 BS = 4
@@ -242,3 +242,38 @@ def test_the_section_round_trips_and_bad_sections_are_refused() -> None:
 def _wire(hist: ReuseDistances) -> dict[str, object]:
     wire: dict[str, object] = json.loads(json.dumps(dataclasses.asdict(hist)))
     return wire
+
+
+def test_working_set_is_prometheus_histogram_quantile() -> None:
+    """The values promtool computes for alerts/tests/reuse.test.yml (same buckets)."""
+    bounds = [250, 500, 1000, 2000, 4000, 64000]
+    for cumulative, expected in (
+        ([6000, 9000, 12000, 30000, 45000, 48000], 3760.0),
+        ([30000, 40000, 45000, 46000, 47000, 48000], 820.0),
+        ([3000, 6000, 15000, 16000, 17000, 18000], 2400.0),
+        ([0, 0, 0, 0, 0, 10], 4000.0),  # in the largest bucket: its lower bound
+        ([10, 10, 10, 10, 10, 10], 225.0),  # within the first bucket, from 0
+    ):
+        assert working_set(bounds, cumulative, 0.9) == pytest.approx(expected)
+    assert working_set(bounds, [0] * 6, 0.9) is None
+
+
+def test_the_watch_line_and_the_cli_table_read_the_curve() -> None:
+    from exporter.exposition import Exposition
+    from exporter.reuse_curve import Curve, format_curve
+    from exporter.watch import LiveView
+    from tests.exposition_fixture import fleet_view
+
+    text = Exposition(fleet_view(), process_metrics=False).render().decode()
+    shown: list[str] = []
+    LiveView(shown.append).show(text)
+    (ref,) = [line for line in shown if " ref/0 " in line]
+    # The fixture's curve: bounds 1,861 .. 1,905,664 tokens, +3,000 per bound up to 60,000 of
+    # 100,000 looked up. The pool (29,776) is the 9th bound: 27 %; x0.5 the 7th (21 %), x2 the
+    # 11th (33 %), x4 the 14th (42 %). 90 % of 60,000 is reached at the 18th, 476,416 = 16.0x.
+    assert ref.endswith("if KV x0.5 21% x1 27% x2 33% x4 42%, working set 16.0x")
+    curve = Curve("t", [100.0, 200.0, 400.0], [10.0, 30.0, 40.0], 50.0, {"pool": 200.0})
+    table = format_curve(curve)
+    assert table[0] == "t: 50 prompt tokens looked up"
+    assert table[3].split() == ["200", "tokens", "1.00", "60.0%", "<-", "the", "pool"]
+    assert table[-1].endswith("325 tokens (1.62x the pool)")
