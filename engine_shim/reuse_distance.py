@@ -10,8 +10,8 @@ histogram, from which the hit ratio at *every* size follows (SHARDS, FAST'15).
 
 The model, and where it is an approximation:
 - recency is the last *release* (the moment no running request holds the block), which is
-  what both SGLang's radix cache and the reference engine evict by; a block held by a running
-  request is a hit whenever the pool holds the running set (distance = pinned tokens);
+  what both SGLang's radix cache and the reference engine evict by; a block another running
+  request holds is a hit at any size (distance one block: it cannot have been evicted);
 - a request releases its blocks leaf first (a parent is at least as recent as its children),
   so along one prompt the distances never decrease, and a lookup that "stops at the first
   missing block" is the same as counting each block against the size;
@@ -191,7 +191,7 @@ class ReuseDistanceTracker:
             if not self._sampled(key):
                 continue
             if key in self._held:
-                out.append(float(max(pinned_tokens, bs)))
+                out.append(float(bs))  # another running request holds it: a hit at any size
             elif key in self._idle:
                 out.append(pinned_tokens + bs * (1 + self._idle.newer_than(key)) / rate)
             else:

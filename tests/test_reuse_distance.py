@@ -49,7 +49,7 @@ class ExactDistances:
 
     def distance(self, key: Hashable, pinned_tokens: int) -> float:
         if key in self.held:
-            return float(max(pinned_tokens, BS))
+            return float(BS)
         if key not in self.released:
             return math.inf
         t = self.released[key]
