@@ -55,6 +55,8 @@ def sample_hash(key: Hashable) -> int:
     (stable across processes, so benchmark runs sample the same blocks)."""
     if isinstance(key, bytes | bytearray) and len(key) >= 4:
         return int.from_bytes(key[:4], "little")
+    if isinstance(key, int):  # e.g. a block id: scrambled (Fibonacci hashing), ids are dense
+        return (key * 0x9E3779B1) & (HASH_SPACE - 1)
     return hash(key) & (HASH_SPACE - 1)
 
 
@@ -135,8 +137,11 @@ class ReuseDistanceTracker:
     """Sampled reuse distances of prefix lookups, published as a cumulative histogram.
 
     The engine tells it three things: ``lookup`` (a new request's cacheable block keys, root
-    first, before anything is pinned), ``pinned`` (a cached block went from idle to held) and
-    ``released`` (a cached block is idle again). Keys are the blocks' chain hashes.
+    first, before anything is pinned), ``pinned`` (a block went from idle to held) and
+    ``released`` (a block is idle again). Keys are the blocks' chain hashes. Which blocks take
+    part is the engine's eviction order: the reference engine (and SGLang) fill empty blocks
+    first, so only cached blocks compete; vLLM's free queue is one LRU of every free block,
+    cached or empty, so its adapter also reports empty blocks (keyed by block id).
     """
 
     def __init__(
@@ -182,6 +187,11 @@ class ReuseDistanceTracker:
             self._held.discard(key)
             self._idle.release(key)
             self._bound_memory()
+
+    def forget(self, key: Hashable) -> None:
+        """A block known under another key from now on (vLLM: an empty block got its hash)."""
+        self._held.discard(key)
+        self._idle.remove(key)
 
     def distances(self, keys: Sequence[Hashable], pinned_tokens: int) -> list[float]:
         """Distances in tokens of the sampled ``keys`` now (inf: cold). No side effects."""

@@ -34,6 +34,7 @@ from kvstats.capacity import GroupFootprint, cdiv, kv_cache_size_tokens, max_con
 from kvstats.snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot
 
 from .. import __version__
+from ..reuse_distance import ReuseDistanceTracker
 
 # A child of vLLM's own logger: vLLM configures only the ``vllm`` tree, so a logger of ours
 # outside it would print nothing inside a vLLM process.
@@ -53,8 +54,12 @@ class _Count:
         self.value = value
 
 
-def _tracked_block_class(base: type, count: _Count) -> type:
-    """A subclass of vLLM's KVCacheBlock whose state setters maintain ``count``."""
+def _tracked_block_class(
+    base: type, count: _Count, recency: ReuseDistanceTracker | None = None
+) -> type:
+    """A subclass of vLLM's KVCacheBlock whose state setters maintain ``count`` and tell
+    ``recency`` when a cached block becomes held or idle (its key: vLLM's block hash with
+    group id, as stored on the block)."""
     try:
         ref_slot = base.__dict__["ref_cnt"]
         hash_slot = base.__dict__["_block_hash"]
@@ -73,14 +78,26 @@ def _tracked_block_class(base: type, count: _Count) -> type:
     def set_ref(self: Any, value: int) -> None:
         old = ref_get(self)
         ref_set(self, value)
-        if (old == 0) is not (value == 0) and hash_get(self) is not None and not null_get(self):
-            count.value += 1 if value == 0 else -1
+        if (old == 0) is not (value == 0) and not null_get(self):
+            key = hash_get(self)
+            if key is not None:
+                count.value += 1 if value == 0 else -1
+            if recency is not None:
+                # vLLM's free queue is one LRU of every free block, cached or empty: an
+                # empty block takes part under its id, a cached one under its hash.
+                if key is None:
+                    key = self.block_id
+                (recency.released if value == 0 else recency.pinned)(key)
 
     def set_hash(self: Any, value: Any) -> None:
         old = hash_get(self)
         hash_set(self, value)
-        if (old is None) is not (value is None) and ref_get(self) == 0 and not null_get(self):
-            count.value += 1 if old is None else -1
+        if (old is None) is not (value is None) and not null_get(self):
+            if ref_get(self) == 0:
+                count.value += 1 if old is None else -1
+            elif value is not None and recency is not None:
+                recency.forget(self.block_id)  # held while its writer filled it: cached now
+                recency.pinned(value)
 
     def set_null(self: Any, value: bool) -> None:
         was = ref_get(self) == 0 and hash_get(self) is not None and not null_get(self)
@@ -187,11 +204,38 @@ class BlockPoolTracker:
         self.iterations = 0
         self._sequence = 0
         self._evictable = _Count(brute_force_evictable(self.pool))
+        usable_tokens = (self.num_blocks - 1) * self.block_size
+        self.reuse = ReuseDistanceTracker(self.block_size, max(usable_tokens, self.block_size))
+        # Lookups' distances from get_computed_blocks until the stats record the admission.
+        self._lookups: dict[str, tuple[int, list[float]]] = {}
         block_class = type(self.pool.blocks[0])
-        tracked = _tracked_block_class(block_class, self._evictable)
+        tracked = _tracked_block_class(block_class, self._evictable, self.reuse)
         for block in self.pool.blocks:
             block.__class__ = tracked
         self._wrap_prefix_stats()
+        self._wrap_lookups()
+
+    def _wrap_lookups(self) -> None:
+        """Reuse distances of a new request's prompt blocks, taken before the lookup pins them.
+
+        The keys are the first KV group's (vLLM stores ``block hash + group id``); on hybrid
+        models the other groups' blocks still count in the recency order (they take slots)."""
+        original: Callable[..., Any] = self.manager.get_computed_blocks
+        suffix = (0).to_bytes(4, "big")
+
+        def lookup(request: Any, *args: Any, **kwargs: Any) -> Any:
+            hashes = getattr(request, "block_hashes", None)
+            if getattr(request, "num_preemptions", 0) <= 0 and isinstance(hashes, list):
+                cacheable = (int(request.num_tokens) - 1) // self.block_size
+                keys = [bytes(h) + suffix for h in hashes[:cacheable]]
+                used, _, _ = self.counts()
+                if len(self._lookups) > 4096:  # requests aborted while waiting
+                    self._lookups.clear()
+                distances = self.reuse.distances(keys, used * self.block_size)
+                self._lookups[request.request_id] = (len(keys), distances)
+            return original(request, *args, **kwargs)
+
+        self.manager.get_computed_blocks = lookup
 
     def _wrap_prefix_stats(self) -> None:
         """Count prefix queries/hits where the scheduler records them, whatever log_stats says."""
@@ -199,9 +243,12 @@ class BlockPoolTracker:
         lookup_enabled = getattr(self.manager, "prefix_cache_lookup_enabled", lambda r: True)
 
         def record(request: Any, num_hits: int) -> None:
+            looked_up = self._lookups.pop(str(getattr(request, "request_id", "")), None)
             if lookup_enabled(request) and getattr(request, "num_preemptions", 0) <= 0:
                 self.prefix_query_tokens += int(request.num_tokens)
                 self.prefix_hit_tokens += int(num_hits)
+                if looked_up is not None:
+                    self.reuse.record(int(request.num_tokens), *looked_up)
             original(request, num_hits)
 
         self.manager.record_prefix_cache_stats = record
@@ -256,6 +303,7 @@ class BlockPoolTracker:
                 preemptions=self.preemptions,
                 iterations=self.iterations,
             ),
+            reuse_distance=self.reuse.histogram(),
         )
 
 

@@ -24,6 +24,7 @@ from devtools.vllm_pool import (
     manager,
 )
 from engine_shim.adapters.vllm import (
+    BlockPoolTracker,
     LiveView,
     kv_allocation_bytes,
 )
@@ -204,3 +205,38 @@ def test_scheduler_class_is_a_vllm_async_scheduler() -> None:
         assert callable(getattr(AsyncScheduler, hook)), (
             f"vLLM renamed {hook}: the adapter must follow"
         )
+
+
+def test_reuse_distances_predict_vllms_own_pool_at_every_size() -> None:
+    """One request at a time: the 1x run's curve equals the hits vLLM's real block pool gets
+    at each size (its free queue evicts the least recently freed block, tail first)."""
+    rng = random.Random(5)
+    shared = [[rng.randrange(30000) for _ in range(rng.choice((48, 96, 160)))] for _ in range(8)]
+    prompts = [
+        shared[min(int(rng.expovariate(0.5)), 7)]
+        + [rng.randrange(30000) for _ in range(rng.randrange(1, 40))]
+        for _ in range(300)
+    ]
+
+    def run(num_blocks: int) -> tuple[BlockPoolTracker, int]:
+        m, tracker = manager(num_blocks)
+        d = Driver(m, tracker)
+        for prompt in prompts:
+            request = d.admit(prompt, max_tokens=1)
+            assert request is not None
+            d.free(request)
+        d.check()
+        return tracker, tracker.prefix_hit_tokens
+
+    base, _ = run(64 + 1)  # 64 usable blocks; one more for vLLM's null block
+    hist = base.snapshot(0, 0).reuse_distance
+    assert hist is not None and hist.query_tokens == sum(map(len, prompts))
+    assert hist.sampling_rate == 1.0
+    checked = 0
+    for bound, cumulative in zip(hist.bounds_tokens, hist.cumulative_tokens, strict=True):
+        if bound % BLOCK or not 256 <= bound <= 512 * BLOCK:
+            continue  # whole blocks, and room for the longest prompt (200 tokens)
+        _, hits = run(bound // BLOCK + 1)
+        assert cumulative == hits, f"{bound} tokens"
+        checked += 1
+    assert checked >= 6
