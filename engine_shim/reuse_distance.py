@@ -39,7 +39,11 @@ from kvstats.snapshot import ReuseDistances
 # octaves (0.25x, 0.5x, 1x, 2x and 4x are bounds exactly), plus the pool + lower tiers.
 HALF_OCTAVES = range(-8, 13)
 HASH_SPACE = 1 << 32
+SCRAMBLE = 0x9E3779B1  # Fibonacci hashing of integer keys (dense block ids)
 DEFAULT_MAX_TRACKED = 1 << 16
+# A lookup's sampled blocks: (bucket index, how many, their distances' sum); the bucket is
+# len(bounds) beyond the largest bound and len(bounds) + 1 for cold misses.
+Observation = list[tuple[int, int, float]]
 
 
 def bucket_bounds(pool_tokens: int, extra: Iterable[int] = ()) -> tuple[int, ...]:
@@ -56,7 +60,7 @@ def sample_hash(key: Hashable) -> int:
     if isinstance(key, bytes | bytearray) and len(key) >= 4:
         return int.from_bytes(key[:4], "little")
     if isinstance(key, int):  # e.g. a block id: scrambled (Fibonacci hashing), ids are dense
-        return (key * 0x9E3779B1) & (HASH_SPACE - 1)
+        return (key * SCRAMBLE) & (HASH_SPACE - 1)
     return hash(key) & (HASH_SPACE - 1)
 
 
@@ -154,14 +158,21 @@ class ReuseDistanceTracker:
         self.block_size = block_size
         self.bounds = bucket_bounds(pool_tokens, extra_bounds)
         self.max_tracked = max_tracked
-        self.threshold = HASH_SPACE  # a block is tracked when sample_hash(key) < threshold
         self._idle = RecencyOrder()
         self._held: set[Hashable] = set()
         # Looked-up tokens per bucket (not cumulative), as sampled estimates.
         self._buckets = [0.0] * len(self.bounds)
         self._distance_sum = 0.0
-        self._unassigned = 0  # looked-up blocks no sampled block has stood for yet
         self.query_tokens = 0
+        self._published: ReuseDistances | None = None  # until the next change
+        # A block is tracked when sample_hash(key) < threshold. Start where the blocks that
+        # span the largest bound fit in half of max_tracked (a power-of-two rate): the work per
+        # engine event is then bounded from the first step, not only once memory fills.
+        span_blocks = self.bounds[-1] / block_size
+        threshold = HASH_SPACE
+        while threshold > 1 and span_blocks * threshold / HASH_SPACE > max_tracked / 2:
+            threshold //= 2
+        self._set_threshold(threshold)
 
     @property
     def rate(self) -> float:
@@ -175,92 +186,135 @@ class ReuseDistanceTracker:
         return sample_hash(key) < self.threshold
 
     # ------------------------------------------------------------------ engine events
+    # On the engine's hot path (every block that becomes held or idle): one hash comparison
+    # for the blocks not sampled, a few dict operations for those that are.
 
     def pinned(self, key: Hashable) -> None:
-        if self._sampled(key):
+        if sample_hash(key) < self.threshold:
             self._idle.remove(key)
             self._held.add(key)
-            self._bound_memory()
+            if len(self._held) + len(self._idle) > self.max_tracked:
+                self._bound_memory()
 
     def released(self, key: Hashable) -> None:
-        if self._sampled(key):
+        if sample_hash(key) < self.threshold:
             self._held.discard(key)
             self._idle.release(key)
-            self._bound_memory()
+            if len(self._idle) > self._idle_limit or self.tracked > self.max_tracked:
+                self._bound_memory()
 
     def forget(self, key: Hashable) -> None:
         """A block known under another key from now on (vLLM: an empty block got its hash)."""
         self._held.discard(key)
         self._idle.remove(key)
 
+    def _distance(self, key: Hashable, pinned_tokens: int) -> float:
+        if key in self._held:
+            return float(self.block_size)  # another running request holds it: always a hit
+        if key in self._idle:
+            # The block itself, and each sampled block released since for 1/rate blocks
+            # (scaling the block itself too would add 1/rate - 1 blocks of bias).
+            return pinned_tokens + self.block_size * (1 + self._idle.newer_than(key) / self.rate)
+        return math.inf
+
+    def _sampled_keys(self, keys: Sequence[Hashable]) -> list[Hashable]:
+        threshold = self.threshold
+        return [key for key in keys if sample_hash(key) < threshold]
+
     def distances(self, keys: Sequence[Hashable], pinned_tokens: int) -> list[float]:
-        """Distances in tokens of the sampled ``keys`` now (inf: cold). No side effects."""
-        bs, rate = self.block_size, self.rate
-        out = []
-        for key in keys:
-            if not self._sampled(key):
-                continue
-            if key in self._held:
-                out.append(float(bs))  # another running request holds it: a hit at any size
-            elif key in self._idle:
-                out.append(pinned_tokens + bs * (1 + self._idle.newer_than(key)) / rate)
+        """The distance in tokens of each sampled key now (inf: cold), one rank each."""
+        return [self._distance(key, pinned_tokens) for key in self._sampled_keys(keys)]
+
+    def observe(self, keys: Sequence[Hashable], pinned_tokens: int) -> Observation:
+        """A lookup's sampled keys by bucket, taken before anything is pinned. No side effects.
+
+        Distances never decrease along a prompt (see the module's notes), so a run of keys
+        whose first and last share a bucket is all in it: bisection needs O(k log n) ranks
+        for a prompt of n sampled blocks over k buckets, not n. (A run's distance sum is
+        taken from its ends.)"""
+        sampled = self._sampled_keys(keys)
+        out: Observation = []
+        if not sampled:
+            return out
+        bounds = self.bounds
+        cold = len(bounds) + 1
+        known: dict[int, float] = {}
+
+        def at(i: int) -> tuple[float, int]:
+            d = known.get(i)
+            if d is None:
+                d = known[i] = self._distance(sampled[i], pinned_tokens)
+            return d, cold if d == math.inf else bisect.bisect_left(bounds, d)
+
+        stack = [(0, len(sampled) - 1)]
+        while stack:
+            lo, hi = stack.pop()
+            (a, bucket_a), (b, bucket_b) = at(lo), at(hi)
+            if bucket_a == bucket_b:
+                n = hi - lo + 1
+                out.append((bucket_a, n, 0.0 if bucket_a == cold else (a + b) / 2 * n))
+            elif hi == lo + 1:
+                out.append((bucket_a, 1, 0.0 if bucket_a == cold else a))
+                out.append((bucket_b, 1, 0.0 if bucket_b == cold else b))
             else:
-                out.append(math.inf)
+                mid = (lo + hi) // 2
+                stack += [(mid + 1, hi), (lo, mid)]
         return out
 
-    def record(self, query_tokens: int, blocks: int, distances: Sequence[float]) -> None:
-        """A first admission: ``query_tokens`` looked up, of which ``blocks`` full cacheable
-        blocks, ``distances`` those of its sampled blocks.
+    def record(self, query_tokens: int, observed: Observation) -> None:
+        """A first admission: ``query_tokens`` looked up, ``observed`` its sampled blocks.
 
-        Each sampled block stands for ``blocks / len(distances)`` of this prompt's blocks (not
-        1/rate): the prompt's block tokens are then counted exactly, and only how they split
-        by distance is estimated. A prompt with no sampled block hands its blocks to the next
-        one that has some. Every weight is positive, so the published counts never decrease.
+        Each sampled block stands for 1/rate blocks (Horvitz-Thompson: unbiased, and every
+        weight positive, so the published counts never decrease). Renormalising per prompt
+        instead is biased under spatial sampling: a prompt whose shared prefix happens to be
+        unsampled would hand that prefix's weight to its cold tail.
         """
         self.query_tokens += query_tokens
-        self._unassigned += blocks
-        if not distances:
-            return
-        weight = self.block_size * self._unassigned / len(distances)
-        self._unassigned = 0
-        for d in distances:
-            if d == math.inf:
-                continue
-            i = bisect.bisect_left(self.bounds, d)  # the first bound >= d
-            if i < len(self.bounds):
-                self._buckets[i] += weight
-            self._distance_sum += weight * d
+        self._published = None
+        weight = self.block_size / self.rate
+        for bucket, n, distance_sum in observed:
+            if bucket < len(self._buckets):
+                self._buckets[bucket] += weight * n
+            self._distance_sum += weight * distance_sum
 
     def lookup(self, keys: Sequence[Hashable], query_tokens: int, pinned_tokens: int) -> None:
-        self.record(query_tokens, len(keys), self.distances(keys, pinned_tokens))
+        self.record(query_tokens, self.observe(keys, pinned_tokens))
 
     # ------------------------------------------------------------------ memory bound
 
+    def _set_threshold(self, threshold: int) -> None:
+        self.threshold = threshold
+        # Sampled idle blocks that span the largest bound: any older one can only be cold.
+        self._idle_limit = self.bounds[-1] / self.block_size * self.rate + 1
+        self._published = None
+
     def _bound_memory(self) -> None:
-        # Idle blocks farther than the largest bound can only ever be cold: forget the oldest.
-        top_blocks = self.bounds[-1] / self.block_size * self.rate
-        while len(self._idle) > top_blocks + 1:
-            oldest = self._idle.oldest()
-            assert oldest is not None
-            self._idle.remove(oldest)
         while self.tracked > self.max_tracked:  # fixed-size SHARDS: sample less
-            self.threshold //= 2
+            self._set_threshold(self.threshold // 2)
             for key in [k for k in self._held if not self._sampled(k)]:
                 self._held.discard(key)
             for key in [k for k in self._idle.snapshot_keys() if not self._sampled(k)]:
                 self._idle.remove(key)
+        while len(self._idle) > self._idle_limit:
+            oldest = self._idle.oldest()
+            assert oldest is not None
+            self._idle.remove(oldest)
 
     # ------------------------------------------------------------------ publishing
 
     def histogram(self) -> ReuseDistances:
+        """The counts so far (built once per change: engines publish one per step)."""
+        if self._published is not None:
+            return self._published
         cumulative, total = [], 0.0
         for count in self._buckets:
             total += count
             cumulative.append(min(self.query_tokens, math.floor(total)))
-        return ReuseDistances(
+        self._published = ReuseDistances(
             sampling_rate=self.rate,
             bounds_tokens=self.bounds,
             cumulative_tokens=tuple(cumulative),
             query_tokens=self.query_tokens,
             distance_sum_tokens=math.floor(self._distance_sum),
         )
+        return self._published

@@ -9,12 +9,14 @@ The oracles are written here from the definitions, not taken from the code under
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import itertools
 import json
 import math
 import random
+import statistics
 from collections.abc import Hashable
 
 import pytest
@@ -110,7 +112,12 @@ def test_unsampled_distances_equal_the_definition(seed: int) -> None:
         want = [exact.distance(k, pinned_tokens) for k in keys]
         assert got == want
         assert all(a <= b for a, b in itertools.pairwise(got)), "distances along a prompt"
-        tracker.record(len(prompt), len(keys), got)
+        observed = tracker.observe(keys, pinned_tokens)  # by bisection: the same buckets
+        assert sorted(b for b, n, _ in observed for _ in range(n)) == [
+            len(tracker.bounds) + 1 if d == math.inf else bisect.bisect_left(tracker.bounds, d)
+            for d in want
+        ]
+        tracker.record(len(prompt), observed)
         for k in keys:
             tracker.pinned(k)
             exact.pinned(k)
@@ -173,16 +180,15 @@ def test_the_histogram_predicts_a_real_lru_cache_exactly_without_sampling(seed: 
         assert cumulative == hits, f"{bound} tokens"
 
 
-def test_sampling_keeps_memory_bounded_and_the_curve_close() -> None:
-    rng = random.Random(11)
-    shared = [[rng.randrange(10**6) for _ in range(64)] for _ in range(400)]
-    prompts = [
-        shared[min(int(rng.paretovariate(1.1)) - 1, 399)] + [rng.randrange(10**6) for _ in range(9)]
-        for _ in range(6000)
-    ]
-    exact = ReuseDistanceTracker(BS, pool_tokens=2048, max_tracked=10**9)
-    sampled = ReuseDistanceTracker(BS, pool_tokens=2048, max_tracked=2000)
-    for prompt in prompts:
+def sampled_vs_exact(seed: int, max_tracked: int) -> tuple[list[float], float]:
+    """Signed errors per bound (sampled - exact, as shares of lookups); the sampling rate."""
+    rng = random.Random(seed)
+    shared = [[rng.randrange(10**6) for _ in range(64)] for _ in range(6000)]
+    zipf = [1 / (i + 1) ** 0.8 for i in range(6000)]  # Zipf-like popularity of 6,000 prefixes
+    exact = ReuseDistanceTracker(BS, pool_tokens=8192, max_tracked=10**9)
+    sampled = ReuseDistanceTracker(BS, pool_tokens=8192, max_tracked=max_tracked)
+    for _ in range(12000):
+        prompt = rng.choices(shared, zipf)[0] + [rng.randrange(10**6) for _ in range(9)]
         keys = [hashlib.blake2b(repr(k).encode(), digest_size=16).digest() for k in chains(prompt)]
         for t in (exact, sampled):
             t.lookup(keys, len(prompt), 0)
@@ -190,15 +196,29 @@ def test_sampling_keeps_memory_bounded_and_the_curve_close() -> None:
                 t.pinned(k)
             for k in reversed(keys):
                 t.released(k)
-        assert sampled.tracked <= 2000
-    assert sampled.rate < 0.5 < exact.rate
+        assert sampled.tracked <= max_tracked
+    assert exact.rate == 1
     e, s = exact.histogram(), sampled.histogram()
     errors = [
-        abs(a - b) / e.query_tokens
+        (b - a) / e.query_tokens
         for a, b in zip(e.cumulative_tokens, s.cumulative_tokens, strict=True)
     ]
-    print(f"sampling rate {sampled.rate:.3f}: max error {max(errors):.4f}")
-    assert max(errors) < 0.03
+    return errors, sampled.rate
+
+
+def test_sampling_keeps_memory_bounded_and_is_unbiased() -> None:
+    """Fixed-size SHARDS at 1/8-1/16: memory stays under the limit, and averaged over six
+    traces the error shrinks (Horvitz-Thompson weights are unbiased; the per-prompt weighting
+    tried first was off by 0.5 here). One trace's error is set by how many blocks of its few
+    hottest prefixes happen to be sampled (up to 0.13 measured): spatial sampling needs many
+    distinct hot blocks, which is why pools up to 512 blocks are tracked in full."""
+    runs = [sampled_vs_exact(seed, max_tracked=32000) for seed in range(6)]
+    assert all(rate <= 1 / 8 for _, rate in runs), [rate for _, rate in runs]
+    mean = [statistics.fmean(errors[i] for errors, _ in runs) for i in range(len(runs[0][0]))]
+    worst_single = max(abs(x) for errors, _ in runs for x in errors)
+    print(f"mean error max {max(map(abs, mean)):.4f}, single traces max {worst_single:.4f}")
+    assert max(map(abs, mean)) < 0.04
+    assert worst_single < 0.15
 
 
 def test_bounds_span_a_sixteenth_to_64_times_the_pool() -> None:

@@ -34,7 +34,9 @@ from kvstats.capacity import GroupFootprint, cdiv, kv_cache_size_tokens, max_con
 from kvstats.snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot
 
 from .. import __version__
-from ..reuse_distance import ReuseDistanceTracker
+from ..reuse_distance import HASH_SPACE, SCRAMBLE, Observation, ReuseDistanceTracker
+
+MASK = HASH_SPACE - 1
 
 # A child of vLLM's own logger: vLLM configures only the ``vllm`` tree, so a logger of ours
 # outside it would print nothing inside a vLLM process.
@@ -84,10 +86,15 @@ def _tracked_block_class(
                 count.value += 1 if value == 0 else -1
             if recency is not None:
                 # vLLM's free queue is one LRU of every free block, cached or empty: an
-                # empty block takes part under its id, a cached one under its hash.
+                # empty block takes part under its id, a cached one under its hash. The
+                # sampling test is inlined: most blocks are not sampled, and this is hot.
                 if key is None:
                     key = self.block_id
-                (recency.released if value == 0 else recency.pinned)(key)
+                    sampled = (key * SCRAMBLE) & MASK < recency.threshold
+                else:
+                    sampled = int.from_bytes(key[:4], "little") < recency.threshold
+                if sampled:
+                    (recency.released if value == 0 else recency.pinned)(key)
 
     def set_hash(self: Any, value: Any) -> None:
         old = hash_get(self)
@@ -96,8 +103,11 @@ def _tracked_block_class(
             if ref_get(self) == 0:
                 count.value += 1 if old is None else -1
             elif value is not None and recency is not None:
-                recency.forget(self.block_id)  # held while its writer filled it: cached now
-                recency.pinned(value)
+                # Held while its writer filled it, cached from now on: known by its hash.
+                if (self.block_id * SCRAMBLE) & MASK < recency.threshold:
+                    recency.forget(self.block_id)
+                if int.from_bytes(value[:4], "little") < recency.threshold:
+                    recency.pinned(value)
 
     def set_null(self: Any, value: bool) -> None:
         was = ref_get(self) == 0 and hash_get(self) is not None and not null_get(self)
@@ -207,7 +217,7 @@ class BlockPoolTracker:
         usable_tokens = (self.num_blocks - 1) * self.block_size
         self.reuse = ReuseDistanceTracker(self.block_size, max(usable_tokens, self.block_size))
         # Lookups' distances from get_computed_blocks until the stats record the admission.
-        self._lookups: dict[str, tuple[int, list[float]]] = {}
+        self._lookups: dict[str, Observation] = {}
         block_class = type(self.pool.blocks[0])
         tracked = _tracked_block_class(block_class, self._evictable, self.reuse)
         for block in self.pool.blocks:
@@ -226,13 +236,18 @@ class BlockPoolTracker:
         def lookup(request: Any, *args: Any, **kwargs: Any) -> Any:
             hashes = getattr(request, "block_hashes", None)
             if getattr(request, "num_preemptions", 0) <= 0 and isinstance(hashes, list):
-                cacheable = (int(request.num_tokens) - 1) // self.block_size
-                keys = [bytes(h) + suffix for h in hashes[:cacheable]]
+                cacheable = min(len(hashes), (int(request.num_tokens) - 1) // self.block_size)
+                threshold = self.reuse.threshold
+                keys = [
+                    bytes(h) + suffix
+                    for h in hashes[:cacheable]
+                    if int.from_bytes(h[:4], "little") < threshold  # the sampled ones only
+                ]
                 used, _, _ = self.counts()
                 if len(self._lookups) > 4096:  # requests aborted while waiting
                     self._lookups.clear()
-                distances = self.reuse.distances(keys, used * self.block_size)
-                self._lookups[request.request_id] = (len(keys), distances)
+                observed = self.reuse.observe(keys, used * self.block_size)
+                self._lookups[request.request_id] = observed
             return original(request, *args, **kwargs)
 
         self.manager.get_computed_blocks = lookup
@@ -248,7 +263,7 @@ class BlockPoolTracker:
                 self.prefix_query_tokens += int(request.num_tokens)
                 self.prefix_hit_tokens += int(num_hits)
                 if looked_up is not None:
-                    self.reuse.record(int(request.num_tokens), *looked_up)
+                    self.reuse.record(int(request.num_tokens), looked_up)
             original(request, num_hits)
 
         self.manager.record_prefix_cache_stats = record

@@ -11,7 +11,7 @@ from collections.abc import Sized
 from kvstats.snapshot import Counters, EngineIdentity, Pool, Requests, Snapshot, Tier
 
 from .. import __version__
-from ..reuse_distance import ReuseDistanceTracker
+from ..reuse_distance import Observation, ReuseDistanceTracker
 from .kv_manager import KVManager
 from .request import TIERS, EngineConfig, Request
 
@@ -42,22 +42,22 @@ class Telemetry:
         kv.cache.on_held = lambda node: self.reuse.pinned(node.hash)
         kv.cache.on_idle = lambda node: self.reuse.released(node.hash)
 
-    def reuse_distances(self, request: Request) -> list[float]:
+    def reuse_distances(self, request: Request) -> Observation:
         """The reuse distances of a request's prompt blocks now, before anything is pinned."""
         if request.prefix_keys is None:
             request.prefix_keys = self.kv.prefix_keys(request.prompt)
         used, _, _ = self.kv.pool_counts(self.kv.full_pool)
-        return self.reuse.distances(request.prefix_keys, used)
+        return self.reuse.observe(request.prefix_keys, used)
 
     def admitted(
-        self, request: Request, hits: dict[str, int], distances: list[float] | None = None
+        self, request: Request, hits: dict[str, int], distances: Observation | None = None
     ) -> None:
         """A request's first admission: its prompt was looked up (re-admissions are not)."""
         self.prefix_query_tokens += len(request.prompt)
         for tier, count in hits.items():
             self.prefix_hit_tokens[tier] += count
         if distances is not None:
-            self.reuse.record(len(request.prompt), len(request.prefix_keys or ()), distances)
+            self.reuse.record(len(request.prompt), distances)
 
     def snapshot(self, running: Sized, waiting: Sized) -> Snapshot:
         kv, bs = self.kv, self.config.block_size
