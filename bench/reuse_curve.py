@@ -49,38 +49,44 @@ class Outcome:
     seconds: float
 
 
-def agentic_trace(requests: int, seed: int = 1) -> list[Job]:
+def agentic_trace(requests: int, seed: int = 1, vocab: range = range(32000)) -> list[Job]:
     """Rounds of an orchestrator and sub-agents over tasks of Zipf-like popularity: each round
     reads a task's long prefix, then four agents share it with their own suffixes."""
     rng = random.Random(seed)
-    tasks = [[rng.randrange(32000) for _ in range(rng.randrange(256, 1024))] for _ in range(48)]
+
+    def tokens(n: int) -> list[int]:
+        return [rng.choice(vocab) for _ in range(n)]
+
+    tasks = [tokens(rng.randrange(256, 1024)) for _ in range(48)]
     jobs: list[Job] = []
     made = 0
     while made < requests:
         task = tasks[min(int(rng.paretovariate(0.8)) - 1, len(tasks) - 1)]
-        plan = task + [rng.randrange(32000) for _ in range(32)]
-        agents = [
-            task + [rng.randrange(32000) for _ in range(rng.randrange(32, 256))] for _ in range(4)
-        ]
+        plan = task + tokens(32)
+        agents = [task + tokens(rng.randrange(32, 256)) for _ in range(4)]
         jobs.append([[plan], agents])
         made += 5
     return jobs
 
 
-def chat_trace(requests: int, seed: int = 2) -> list[Job]:
+def chat_trace(requests: int, seed: int = 2, vocab: range = range(32000)) -> list[Job]:
     """Users of Zipf-like activity in multi-turn conversations: each turn is the history so far
     plus a new message; the reply joins the history (so the next turn reuses it all)."""
     rng = random.Random(seed)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.choice(vocab) for _ in range(n)]
+
     histories: list[list[int]] = [[] for _ in range(64)]
     jobs: list[Job] = []
     for _ in range(requests):
         user = min(int(rng.paretovariate(0.7)) - 1, len(histories) - 1)
         history = histories[user]
-        message = [rng.randrange(32000) for _ in range(rng.randrange(24, 160))]
+        message = tokens(rng.randrange(24, 160))
         prompt = history + message
         if len(prompt) > MAX_LEN // 2:  # a new conversation
             prompt = message
-        reply = [rng.randrange(32000) for _ in range(rng.randrange(16, 128))]
+        reply = tokens(rng.randrange(16, 128))
         histories[user] = prompt + reply
         jobs.append([[prompt]])
     return jobs
@@ -92,6 +98,8 @@ def replay(
     host_tokens: int = 0,
     concurrency: int = 4,
     max_tracked: int | None = None,
+    track: bool = True,
+    output_tokens: int = 1,
 ) -> Outcome:
     config = EngineConfig(
         shape=SHAPE,
@@ -107,20 +115,25 @@ def replay(
     assert engine.full_pool.capacity_slots == pool_tokens, engine.full_pool.capacity_slots
     if max_tracked is not None:
         engine.telemetry.reuse.max_tracked = max_tracked
+    if not track:  # the engine as it was before reuse distances: no hooks, no lookups
+        engine.kv.cache.on_held = engine.kv.cache.on_idle = None
+        engine.telemetry.reuse_distances = lambda request: None  # type: ignore[method-assign,assignment,return-value]
     pending = deque(jobs)
     active: list[tuple[Job, int, list]] = []  # job, wave index, its requests
     steps, started = 0, time.perf_counter()
     while pending or active:
         while pending and len(active) < concurrency:
             job = pending.popleft()
-            active.append((job, 0, [engine.submit(p, 1) for p in job[0]]))
+            active.append((job, 0, [engine.submit(p, output_tokens) for p in job[0]]))
         engine.step()
         steps += 1
         still = []
         for job, wave, requests in active:
             if all(r.done.is_set() for r in requests):
                 if wave + 1 < len(job):
-                    still.append((job, wave + 1, [engine.submit(p, 1) for p in job[wave + 1]]))
+                    still.append(
+                        (job, wave + 1, [engine.submit(p, output_tokens) for p in job[wave + 1]])
+                    )
             else:
                 still.append((job, wave, requests))
         active = still
@@ -167,14 +180,41 @@ def compare(
     return errors
 
 
+def overhead(pool: int, requests: int, pairs: int = 7) -> None:
+    """Tracking on vs off: the same replay, per engine step, alternating which runs first.
+    One output token per request is the worst case (every step admits, looks up and releases);
+    32 is closer to serving (most steps decode, which costs the tracker nothing)."""
+    for output in (1, 32):
+        for name, build in (("agentic", agentic_trace), ("chat", chat_trace)):
+            jobs = build(requests)
+            ratios, per_step = [], []
+            for i in range(pairs):
+                runs = {}
+                for track in (True, False) if i % 2 else (False, True):
+                    run = replay(jobs, pool, track=track, output_tokens=output)
+                    runs[track] = run.seconds / run.steps
+                ratios.append(runs[True] / runs[False])
+                per_step.append(runs[False])
+            print(
+                f"{name}, {output} output token(s): time per engine step with / without reuse"
+                f" tracking, median of {pairs} pairs {statistics.median(ratios):.3f} (range"
+                f" {min(ratios):.3f}-{max(ratios):.3f}; a step without: "
+                f"{statistics.median(per_step) * 1e3:.2f} ms)"
+            )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pool-tokens", type=int, default=8192)
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--concurrency", default="2,4,8", help="jobs in flight, comma-separated")
     parser.add_argument("--max-tracked", type=int, default=None, help="force sampling")
+    parser.add_argument("--overhead", action="store_true", help="time per step, tracking on/off")
     args = parser.parse_args()
     pool = args.pool_tokens
+    if args.overhead:
+        overhead(pool, args.requests)
+        return 0
     print(f"pool 1x = {pool} tokens ({pool // BLOCK} blocks of {BLOCK}); ~{args.requests} requests")
     print(f"{'workload':<8} {'jobs':>4} {'size':>11} {'predicted':>9} {'measured':>9} {'error':>7}")
     summary = []

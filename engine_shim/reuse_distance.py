@@ -89,14 +89,18 @@ class _Fenwick:
 class RecencyOrder:
     """Released blocks ordered by release time: how many were released after a given one.
 
-    Release times are positions in a Fenwick tree; when the positions run out, the live ones
-    are renumbered in order (amortised O(log n) per release). The dict's insertion order is
-    the release order, so the oldest block is its first key.
+    Release times are consecutive integers, so the entries after time t are all the times
+    after it minus the *tombstones* after it (entries since re-released or pinned again),
+    which a Fenwick tree counts. A release is then a dict insert, a removal one tree update,
+    a rank one prefix sum. When the times run past the tree, the live entries are renumbered
+    in order (amortised O(1)). The dict's insertion order is the release order, so the oldest
+    block is its first key.
     """
 
     def __init__(self, capacity: int = 1024) -> None:
         self._time: dict[Hashable, int] = {}
-        self._tree = _Fenwick(capacity)
+        self._dead = _Fenwick(capacity)
+        self._dead_count = 0
         self._next = 0
 
     def __len__(self) -> int:
@@ -107,20 +111,21 @@ class RecencyOrder:
 
     def release(self, key: Hashable) -> None:
         self.remove(key)
-        if self._next >= self._tree.size:
+        if self._next >= self._dead.size:
             self._renumber()
         self._time[key] = self._next
-        self._tree.add(self._next, 1)
         self._next += 1
 
     def remove(self, key: Hashable) -> None:
         t = self._time.pop(key, None)
         if t is not None:
-            self._tree.add(t, -1)
+            self._dead.add(t, 1)
+            self._dead_count += 1
 
     def newer_than(self, key: Hashable) -> int:
         """Blocks released after ``key`` (which must be present)."""
-        return len(self._time) - self._tree.prefix(self._time[key])
+        t = self._time[key]
+        return (self._next - 1 - t) - (self._dead_count - self._dead.prefix(t))
 
     def oldest(self) -> Hashable | None:
         return next(iter(self._time), None)
@@ -129,11 +134,10 @@ class RecencyOrder:
         return list(self._time)
 
     def _renumber(self) -> None:
-        size = max(1024, 4 * len(self._time))
-        self._tree = _Fenwick(size)
+        self._dead = _Fenwick(max(1024, 4 * len(self._time)))
+        self._dead_count = 0
         for i, key in enumerate(self._time):
             self._time[key] = i
-            self._tree.add(i, 1)
         self._next = len(self._time)
 
 
@@ -190,17 +194,20 @@ class ReuseDistanceTracker:
     # for the blocks not sampled, a few dict operations for those that are.
 
     def pinned(self, key: Hashable) -> None:
-        if sample_hash(key) < self.threshold:
+        h = int.from_bytes(key[:4], "little") if type(key) is bytes else sample_hash(key)
+        if h < self.threshold:
             self._idle.remove(key)
             self._held.add(key)
             if len(self._held) + len(self._idle) > self.max_tracked:
                 self._bound_memory()
 
     def released(self, key: Hashable) -> None:
-        if sample_hash(key) < self.threshold:
+        h = int.from_bytes(key[:4], "little") if type(key) is bytes else sample_hash(key)
+        if h < self.threshold:
             self._held.discard(key)
-            self._idle.release(key)
-            if len(self._idle) > self._idle_limit or self.tracked > self.max_tracked:
+            idle = self._idle
+            idle.release(key)
+            if len(idle) > self._idle_limit or len(idle) + len(self._held) > self.max_tracked:
                 self._bound_memory()
 
     def forget(self, key: Hashable) -> None:

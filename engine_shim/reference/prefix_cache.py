@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ ROOT_HASH = b"\x00" * 16
 def block_hash(parent: bytes, tokens: tuple[int, ...]) -> bytes:
     """Stable across processes (unlike ``hash()``): storage-tier files are named by it."""
     h = hashlib.blake2b(parent, digest_size=16)
-    h.update(b"".join(t.to_bytes(4, "little", signed=False) for t in tokens))
+    h.update(struct.pack(f"<{len(tokens)}I", *tokens))  # 4-byte little-endian token ids
     return h.digest()
 
 
@@ -43,9 +44,10 @@ class Node:
 
 
 # Called with (node) just before an evicted node's block returns to the free list; and, for
-# whoever watches recency (the reuse-distance tracker), when a node becomes held or idle.
+# whoever watches recency (the reuse-distance tracker), with a node's hash when it becomes held
+# or idle.
 EvictHook = Callable[[Node], None]
-NodeHook = Callable[[Node], None]
+HashHook = Callable[[bytes], None]
 
 
 class PrefixCache:
@@ -53,8 +55,8 @@ class PrefixCache:
         self.pool = pool
         self.root = Node(key=(), block=-1, hash=ROOT_HASH, parent=None, ref=1)
         self.on_evict = on_evict
-        self.on_held: NodeHook | None = None  # ref 0 -> 1, and a newly inserted node
-        self.on_idle: NodeHook | None = None  # ref 1 -> 0
+        self.on_held: HashHook | None = None  # ref 0 -> 1, and a newly inserted node
+        self.on_idle: HashHook | None = None  # ref 1 -> 0
         self.evictable_blocks = 0
         self.evicted_blocks = 0
         # Unpinned leaves by release time (oldest first): the only nodes eviction may take.
@@ -82,7 +84,7 @@ class PrefixCache:
         if node.ref == 0:
             self.evictable_blocks -= 1
             if self.on_held is not None:
-                self.on_held(node)
+                self.on_held(node.hash)
         node.ref += 1
 
     def unpin(self, node: Node) -> None:
@@ -93,7 +95,7 @@ class PrefixCache:
             self.evictable_blocks += 1
             node.released = next(self._clock)
             if self.on_idle is not None:
-                self.on_idle(node)
+                self.on_idle(node.hash)
             if not node.children:
                 self._push(node)
 
@@ -124,7 +126,7 @@ class PrefixCache:
         node = Node(key=key, block=block, hash=block_hash(parent.hash, key), parent=parent, ref=1)
         parent.children[key] = node  # the parent is no longer a leaf: its entry goes stale
         if self.on_held is not None:
-            self.on_held(node)
+            self.on_held(node.hash)
         return node
 
     # ----------------------------------------------------------------------- eviction

@@ -39,8 +39,8 @@ class Telemetry:
             full.capacity_slots,
             extra_bounds=itertools.accumulate(lower, initial=full.capacity_slots),
         )
-        kv.cache.on_held = lambda node: self.reuse.pinned(node.hash)
-        kv.cache.on_idle = lambda node: self.reuse.released(node.hash)
+        kv.cache.on_held = self.reuse.pinned
+        kv.cache.on_idle = self.reuse.released
 
     def reuse_distances(self, request: Request) -> Observation:
         """The reuse distances of a request's prompt blocks now, before anything is pinned."""
