@@ -94,6 +94,18 @@ class Stack:
         except RuntimeError as exc:
             raise AssertionError(f"{exc}\n{self.log_tail()}") from None
 
+    def spawn_server(self, name: str, binary: str, *flags: str) -> None:
+        """Prometheus or Alertmanager with ``<name>.yml`` from the scratch dir, on port 0."""
+        self.spawn(
+            name,
+            [
+                shutil.which(binary) or binary,
+                f"--config.file={self.tmp / f'{name}.yml'}",
+                "--web.listen-address=127.0.0.1:0",
+                *flags,
+            ],
+        )
+
     def log_tail(self) -> str:
         return "\n".join(
             f"--- {n}\n{p.read_text()[-1500:]}" for n, p in self.logs.items() if p.exists()
@@ -152,15 +164,11 @@ class Stack:
             for slack in receiver.get("slack_configs", []):
                 slack["api_url_file"] = str(self.tmp / "chat_webhook_url")
         (self.tmp / "alertmanager.yml").write_text(yaml.safe_dump(am))
-        self.spawn(
+        self.spawn_server(
             "alertmanager",
-            [
-                shutil.which("prometheus-alertmanager") or "prometheus-alertmanager",
-                f"--config.file={self.tmp / 'alertmanager.yml'}",
-                f"--storage.path={self.tmp / 'am'}",
-                "--web.listen-address=127.0.0.1:0",
-                "--cluster.listen-address=",
-            ],
+            "prometheus-alertmanager",
+            f"--storage.path={self.tmp / 'am'}",
+            "--cluster.listen-address=",
         )
 
         rules = self.tmp / "kvcache-rules.yml"
@@ -177,15 +185,7 @@ class Stack:
             f"127.0.0.1:{self.ports['exporter']}"
         ]
         (self.tmp / "prometheus.yml").write_text(yaml.safe_dump(prom))
-        self.spawn(
-            "prometheus",
-            [
-                shutil.which("prometheus") or "prometheus",
-                f"--config.file={self.tmp / 'prometheus.yml'}",
-                f"--storage.tsdb.path={self.tmp / 'tsdb'}",
-                "--web.listen-address=127.0.0.1:0",
-            ],
-        )
+        self.spawn_server("prometheus", "prometheus", f"--storage.tsdb.path={self.tmp / 'tsdb'}")
 
     def stop(self) -> None:
         for proc in self.procs.values():
