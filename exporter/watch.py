@@ -139,7 +139,9 @@ def format_what_if(now: EngineSample, before: EngineSample | None) -> str:
     ratios = [curve_at(bounds, cumulative, count, pool * m) for m in WHAT_IF_MULTIPLES]
     if any(r is None for r in ratios):
         return ""
-    text = "if KV " + " ".join(
+    rate = now.values.get("kvcache_prefix_reuse_sampling_ratio", 1.0)
+    sampled = "" if rate >= 1 else f" (sampled {rate:.0%}: noisy over short windows)"
+    text = f"if KV{sampled} " + " ".join(
         f"x{m:g} {100 * (r or 0):.0f}%" for m, r in zip(WHAT_IF_MULTIPLES, ratios, strict=True)
     )
     size = working_set(bounds, cumulative, 0.9)

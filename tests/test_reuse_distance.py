@@ -291,7 +291,10 @@ def test_the_watch_line_and_the_cli_table_read_the_curve() -> None:
     # The fixture's curve: bounds 1,861 .. 1,905,664 tokens, +3,000 per bound up to 60,000 of
     # 100,000 looked up. The pool (29,776) is the 9th bound: 27 %; x0.5 the 7th (21 %), x2 the
     # 11th (33 %), x4 the 14th (42 %). 90 % of 60,000 is reached at the 18th, 476,416 = 16.0x.
-    assert ref.endswith("if KV x0.5 21% x1 27% x2 33% x4 42%, working set 16.0x")
+    assert ref.endswith(
+        "if KV (sampled 25%: noisy over short windows) x0.5 21% x1 27% x2 33% x4 42%,"
+        " working set 16.0x"
+    )
     curve = Curve("t", [100.0, 200.0, 400.0], [10.0, 30.0, 40.0], 50.0, {"pool": 200.0})
     table = format_curve(curve)
     assert table[0] == "t: 50 prompt tokens looked up"
