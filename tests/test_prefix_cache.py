@@ -205,3 +205,18 @@ def test_inserted_blocks_keep_their_block_id_and_chained_hash() -> None:
     assert second.hash == block_hash(first.hash, tuple(range(BS, 2 * BS)))
     pc.unpin(second)
     assert pc.evict_one() == 1 and evicted == [second]  # the hook given at construction
+
+
+def test_recency_hooks_get_each_blocks_hash_when_it_becomes_held_or_idle() -> None:
+    """What the reuse-distance tracker is told: inserts and 0 -> 1 pins as held, -> 0 as idle."""
+    pc = cache(4)
+    events: list[tuple[str, bytes]] = []
+    pc.on_held = lambda h: events.append(("held", h))
+    pc.on_idle = lambda h: events.append(("idle", h))
+    node = pc.insert(pc.root, tuple(range(BS)), 0)
+    assert node is not None
+    pc.pin(node)  # already held by its writer: no event
+    pc.unpin(node)
+    pc.unpin(node)  # now idle
+    pc.pin(node)  # held again
+    assert events == [("held", node.hash), ("idle", node.hash), ("held", node.hash)]
