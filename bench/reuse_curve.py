@@ -117,7 +117,7 @@ def replay(
         engine.telemetry.reuse.max_tracked = max_tracked
     if not track:  # the engine as it was before reuse distances: no hooks, no lookups
         engine.kv.cache.on_held = engine.kv.cache.on_idle = None
-        engine.telemetry.reuse_distances = lambda request: None  # type: ignore[method-assign,assignment,return-value]
+        engine.telemetry.reuse_observation = lambda request: None  # type: ignore[method-assign,assignment,return-value]
     pending = deque(jobs)
     active: list[tuple[Job, int, list]] = []  # job, wave index, its requests
     steps, started = 0, time.perf_counter()

@@ -15,16 +15,18 @@ The model, and where it is an approximation:
 - a request releases its blocks leaf first (a parent is at least as recent as its children),
   so along one prompt the distances never decrease, and a lookup that "stops at the first
   missing block" is the same as counting each block against the size;
-- pinned tokens are those of *this* run; a smaller pool would run fewer requests at once and
-  pin less, so predictions for much smaller pools are pessimistic;
+- pinned tokens are those of *this* run; a smaller pool would run fewer requests at once (pin
+  less) and queue more (a queued prompt's prefix ages while it waits), so predictions for much
+  smaller pools under heavy concurrency are the least accurate;
 - the host tier is a victim cache below the pool: device + host behaves as one LRU of both
   sizes, so its curve is read at pool + host.
 
 Memory is bounded by spatial sampling (SHARDS): a block is tracked when its hash falls below a
 threshold; each tracked reference stands for 1/rate blocks. When more than ``max_tracked``
 blocks are tracked, the threshold is lowered (fixed-size SHARDS) and the blocks above it are
-forgotten. Cost per looked-up block: one hash comparison, and for sampled ones a Fenwick-tree
-rank, O(log n).
+forgotten. Cost: per block that becomes held or idle, a hash comparison and, when sampled, a
+dict update and at most one Fenwick-tree update; per lookup, a hash comparison per block and
+O(k log n) ranks by bisection for its n sampled blocks over k buckets.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def bucket_bounds(pool_tokens: int, extra: Iterable[int] = ()) -> tuple[int, ...
 def sample_hash(key: Hashable) -> int:
     """A uniform 32-bit value per block: bytes digests are already uniform, so use their bits
     (stable across processes, so benchmark runs sample the same blocks)."""
-    if isinstance(key, bytes | bytearray) and len(key) >= 4:
+    if type(key) is bytes:  # block hashes: the hot path, checked first
         return int.from_bytes(key[:4], "little")
     if isinstance(key, int):  # e.g. a block id: scrambled (Fibonacci hashing), ids are dense
         return (key * SCRAMBLE) & (HASH_SPACE - 1)
@@ -194,16 +196,14 @@ class ReuseDistanceTracker:
     # for the blocks not sampled, a few dict operations for those that are.
 
     def pinned(self, key: Hashable) -> None:
-        h = int.from_bytes(key[:4], "little") if type(key) is bytes else sample_hash(key)
-        if h < self.threshold:
+        if sample_hash(key) < self.threshold:
             self._idle.remove(key)
             self._held.add(key)
             if len(self._held) + len(self._idle) > self.max_tracked:
                 self._bound_memory()
 
     def released(self, key: Hashable) -> None:
-        h = int.from_bytes(key[:4], "little") if type(key) is bytes else sample_hash(key)
-        if h < self.threshold:
+        if sample_hash(key) < self.threshold:
             self._held.discard(key)
             idle = self._idle
             idle.release(key)
@@ -225,8 +225,7 @@ class ReuseDistanceTracker:
         return math.inf
 
     def _sampled_keys(self, keys: Sequence[Hashable]) -> list[Hashable]:
-        threshold = self.threshold
-        return [key for key in keys if sample_hash(key) < threshold]
+        return [key for key in keys if self._sampled(key)]
 
     def distances(self, keys: Sequence[Hashable], pinned_tokens: int) -> list[float]:
         """The distance in tokens of each sampled key now (inf: cold), one rank each."""

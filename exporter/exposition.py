@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
 
-from kvstats.snapshot import ReuseDistances, Snapshot
+from kvstats.snapshot import ReuseDistances, reuse_marks
 
 from . import __version__
 from .families import (
@@ -127,27 +127,10 @@ def engine_rows(name: str, rank: int, view: EngineView, rows: dict[str, list[Row
     if reuse is not None:
         rows["kvcache_prefix_reuse_distance_tokens"].append((engine, reuse))  # type: ignore[arg-type]
         rows["kvcache_prefix_reuse_sampling_ratio"].append((engine, reuse.sampling_rate))
-        for bound, mark in reuse_marks(snap, reuse):
+        for bound, mark in reuse_marks(snap):
             rows["kvcache_prefix_reuse_bucket_info"].append(
                 ((*engine, format_value(bound), mark), 1)
             )
-
-
-def reuse_marks(snap: Snapshot, reuse: ReuseDistances) -> list[tuple[int, str]]:
-    """Bucket bounds that are this engine's sizes: the pool, the pool with its lower tiers,
-    the largest bound. Rules pick a bucket by joining on these (PromQL cannot read ``le``)."""
-    full = snap.pool("full")
-    sizes: list[tuple[int, str]] = [(reuse.bounds_tokens[-1], "top")]
-    if full is not None:
-        pool = full.capacity_slots
-        sizes.append((pool, "pool"))
-        if snap.host_tier is not None:
-            pool += snap.host_tier.capacity_tokens
-            sizes.append((pool, "pool_host"))
-            if snap.storage_tier is not None:
-                sizes.append((pool + snap.storage_tier.capacity_tokens, "pool_host_storage"))
-    bounds = set(reuse.bounds_tokens)
-    return sorted((size, mark) for size, mark in sizes if size in bounds)
 
 
 def target_rows(report: TargetReport, up: bool, render_errors: int) -> dict[str, list[Row]]:
@@ -213,7 +196,8 @@ class LineWriter:
     ) -> str:
         key = (name, values)
         last = self._lines.get(key)
-        if last is not None and last[0] == value:
+        # Equal values write equal text, except 0.0 and -0.0 (equal, written differently).
+        if last is not None and last[0] == value and (value or str(last[0]) == str(value)):
             return last[1]
         line = self.prefix(name, label_names, values) + format_value(value) + "\n"
         if len(self._lines) > MAX_CACHED_SERIES:  # series come and go (models, pools): bounded

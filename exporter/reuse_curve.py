@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from kvstats.snapshot import SnapshotError, parse_snapshot, working_set
+from kvstats.snapshot import SnapshotError, parse_snapshot, reuse_marks, working_set
 
 MARK_NAMES = {
     "pool": "the pool",
@@ -77,20 +77,13 @@ def curves_from_shim(url: str, timeout: float = 10.0) -> list[Curve]:
         hist = snap.reuse_distance
         if hist is None:
             continue
-        marks = {"top": float(hist.bounds_tokens[-1])}
-        full = snap.pool("full")
-        if full is not None:
-            marks["pool"] = float(full.capacity_slots)
-            if snap.host_tier is not None:
-                marks["pool_host"] = marks["pool"] + snap.host_tier.capacity_tokens
-        bounds = set(hist.bounds_tokens)
         out.append(
             Curve(
                 title=f"{snap.engine.kind}/{snap.engine.dp_rank} {snap.engine.model}",
                 bounds=[float(b) for b in hist.bounds_tokens],
                 cumulative=[float(c) for c in hist.cumulative_tokens],
                 total=float(hist.query_tokens),
-                marks={m: b for m, b in marks.items() if b in bounds},
+                marks={mark: float(bound) for bound, mark in reuse_marks(snap)},
                 sampling_rate=hist.sampling_rate,
             )
         )

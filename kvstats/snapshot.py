@@ -159,6 +159,28 @@ class ReuseDistances:
         return working_set(self.bounds_tokens, self.cumulative_tokens, fraction)
 
 
+def reuse_marks(snap: Snapshot) -> list[tuple[int, str]]:
+    """Bucket bounds of ``snap.reuse_distance`` that are this engine's sizes: the pool
+    (``pool``), with its host tier (``pool_host``) and storage below it (``pool_host_storage``),
+    and the largest bound (``top``). PromQL cannot read a number out of ``le``, so the exporter
+    publishes these for rules to join on; the CLI marks the same rows."""
+    reuse = snap.reuse_distance
+    if reuse is None:
+        return []
+    sizes: list[tuple[int, str]] = [(reuse.bounds_tokens[-1], "top")]
+    full = snap.pool("full")
+    if full is not None:
+        pool = full.capacity_slots
+        sizes.append((pool, "pool"))
+        if snap.host_tier is not None:
+            pool += snap.host_tier.capacity_tokens
+            sizes.append((pool, "pool_host"))
+            if snap.storage_tier is not None:
+                sizes.append((pool + snap.storage_tier.capacity_tokens, "pool_host_storage"))
+    bounds = set(reuse.bounds_tokens)
+    return sorted((size, mark) for size, mark in sizes if size in bounds)
+
+
 def curve_at(
     bounds: Sequence[float], cumulative: Sequence[float], total: float, size: float
 ) -> float | None:

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from engine_shim.reference import EngineConfig, ReferenceEngine, Request
+from engine_shim.reference.prefix_cache import block_hash
 from kvstats.snapshot import parse_snapshot
 from tests.test_prefix_cache import cached_nodes
 
@@ -61,8 +62,12 @@ def check_invariants(
     full = snap.pool("full")
     assert full is not None
     bs = engine.config.block_size
-    unpinned = sum(1 for n in cached_nodes(engine.cache) if n.ref == 0)  # the test's own walk
+    nodes = cached_nodes(engine.cache)  # the test's own walk
+    unpinned = sum(1 for n in nodes if n.ref == 0)
     assert full.evictable_slots == unpinned * bs
+    # Every cached block's identity is its chain hash, however it was inserted (storage-tier
+    # files are named by it).
+    assert all(n.parent and n.hash == block_hash(n.parent.hash, n.key) for n in nodes)
     # Pinned blocks are exactly the distinct blocks the running requests hold (prefixes shared).
     held = len({b for r in engine.running for b in r.block_table})
     assert full.used_slots == held * bs

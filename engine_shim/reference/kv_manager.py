@@ -185,7 +185,7 @@ class KVManager:
             if block is None:
                 return
             self.full_pool.load_block(block, data.to(self.device))
-            node = self.cache.insert(parent, key, block)
+            node = self.cache.insert(parent, key, block, digest)
             assert node is not None, "match() stopped at this block, so it cannot be cached"
             request.nodes.append(node)
             request.block_table.append(block)
@@ -247,8 +247,12 @@ class KVManager:
             parent = self.cache.root if i == 0 else request.nodes[i - 1]
             if parent is None:
                 return  # an uncached (duplicate) block breaks the chain: the rest stays private
+            keys = request.prefix_keys  # the prompt's chain hashes, when already computed
             node = self.cache.insert(
-                parent, tuple(tokens[i * bs : (i + 1) * bs]), request.block_table[i]
+                parent,
+                tuple(tokens[i * bs : (i + 1) * bs]),
+                request.block_table[i],
+                keys[i] if keys is not None and i < len(keys) else None,
             )
             if node is None:
                 return

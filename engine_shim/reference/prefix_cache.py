@@ -115,7 +115,9 @@ class PrefixCache:
             and node.parent is not None  # evicted nodes lose their parent
         )
 
-    def insert(self, parent: Node, key: tuple[int, ...], block: int) -> Node | None:
+    def insert(
+        self, parent: Node, key: tuple[int, ...], block: int, digest: bytes | None = None
+    ) -> Node | None:
         """Cache a freshly filled block under ``parent``, pinned once by its writer.
 
         Returns None when an identical block is already cached (two requests computed the
@@ -123,7 +125,9 @@ class PrefixCache:
         """
         if key in parent.children:
             return None
-        node = Node(key=key, block=block, hash=block_hash(parent.hash, key), parent=parent, ref=1)
+        if digest is None:  # callers that hashed the chain already pass it
+            digest = block_hash(parent.hash, key)
+        node = Node(key=key, block=block, hash=digest, parent=parent, ref=1)
         parent.children[key] = node  # the parent is no longer a leaf: its entry goes stale
         if self.on_held is not None:
             self.on_held(node.hash)

@@ -45,14 +45,14 @@ class Scheduler:
             request = self.waiting[0]
             first = not request.admitted_once
             # Distances are taken before admission pins the prompt's cached blocks.
-            distances = self.telemetry.reuse_distances(request) if first else None
+            observed = self.telemetry.reuse_observation(request) if first else None
             hits = self.kv.allocate_for_admission(request)
             if hits is None:
                 break
             if first:
                 request.admitted_once = True
                 request.cached_tokens = hits
-                self.telemetry.admitted(request, hits, distances)
+                self.telemetry.admitted(request, hits, observed)
             self.waiting.popleft()
             self.running.append(request)
             admitted.append(request)

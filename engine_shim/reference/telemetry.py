@@ -42,7 +42,7 @@ class Telemetry:
         kv.cache.on_held = self.reuse.pinned
         kv.cache.on_idle = self.reuse.released
 
-    def reuse_distances(self, request: Request) -> Observation:
+    def reuse_observation(self, request: Request) -> Observation:
         """The reuse distances of a request's prompt blocks now, before anything is pinned."""
         if request.prefix_keys is None:
             request.prefix_keys = self.kv.prefix_keys(request.prompt)
@@ -50,14 +50,14 @@ class Telemetry:
         return self.reuse.observe(request.prefix_keys, used)
 
     def admitted(
-        self, request: Request, hits: dict[str, int], distances: Observation | None = None
+        self, request: Request, hits: dict[str, int], observed: Observation | None = None
     ) -> None:
         """A request's first admission: its prompt was looked up (re-admissions are not)."""
         self.prefix_query_tokens += len(request.prompt)
         for tier, count in hits.items():
             self.prefix_hit_tokens[tier] += count
-        if distances is not None:
-            self.reuse.record(len(request.prompt), distances)
+        if observed is not None:
+            self.reuse.record(len(request.prompt), observed)
 
     def snapshot(self, running: Sized, waiting: Sized) -> Snapshot:
         kv, bs = self.kv, self.config.block_size
