@@ -26,14 +26,11 @@ from engine_shim.adapters.vllm import BlockPoolTracker, EngineFacts, brute_force
 
 
 def run(
-    num_blocks: int, tracked: bool, steps: int, batch: int, seed: int
+    num_blocks: int, tracked: bool, steps: int, batch: int, seed: int, reuse: bool = True
 ) -> tuple[list[float], float]:
     m, config = new_manager(num_blocks)
-    tracker = (
-        BlockPoolTracker(m, config, EngineFacts(model="bench", max_model_len=MAX_LEN))
-        if tracked
-        else None
-    )
+    facts = EngineFacts(model="bench", max_model_len=MAX_LEN)
+    tracker = BlockPoolTracker(m, config, facts, reuse_distances=reuse) if tracked else None
     driver = Driver(m, tracker)  # type: ignore[arg-type]
     rng = random.Random(seed)
     shared = [rng.randrange(30000) for _ in range(512)]
@@ -75,19 +72,23 @@ def main() -> None:
         f" medians; ratio = with adapter / plain vLLM)"
     )
     for size in (int(s) for s in args.sizes.split(",")):
-        ratios, plain_all, shim_all = [], [], []
-        for rep in range(3):  # alternate plain / tracked runs on the same seeded steps
+        ratios, plain_all, shim_all, bare_all = [], [], [], []
+        for rep in range(3):  # alternate the three runs on the same seeded steps
             plain, _ = run(size, False, args.steps, args.batch, seed=rep)
             shim, scan = run(size, True, args.steps, args.batch, seed=rep)
+            bare, _ = run(size, True, args.steps, args.batch, seed=rep, reuse=False)
             plain_all += plain
             shim_all += shim
+            bare_all += bare
             ratios.append(statistics.median(shim) / statistics.median(plain))
         p, s = statistics.median(plain_all), statistics.median(shim_all)
+        b = statistics.median(bare_all)
         print(
             f"  {size:>9,} blocks: plain {p * 1e6:7.1f} us/step,"
             f" with adapter {s * 1e6:7.1f} us/step"
-            f" (+{(s - p) * 1e6:5.1f} us, ratio {statistics.median(ratios):.3f});"
-            f" an O(N) scan instead would cost {scan * 1e3:7.1f} ms/step"
+            f" (+{(s - p) * 1e6:5.1f} us, ratio {statistics.median(ratios):.3f}; of which"
+            f" reuse distances +{(s - b) * 1e6:5.1f} us: KVCACHE_SHIM_REUSE_DISTANCE=off"
+            f" {b * 1e6:7.1f} us/step); an O(N) scan instead would cost {scan * 1e3:7.1f} ms/step"
         )
 
 

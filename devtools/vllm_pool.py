@@ -76,10 +76,11 @@ def new_manager(
 
 
 def manager(
-    num_blocks: int, sliding_window: int | None = None
+    num_blocks: int, sliding_window: int | None = None, reuse_distances: bool = True
 ) -> tuple[KVCacheManager, BlockPoolTracker]:
     m, config = new_manager(num_blocks, sliding_window)
-    return m, BlockPoolTracker(m, config, EngineFacts(model="tiny", max_model_len=MAX_LEN))
+    facts = EngineFacts(model="tiny", max_model_len=MAX_LEN)
+    return m, BlockPoolTracker(m, config, facts, reuse_distances=reuse_distances)
 
 
 class Driver:

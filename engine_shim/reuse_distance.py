@@ -25,13 +25,16 @@ Memory is bounded by spatial sampling (SHARDS): a block is tracked when its hash
 threshold; each tracked reference stands for 1/rate blocks. When more than ``max_tracked``
 blocks are tracked, the threshold is lowered (fixed-size SHARDS) and the blocks above it are
 forgotten. Cost: per block that becomes held or idle, a hash comparison and, when sampled, a
-dict update and at most one Fenwick-tree update; per lookup, a hash comparison per block and
-O(k log n) ranks by bisection for its n sampled blocks over k buckets.
+dict update and at most one tombstone (a byte and a counter, O(1)); engines that know a
+request's blocks together pass them in one call, so most of that runs at C speed. Per lookup: a
+hash comparison per block, membership tests for the held and cold runs, and O(k log n) ranks by
+bisection for its n idle blocks over k buckets, each rank O(1) plus a C-speed count.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Hashable, Iterable, Sequence
 
@@ -66,44 +69,37 @@ def sample_hash(key: Hashable) -> int:
     return hash(key) & (HASH_SPACE - 1)
 
 
-class _Fenwick:
-    """Counts at integer positions; prefix sums in O(log n)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.tree = [0] * (size + 1)
-
-    def add(self, position: int, delta: int) -> None:
-        i = position + 1
-        while i <= self.size:
-            self.tree[i] += delta
-            i += i & -i
-
-    def prefix(self, position: int) -> int:
-        """Sum over positions [0, position]."""
-        i, total = position + 1, 0
-        while i > 0:
-            total += self.tree[i]
-            i -= i & -i
-        return total
+CHUNK_BITS = 9  # release times per chunk of the tombstone counts (512)
 
 
 class RecencyOrder:
     """Released blocks ordered by release time: how many were released after a given one.
 
     Release times are consecutive integers, so the entries after time t are all the times
-    after it minus the *tombstones* after it (entries since re-released or pinned again),
-    which a Fenwick tree counts. A release is then a dict insert, a removal one tree update,
-    a rank one prefix sum. When the times run past the tree, the live entries are renumbered
-    in order (amortised O(1)). The dict's insertion order is the release order, so the oldest
-    block is its first key.
+    after it minus the *tombstones* after it (entries since re-released or pinned again). A
+    tombstone is one byte set and one chunk count raised, O(1): blocks change state far more
+    often than they are ranked (every pin and release, against a few ranks per looked-up
+    prompt). A rank sums the chunk counts before t's chunk (prefix sums kept until the next
+    tombstone, so the ranks of one lookup share them) and counts t's chunk up to t at C speed.
+    When the times run past the arrays, the live entries are renumbered in order (amortised
+    O(1)). The dict's insertion order is the release order, so the oldest block is its first
+    key.
     """
 
     def __init__(self, capacity: int = 1024) -> None:
         self._time: dict[Hashable, int] = {}
-        self._dead = _Fenwick(capacity)
-        self._dead_count = 0
+        # The released keys, for membership tests at C speed (a live view: read, never write).
+        self.keys = self._time.keys()
         self._next = 0
+        self._reset(capacity)
+
+    def _reset(self, capacity: int) -> None:
+        chunks = -(-capacity >> CHUNK_BITS)
+        self._capacity = chunks << CHUNK_BITS
+        self._dead = bytearray(self._capacity)
+        self._dead_in_chunk = [0] * chunks
+        self._dead_count = 0
+        self._dead_before: list[int] | None = None  # prefix sums of _dead_in_chunk
 
     def __len__(self) -> int:
         return len(self._time)
@@ -111,23 +107,62 @@ class RecencyOrder:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._time
 
+    def time_of(self, key: Hashable) -> int | None:
+        return self._time.get(key)
+
+    def times_of(self, keys: Iterable[Hashable]) -> list[int | None]:
+        return list(map(self._time.get, keys))
+
     def release(self, key: Hashable) -> None:
         self.remove(key)
-        if self._next >= self._dead.size:
-            self._renumber()
+        if self._next >= self._capacity:
+            self._renumber(1)
         self._time[key] = self._next
         self._next += 1
+
+    def release_all(self, keys: Sequence[Hashable]) -> None:
+        """``release`` of each of ``keys`` (distinct) in order, in one pass."""
+        self.remove_all(keys)  # usually none: they were held, not idle
+        n = len(keys)
+        if self._next + n > self._capacity:
+            self._renumber(n)
+        self._time.update(zip(keys, range(self._next, self._next + n), strict=True))
+        self._next += n
 
     def remove(self, key: Hashable) -> None:
         t = self._time.pop(key, None)
         if t is not None:
-            self._dead.add(t, 1)
+            self._dead[t] = 1
+            self._dead_in_chunk[t >> CHUNK_BITS] += 1
             self._dead_count += 1
+            self._dead_before = None
+
+    def remove_all(self, keys: Sequence[Hashable]) -> None:
+        if self._time.keys().isdisjoint(keys):  # e.g. new blocks: a C-speed test, no loop
+            return
+        pop, dead, dead_in_chunk, removed = self._time.pop, self._dead, self._dead_in_chunk, 0
+        for key in keys:
+            t = pop(key, None)
+            if t is not None:
+                dead[t] = 1
+                dead_in_chunk[t >> CHUNK_BITS] += 1
+                removed += 1
+        if removed:
+            self._dead_count += removed
+            self._dead_before = None
 
     def newer_than(self, key: Hashable) -> int:
         """Blocks released after ``key`` (which must be present)."""
-        t = self._time[key]
-        return (self._next - 1 - t) - (self._dead_count - self._dead.prefix(t))
+        return self.newer_than_time(self._time[key])
+
+    def newer_than_time(self, t: int) -> int:
+        """Live entries released after time ``t`` (a live entry's time)."""
+        before = self._dead_before
+        if before is None:
+            before = self._dead_before = [0, *itertools.accumulate(self._dead_in_chunk)]
+        chunk = t >> CHUNK_BITS
+        dead_through_t = before[chunk] + self._dead.count(1, chunk << CHUNK_BITS, t + 1)
+        return (self._next - 1 - t) - (self._dead_count - dead_through_t)
 
     def oldest(self) -> Hashable | None:
         return next(iter(self._time), None)
@@ -135,12 +170,12 @@ class RecencyOrder:
     def snapshot_keys(self) -> list[Hashable]:
         return list(self._time)
 
-    def _renumber(self) -> None:
-        self._dead = _Fenwick(max(1024, 4 * len(self._time)))
-        self._dead_count = 0
-        for i, key in enumerate(self._time):
-            self._time[key] = i
+    def _renumber(self, room: int) -> None:
+        """Times 0..n-1 for the live entries, in order, and room for ``room`` more. In place:
+        ``keys`` stays the same view."""
+        self._time.update(zip(list(self._time), range(len(self._time)), strict=True))
         self._next = len(self._time)
+        self._reset(max(1024, 4 * (self._next + room)))
 
 
 class ReuseDistanceTracker:
@@ -193,22 +228,58 @@ class ReuseDistanceTracker:
 
     # ------------------------------------------------------------------ engine events
     # On the engine's hot path (every block that becomes held or idle): one hash comparison
-    # for the blocks not sampled, a few dict operations for those that are.
+    # for the blocks not sampled, a few dict operations for those that are. Engines that know
+    # a request's blocks together (the reference engine) tell them in one call each.
 
     def pinned(self, key: Hashable) -> None:
         if sample_hash(key) < self.threshold:
-            self._idle.remove(key)
-            self._held.add(key)
-            if len(self._held) + len(self._idle) > self.max_tracked:
-                self._bound_memory()
+            self.pinned_sampled(key)
 
     def released(self, key: Hashable) -> None:
         if sample_hash(key) < self.threshold:
-            self._held.discard(key)
+            self.released_sampled(key)
+
+    def pinned_sampled(self, key: Hashable) -> None:
+        """``pinned`` of a key the caller found sampled (its own inlined test)."""
+        self._idle.remove(key)
+        self._held.add(key)
+        if len(self._held) + len(self._idle) > self.max_tracked:
+            self._bound_memory()
+
+    def released_sampled(self, key: Hashable) -> None:
+        """``released`` of a key the caller found sampled."""
+        self._held.discard(key)
+        idle = self._idle
+        idle.release(key)
+        if len(idle) > self._idle_limit or len(idle) + len(self._held) > self.max_tracked:
+            self._bound_memory()
+
+    def pinned_all(self, keys: Sequence[Hashable]) -> None:
+        """``pinned`` of each key."""
+        keys = self._sampled_keys(keys)
+        if keys:
+            self._idle.remove_all(keys)
+            self._held.update(keys)
+            if len(self._held) + len(self._idle) > self.max_tracked:
+                self._bound_memory()
+
+    def released_all(self, keys: Sequence[Hashable]) -> None:
+        """``released`` of each key in order (distinct keys: one request's blocks, leaf
+        first)."""
+        keys = self._sampled_keys(keys)
+        if keys:
+            self._held.difference_update(keys)
             idle = self._idle
-            idle.release(key)
+            idle.release_all(keys)
             if len(idle) > self._idle_limit or len(idle) + len(self._held) > self.max_tracked:
                 self._bound_memory()
+
+    def looks_past(self, key: Hashable) -> bool:
+        """Whether a lookup that missed this block should go on to the next: it is tracked
+        (its distance counts), or not sampled (a later one may be). A sampled block that is not
+        tracked is cold, and so is every block after it (the prompt order): engines stop
+        there instead of hashing the rest of the prompt, since cold blocks add to no bucket."""
+        return key in self._idle.keys or key in self._held or sample_hash(key) >= self.threshold
 
     def forget(self, key: Hashable) -> None:
         """A block known under another key from now on (vLLM: an empty block got its hash)."""
@@ -218,14 +289,22 @@ class ReuseDistanceTracker:
     def _distance(self, key: Hashable, pinned_tokens: int) -> float:
         if key in self._held:
             return float(self.block_size)  # another running request holds it: always a hit
-        if key in self._idle:
-            # The block itself, and each sampled block released since for 1/rate blocks
-            # (scaling the block itself too would add 1/rate - 1 blocks of bias).
-            return pinned_tokens + self.block_size * (1 + self._idle.newer_than(key) / self.rate)
-        return math.inf
+        t = self._idle.time_of(key)
+        if t is None:
+            return math.inf
+        # The block itself, and each sampled block released since for 1/rate blocks (scaling
+        # the block itself too would add 1/rate - 1 blocks of bias).
+        return (
+            pinned_tokens
+            + self.block_size
+            + self._idle.newer_than_time(t) * (self.block_size / self.rate)
+        )
 
-    def _sampled_keys(self, keys: Sequence[Hashable]) -> list[Hashable]:
-        return [key for key in keys if self._sampled(key)]
+    def _sampled_keys(self, keys: Sequence[Hashable]) -> Sequence[Hashable]:
+        threshold = self.threshold
+        if threshold >= HASH_SPACE:  # every block tracked
+            return keys
+        return [key for key in keys if sample_hash(key) < threshold]
 
     def distances(self, keys: Sequence[Hashable], pinned_tokens: int) -> list[float]:
         """The distance in tokens of each sampled key now (inf: cold), one rank each."""
@@ -234,38 +313,71 @@ class ReuseDistanceTracker:
     def observe(self, keys: Sequence[Hashable], pinned_tokens: int) -> Observation:
         """A lookup's sampled keys by bucket, taken before anything is pinned. No side effects.
 
-        Distances never decrease along a prompt (see the module's notes), so a run of keys
-        whose first and last share a bucket is all in it: bisection needs O(k log n) ranks
-        for a prompt of n sampled blocks over k buckets, not n. (A run's distance sum is
-        taken from its ends.)"""
+        Along a prompt (see the module's notes) the blocks other requests hold come first,
+        then idle blocks released ever longer ago (distances never decrease), then cold ones.
+        So the held run and the cold run are found by membership tests at C speed, and the
+        idle run is cut at each bucket bound it crosses by bisection: O(k log n) ranks for n
+        idle blocks over k buckets, not n. (A run's distance sum is taken from its ends.)
+        Anything out of that order is classified block by block."""
         sampled = self._sampled_keys(keys)
         out: Observation = []
-        if not sampled:
+        n = len(sampled)
+        if not n:
             return out
-        bounds = self.bounds
-        cold = len(bounds) + 1
-        known: dict[int, float] = {}
-
-        def at(i: int) -> tuple[float, int]:
-            d = known.get(i)
-            if d is None:
-                d = known[i] = self._distance(sampled[i], pinned_tokens)
-            return d, cold if d == math.inf else bisect.bisect_left(bounds, d)
-
-        stack = [(0, len(sampled) - 1)]
-        while stack:
-            lo, hi = stack.pop()
-            (a, bucket_a), (b, bucket_b) = at(lo), at(hi)
-            if bucket_a == bucket_b:
-                n = hi - lo + 1
-                out.append((bucket_a, n, 0.0 if bucket_a == cold else (a + b) / 2 * n))
-            elif hi == lo + 1:
-                out.append((bucket_a, 1, 0.0 if bucket_a == cold else a))
-                out.append((bucket_b, 1, 0.0 if bucket_b == cold else b))
-            else:
-                mid = (lo + hi) // 2
-                stack += [(mid + 1, hi), (lo, mid)]
+        bounds, bs = self.bounds, self.block_size
+        held = self._held
+        h = 0
+        while h < n and sampled[h] in held:
+            h += 1
+        if h:
+            out.append((bisect.bisect_left(bounds, bs), h, float(bs * h)))
+        rest = sampled[h:] if h else sampled
+        times = self._idle.times_of(rest)
+        try:
+            c = times.index(None)
+        except ValueError:
+            c = len(times)
+        if c:
+            self._observe_idle_run(times, c, pinned_tokens, out)
+        if c < len(times):
+            tail = rest[c:]
+            if times.count(None) == len(tail) and held.isdisjoint(tail):
+                out.append((len(bounds) + 1, len(tail), 0.0))  # cold
+            else:  # not in the engines' order: each block on its own
+                for key in tail:
+                    d = self._distance(key, pinned_tokens)
+                    if d == math.inf:
+                        out.append((len(bounds) + 1, 1, 0.0))
+                    else:
+                        out.append((bisect.bisect_left(bounds, d), 1, d))
         return out
+
+    def _observe_idle_run(
+        self, times: list[int | None], c: int, pinned_tokens: int, out: Observation
+    ) -> None:
+        """Buckets of ``times[:c]``: idle blocks, newest release first."""
+        newer, bounds = self._idle.newer_than_time, self.bounds
+        base, scale = pinned_tokens + self.block_size, self.block_size / self.rate
+
+        def distance(i: int) -> float:
+            t = times[i]
+            assert t is not None
+            return base + scale * newer(t)
+
+        index, start, first = range(c), 0, distance(0)
+        last_bucket = bisect.bisect_left(bounds, distance(c - 1))
+        while True:
+            bucket = bisect.bisect_left(bounds, first)
+            end = (
+                c
+                if bucket == last_bucket
+                else bisect.bisect_right(index, float(bounds[bucket]), start + 1, c, key=distance)
+            )
+            last = first if end == start + 1 else distance(end - 1)
+            out.append((bucket, end - start, (first + last) / 2 * (end - start)))
+            if end == c:
+                return
+            start, first = end, distance(end)
 
     def record(self, query_tokens: int, observed: Observation) -> None:
         """A first admission: ``query_tokens`` looked up, ``observed`` its sampled blocks.

@@ -208,9 +208,10 @@ def test_inserted_blocks_keep_their_block_id_and_chained_hash() -> None:
 
 
 def test_recency_hooks_get_each_blocks_hash_when_it_becomes_held_or_idle() -> None:
-    """What the reuse-distance tracker is told: inserts and 0 -> 1 pins as held, -> 0 as idle."""
-    pc = cache(4)
-    events: list[tuple[str, bytes]] = []
+    """What the reuse-distance tracker is told: inserts and 0 -> 1 pins as held, -> 0 as idle;
+    a path's transitions in one call, in the order given (only the nodes that changed)."""
+    pc = cache(8)
+    events: list[tuple[str, list[bytes]]] = []
     pc.on_held = lambda h: events.append(("held", h))
     pc.on_idle = lambda h: events.append(("idle", h))
     node = pc.insert(pc.root, tuple(range(BS)), 0)
@@ -219,4 +220,36 @@ def test_recency_hooks_get_each_blocks_hash_when_it_becomes_held_or_idle() -> No
     pc.unpin(node)
     pc.unpin(node)  # now idle
     pc.pin(node)  # held again
-    assert events == [("held", node.hash), ("idle", node.hash), ("held", node.hash)]
+    assert events == [("held", [node.hash]), ("idle", [node.hash]), ("held", [node.hash])]
+
+    events.clear()
+    child = pc.insert(node, tuple(range(BS, 2 * BS)), 1, announce=False)
+    leaf = pc.insert(child, tuple(range(2 * BS, 3 * BS)), 2, announce=False) if child else None
+    assert child is not None and leaf is not None and events == []
+    pc.announce_held([child, leaf])
+    pc.unpin_all([leaf, child, node])  # leaf first, as a request releases
+    pc.pin_all([node, child])  # the root of the path idle -> held; both pinned once
+    pc.pin_all([node])  # already held: nothing to tell
+    assert events == [
+        ("held", [child.hash, leaf.hash]),
+        ("idle", [leaf.hash, child.hash, node.hash]),
+        ("held", [node.hash, child.hash]),
+    ]
+    assert (node.ref, child.ref, leaf.ref) == (2, 1, 0) and pc.evictable_blocks == 1
+
+    events.clear()
+    pc.announce_held([])  # nothing new: nothing to tell
+    pc.pin_all([])
+    pc.unpin_all([])
+    assert events == []
+    with pytest.raises(AssertionError, match="unpin of an unpinned node"):
+        pc.unpin_all([child, leaf])  # the child is released, then the leaf is a misuse
+    assert events == [("idle", [child.hash])] and pc.evictable_blocks == 2
+
+    quiet = cache(4)  # no one watching: the same calls, no hooks to call
+    first = quiet.insert(quiet.root, tuple(range(BS)), 0, announce=False)
+    assert first is not None
+    quiet.announce_held([first])
+    quiet.unpin_all([first])
+    quiet.pin_all([first])
+    assert first.ref == 1 and quiet.evictable_blocks == 0

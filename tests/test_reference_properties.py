@@ -9,13 +9,16 @@ request holds more SWA blocks than its group footprint says.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import random
 from pathlib import Path
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from engine_shim.reference import EngineConfig, ReferenceEngine, Request
-from engine_shim.reference.prefix_cache import block_hash
+from engine_shim.reference.prefix_cache import ROOT_HASH, Node, block_hash
+from engine_shim.reuse_distance import Observation
 from kvstats.snapshot import parse_snapshot
 from tests.test_prefix_cache import cached_nodes
 
@@ -52,6 +55,39 @@ def make_engine(
     return ReferenceEngine(config)
 
 
+def chain_hashes(prompt: list[int], bs: int) -> list[bytes]:
+    """The identities of a prompt's lookable blocks (all but the last token), by definition."""
+    out, parent = [], ROOT_HASH
+    for start in range(0, (len(prompt) - 1) // bs * bs, bs):
+        parent = block_hash(parent, tuple(prompt[start : start + bs]))
+        out.append(parent)
+    return out
+
+
+def observe_whole_prompts(engine: ReferenceEngine) -> None:
+    """Check each lookup the engine makes against one over the whole prompt's keys: the engine
+    stops hashing at the first cold block, which must change no bucket."""
+    telemetry, reuse = engine.telemetry, engine.telemetry.reuse
+    original = telemetry.reuse_observation
+    cold = len(reuse.bounds) + 1
+
+    def by_bucket(observed: Observation) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for bucket, n, _ in observed:
+            if bucket != cold:
+                counts[bucket] = counts.get(bucket, 0) + n
+        return counts
+
+    def checked(request: Request, path: list[Node]) -> Observation:
+        used, _, _ = engine.kv.pool_counts(engine.full_pool)
+        whole = reuse.observe(chain_hashes(request.prompt, engine.config.block_size), used)
+        observed = original(request, path)
+        assert by_bucket(observed) == by_bucket(whole)
+        return observed
+
+    telemetry.reuse_observation = checked  # type: ignore[method-assign]
+
+
 def check_invariants(
     engine: ReferenceEngine, previous: dict[str, int], finished: list[Request]
 ) -> dict[str, int]:
@@ -68,6 +104,20 @@ def check_invariants(
     # Every cached block's identity is its chain hash, however it was inserted (storage-tier
     # files are named by it).
     assert all(n.parent and n.hash == block_hash(n.parent.hash, n.key) for n in nodes)
+    # What the reuse-distance tracker was told (one call per request's path) agrees with the
+    # cache: held blocks are a hit at any size, idle ones rank by the cache's own release
+    # clock; each request's lookup keys are its prompt's chain hashes (node hashes reused).
+    far = 10**9  # pinned tokens: tells an idle block (>= far) from a held one (one block)
+    reuse = engine.telemetry.reuse
+    for n in nodes:
+        if n.ref:
+            assert reuse.distances([n.hash], far) == [bs]
+    idle = sorted((n for n in nodes if not n.ref), key=lambda n: -n.released)
+    ranks = reuse.distances([n.hash for n in idle], far)
+    assert all(far < a < b for a, b in itertools.pairwise(ranks)), ranks
+    for r in [*engine.running, *engine.waiting, *finished]:
+        if r.prefix_keys is not None:  # as far as its lookup went
+            assert r.prefix_keys == chain_hashes(r.prompt, bs)[: len(r.prefix_keys)]
     # Pinned blocks are exactly the distinct blocks the running requests hold (prefixes shared).
     held = len({b for r in engine.running for b in r.block_table})
     assert full.used_slots == held * bs
@@ -115,6 +165,7 @@ def test_invariants_hold_after_every_step(
 ) -> None:
     tmp = tmp_path_factory.mktemp("storage")  # type: ignore[attr-defined]
     engine = make_engine(small_engine_config, tmp, hybrid, tiers, max_running)
+    observe_whole_prompts(engine)
     previous: dict[str, int] = {}
     submitted: list[Request] = []
     try:
@@ -171,3 +222,29 @@ def test_cached_runs_generate_what_cold_runs_generate(
     finally:
         assert engine.storage is not None
         engine.storage.close()
+
+
+def test_a_sampled_lookup_stops_hashing_only_where_the_rest_is_cold(
+    small_engine_config: EngineConfig, tmp_path: Path
+) -> None:
+    """With spatial sampling the engine hashes past unsampled blocks and stops at the first
+    sampled block the tracker does not know: the buckets equal a lookup of the whole prompt's
+    keys at every admission, while the rate falls as memory fills."""
+    engine = make_engine(small_engine_config, tmp_path, hybrid=False, tiers=False, max_running=4)
+    reuse = engine.telemetry.reuse
+    reuse.max_tracked = 40  # a few requests' blocks: the threshold halves again and again
+    observe_whole_prompts(engine)
+    rng = random.Random(11)
+    shared = [[rng.randrange(512) for _ in range(40)] for _ in range(6)]
+    submitted = []
+    for _ in range(300):
+        prefix = rng.choice(shared)[: rng.randrange(4, 40)]
+        tail = [rng.randrange(512) for _ in range(rng.randrange(1, 30))]
+        submitted.append(engine.submit(prefix + tail, 2))
+        for _ in range(rng.randrange(0, 3)):
+            engine.step()
+    while not all(r.done.is_set() for r in submitted):
+        engine.step()
+    hist = engine.snapshot().reuse_distance
+    assert hist is not None and hist.sampling_rate <= 1 / 8 and reuse.tracked <= 40
+    assert hist.cumulative_tokens[-1] > 0  # sampled hits were counted

@@ -79,28 +79,36 @@ def trace(seed: int, n: int, prefixes: int = 6) -> list[list[int]]:
     return out
 
 
-def test_recency_order_counts_newer_releases_through_renumbering() -> None:
-    order = RecencyOrder(capacity=4)  # tiny: renumbering happens every few releases
+@pytest.mark.parametrize("keys", [40, 3000])
+def test_recency_order_counts_newer_releases_through_renumbering(keys: int) -> None:
+    """Single and batched removals and releases, against the definition; 3,000 keys spread
+    the times over many tombstone chunks, and renumbering happens every few releases."""
+    order = RecencyOrder(capacity=4)
     exact = ExactDistances()
     rng = random.Random(3)
-    for step in range(2000):
-        key = rng.randrange(40)
-        if rng.random() < 0.2:
-            order.remove(key)
-            exact.pinned(key)
+    for step in range(4000):
+        batch = rng.sample(range(keys), rng.choice((1, 1, 2, 7, 40)))  # distinct keys
+        pin = rng.random() < 0.2
+        if len(batch) == 1:
+            (order.remove if pin else order.release)(batch[0])
         else:
-            order.release(key)
-            exact.release(key)
-        probe = rng.randrange(40)
-        if probe in exact.released:
-            want = (exact.distance(probe, 0) - BS) / BS
-            assert order.newer_than(probe) == want, step
-        assert (probe in order) == (probe in exact.released)
+            (order.remove_all if pin else order.release_all)(batch)
+        for key in batch:
+            exact.pinned(key) if pin else exact.release(key)
+        for probe in rng.sample(range(keys), 3):
+            if probe in exact.released:
+                want = (exact.distance(probe, 0) - BS) / BS
+                assert order.newer_than(probe) == want, step
+            assert (probe in order) == (probe in exact.released)
     assert len(order) == len(exact.released)
+    assert order.snapshot_keys() == sorted(exact.released, key=exact.released.__getitem__)
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("seed", range(8))
-def test_unsampled_distances_equal_the_definition(seed: int) -> None:
+def test_unsampled_distances_equal_the_definition(seed: int, batched: bool) -> None:
+    """Events one block at a time (the vLLM adapter) or a request's blocks in one call (the
+    reference engine): the same distances, the definition's."""
     rng = random.Random(seed)
     tracker = ReuseDistanceTracker(BS, pool_tokens=64, max_tracked=10**9)
     exact = ExactDistances()
@@ -118,18 +126,43 @@ def test_unsampled_distances_equal_the_definition(seed: int) -> None:
             for d in want
         ]
         tracker.record(len(prompt), observed)
+        if batched:
+            tracker.pinned_all([k for k in keys if not any(k in other for other in running)])
+        else:
+            for k in keys:
+                tracker.pinned(k)
         for k in keys:
-            tracker.pinned(k)
             exact.pinned(k)
         running.append(keys)
         pinned_tokens += len(keys) * BS
         while running and (len(running) > 3 or rng.random() < 0.5):
             done = running.pop(rng.randrange(len(running)))
             pinned_tokens -= len(done) * BS
-            for k in reversed(done):  # leaf first, as the engines release
-                if not any(k in other for other in running):
+            # leaf first, as the engines release; blocks other requests hold stay held
+            idle = [k for k in reversed(done) if not any(k in other for other in running)]
+            if batched:
+                tracker.released_all(idle)
+            for k in idle:
+                exact.release(k)
+                if not batched:
                     tracker.released(k)
-                    exact.release(k)
+
+
+def test_keys_out_of_the_engines_order_are_bucketed_one_by_one() -> None:
+    """Held and idle blocks after a cold one (not the engines' order): still each block's own
+    bucket, as its distance says."""
+    tracker = ReuseDistanceTracker(BS, pool_tokens=16, max_tracked=10**9)
+    idle = [("idle", i) for i in range(40)]
+    tracker.released_all(idle)
+    tracker.pinned(("held", 0))
+    keys = [idle[39], idle[30], ("cold", 0), idle[38], ("held", 0), idle[0], ("cold", 1)]
+    buckets = sorted(b for b, n, _ in tracker.observe(keys, 8) for _ in range(n))
+    want = [
+        len(tracker.bounds) + 1 if d == math.inf else bisect.bisect_left(tracker.bounds, d)
+        for d in tracker.distances(keys, 8)
+    ]
+    assert buckets == sorted(want)
+    assert want.count(len(tracker.bounds) + 1) == 2 and len(set(want)) >= 4
 
 
 def lru_replay(prompts: list[list[int]], pool_blocks: int) -> tuple[int, int]:
@@ -204,6 +237,29 @@ def sampled_vs_exact(seed: int, max_tracked: int) -> tuple[list[float], float]:
         for a, b in zip(e.cumulative_tokens, s.cumulative_tokens, strict=True)
     ]
     return errors, sampled.rate
+
+
+def test_batched_events_sample_and_bound_memory_as_single_ones() -> None:
+    """A request's blocks told in one call: the same sampling, memory bound (the threshold
+    lowered mid-batch) and histogram as the same events one by one."""
+    rng = random.Random(5)
+    shared = [[rng.randrange(10**6) for _ in range(64)] for _ in range(300)]
+    single, batched = (ReuseDistanceTracker(BS, pool_tokens=512, max_tracked=600) for _ in "ab")
+    for _ in range(1500):
+        prompt = rng.choice(shared) + [rng.randrange(10**6) for _ in range(9)]
+        keys = [hashlib.blake2b(repr(k).encode(), digest_size=16).digest() for k in chains(prompt)]
+        for t in (single, batched):
+            t.lookup(keys, len(prompt), 0)
+        for k in keys:
+            single.pinned(k)
+        batched.pinned_all(keys)
+        for k in reversed(keys):
+            single.released(k)
+        batched.released_all(keys[::-1])
+        assert (batched.rate, batched.tracked) == (single.rate, single.tracked)
+        assert batched.tracked <= 600
+    assert single.rate < 1 / 4  # the bound was hit, and the threshold lowered, several times
+    assert batched.histogram() == single.histogram()
 
 
 def test_sampling_keeps_memory_bounded_and_is_unbiased() -> None:

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,7 +94,7 @@ def _tracked_block_class(
                 else:
                     sampled = int.from_bytes(key[:4], "little") < recency.threshold
                 if sampled:
-                    (recency.released if value == 0 else recency.pinned)(key)
+                    (recency.released_sampled if value == 0 else recency.pinned_sampled)(key)
 
     def set_hash(self: Any, value: Any) -> None:
         old = hash_get(self)
@@ -107,7 +107,7 @@ def _tracked_block_class(
                 if (self.block_id * SCRAMBLE) & MASK < recency.threshold:
                     recency.forget(self.block_id)
                 if int.from_bytes(value[:4], "little") < recency.threshold:
-                    recency.pinned(value)
+                    recency.pinned_sampled(value)
 
     def set_null(self: Any, value: bool) -> None:
         was = ref_get(self) == 0 and hash_get(self) is not None and not null_get(self)
@@ -174,7 +174,13 @@ def kv_allocation_bytes(kv_cache_config: Any) -> int:
 class BlockPoolTracker:
     """Counts of a live vLLM KVCacheManager's block pool, maintained incrementally."""
 
-    def __init__(self, kv_cache_manager: Any, kv_cache_config: Any, facts: EngineFacts) -> None:
+    def __init__(
+        self,
+        kv_cache_manager: Any,
+        kv_cache_config: Any,
+        facts: EngineFacts,
+        reuse_distances: bool = True,
+    ) -> None:
         self.manager = kv_cache_manager
         self.pool = kv_cache_manager.block_pool
         for attr in ("blocks", "free_block_queue", "get_num_free_blocks", "num_gpu_blocks"):
@@ -215,7 +221,12 @@ class BlockPoolTracker:
         self._sequence = 0
         self._evictable = _Count(brute_force_evictable(self.pool))
         usable_tokens = (self.num_blocks - 1) * self.block_size
-        self.reuse = ReuseDistanceTracker(self.block_size, max(usable_tokens, self.block_size))
+        # The what-if curve (KVCACHE_SHIM_REUSE_DISTANCE=off leaves it out, and its cost).
+        self.reuse = (
+            ReuseDistanceTracker(self.block_size, max(usable_tokens, self.block_size))
+            if reuse_distances
+            else None
+        )
         # Lookups' distances from get_computed_blocks until the stats record the admission.
         self._lookups: dict[str, Observation] = {}
         block_class = type(self.pool.blocks[0])
@@ -223,9 +234,10 @@ class BlockPoolTracker:
         for block in self.pool.blocks:
             block.__class__ = tracked
         self._wrap_prefix_stats()
-        self._wrap_lookups()
+        if self.reuse is not None:
+            self._wrap_lookups(self.reuse)
 
-    def _wrap_lookups(self) -> None:
+    def _wrap_lookups(self, reuse: ReuseDistanceTracker) -> None:
         """Reuse distances of a new request's prompt blocks, taken before the lookup pins them.
 
         The keys are the first KV group's (vLLM stores ``block hash + group id``); on hybrid
@@ -237,7 +249,7 @@ class BlockPoolTracker:
             hashes = getattr(request, "block_hashes", None)
             if getattr(request, "num_preemptions", 0) <= 0 and isinstance(hashes, list):
                 cacheable = min(len(hashes), (int(request.num_tokens) - 1) // self.block_size)
-                threshold = self.reuse.threshold
+                threshold = reuse.threshold
                 keys = [
                     bytes(h) + suffix
                     for h in hashes[:cacheable]
@@ -246,7 +258,7 @@ class BlockPoolTracker:
                 used, _, _ = self.counts()
                 if len(self._lookups) > 4096:  # requests aborted while waiting
                     self._lookups.clear()
-                observed = self.reuse.observe(keys, used * self.block_size)
+                observed = reuse.observe(keys, used * self.block_size)
                 self._lookups[request.request_id] = observed
             return original(request, *args, **kwargs)
 
@@ -262,7 +274,7 @@ class BlockPoolTracker:
             if lookup_enabled(request) and getattr(request, "num_preemptions", 0) <= 0:
                 self.prefix_query_tokens += int(request.num_tokens)
                 self.prefix_hit_tokens += int(num_hits)
-                if looked_up is not None:
+                if looked_up is not None and self.reuse is not None:
                     self.reuse.record(int(request.num_tokens), looked_up)
             original(request, num_hits)
 
@@ -318,7 +330,7 @@ class BlockPoolTracker:
                 preemptions=self.preemptions,
                 iterations=self.iterations,
             ),
-            reuse_distance=self.reuse.histogram(),
+            reuse_distance=None if self.reuse is None else self.reuse.histogram(),
         )
 
 
@@ -331,6 +343,15 @@ def _group_kind(spec: Any) -> str:
     if "FullAttention" in name or "MLAAttention" in name:
         return "full_attention"
     return "other"
+
+
+def reuse_distances_enabled(environ: Mapping[str, str] = os.environ) -> bool:
+    """``KVCACHE_SHIM_REUSE_DISTANCE``: ``on`` (the default) or ``off``; anything else stops
+    the start with a message that names the variable, rather than guessing."""
+    value = environ.get("KVCACHE_SHIM_REUSE_DISTANCE", "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"KVCACHE_SHIM_REUSE_DISTANCE must be 'on' or 'off', got {value[:40]!r}")
+    return value == "on"
 
 
 def _listen_address(dp_rank: int) -> tuple[str, int]:
@@ -539,10 +560,14 @@ def _scheduler_class() -> type:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             self._kvcache_class = KVCacheShimScheduler
+            reuse_distances = reuse_distances_enabled()  # a bad value stops the start early
             super().__init__(*args, **kwargs)
             facts = _facts_from_config(self.vllm_config, self.kv_cache_config)
             self.kvcache_tracker = BlockPoolTracker(
-                self.kv_cache_manager, self.kv_cache_config, facts
+                self.kv_cache_manager,
+                self.kv_cache_config,
+                facts,
+                reuse_distances=reuse_distances,
             )
             self._kvcache_view = LiveView(self.kvcache_tracker, self.get_request_counts)
             host, port = _listen_address(facts.dp_rank)

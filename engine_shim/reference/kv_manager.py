@@ -6,6 +6,8 @@ or is preempted (the scheduler does) and keeps no statistics (telemetry does).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kvstats.capacity import (
@@ -131,19 +133,27 @@ class KVManager:
 
     # ------------------------------------------------------------------ admission
 
-    def allocate_for_admission(self, request: Request) -> dict[str, int] | None:
-        """Blocks for the whole request, cached prefix first; the hit tokens by tier, or None
-        (and nothing held) when the pools cannot take it now."""
+    def match(self, request: Request) -> list[Node]:
+        """The request's cached prefix now (nothing pinned). At least one token is computed,
+        so that prefill yields the next token's logits: the last token is never looked up."""
+        return self.cache.match(request.tokens[: len(request.tokens) - 1])
+
+    def allocate_for_admission(
+        self, request: Request, path: list[Node] | None = None
+    ) -> dict[str, int] | None:
+        """Blocks for the whole request, cached prefix first (``path``: ``match``'s answer,
+        when the caller just asked); the hit tokens by tier, or None (and nothing held) when
+        the pools cannot take it now."""
         bs = self.config.block_size
         tokens = request.tokens
-        # At least one token is computed so that prefill yields the next token's logits.
         cacheable = len(tokens) - 1
         hits = dict.fromkeys(TIERS, 0)
-        for node in self.cache.match(tokens[:cacheable]):
-            self.cache.pin(node)
-            request.nodes.append(node)
-            request.block_table.append(node.block)
-            hits["device"] += bs
+        if path is None:
+            path = self.match(request)
+        self.cache.pin_all(path)
+        request.nodes += path
+        request.block_table += [node.block for node in path]
+        hits["device"] = len(path) * bs
         self._load_from_lower_tiers(request, cacheable, hits)
         request.num_computed = len(request.block_table) * bs
 
@@ -238,8 +248,16 @@ class KVManager:
 
     def _commit_full_blocks(self, request: Request) -> None:
         """Insert newly filled blocks into the prefix cache (and write them through to storage)."""
+        inserted: list[Node] = []
+        try:
+            self._insert_filled_blocks(request, inserted)
+        finally:
+            self.cache.announce_held(inserted)  # one call for the request's new blocks
+
+    def _insert_filled_blocks(self, request: Request, inserted: list[Node]) -> None:
         bs = self.config.block_size
         tokens = request.tokens
+        keys = request.prefix_keys  # the prompt's chain hashes, when already computed
         for i in range(request.committed_blocks, request.num_computed // bs):
             if request.nodes[i] is not None:
                 request.committed_blocks = i + 1
@@ -247,15 +265,16 @@ class KVManager:
             parent = self.cache.root if i == 0 else request.nodes[i - 1]
             if parent is None:
                 return  # an uncached (duplicate) block breaks the chain: the rest stays private
-            keys = request.prefix_keys  # the prompt's chain hashes, when already computed
             node = self.cache.insert(
                 parent,
                 tuple(tokens[i * bs : (i + 1) * bs]),
                 request.block_table[i],
                 keys[i] if keys is not None and i < len(keys) else None,
+                announce=False,
             )
             if node is None:
                 return
+            inserted.append(node)
             request.nodes[i] = node
             request.committed_blocks = i + 1
             if self.storage is not None:
@@ -311,13 +330,32 @@ class KVManager:
 
     # -------------------------------------------------------------- release paths
 
-    def prefix_keys(self, tokens: list[int]) -> list[bytes]:
+    def prefix_keys(
+        self,
+        tokens: list[int],
+        path: list[Node],
+        go_on: Callable[[bytes], bool],
+        known: list[bytes] | None = None,
+    ) -> list[bytes]:
         """Chain hashes of the full blocks a lookup of ``tokens`` may hit (the last token is
-        always computed), root first: the blocks' identities across evictions and tiers."""
-        bs, parent, keys = self.config.block_size, ROOT_HASH, []
-        for start in range(0, len(tokens) - bs, bs):
-            parent = block_hash(parent, tuple(tokens[start : start + bs]))
+        always computed), root first: the blocks' identities across evictions and tiers.
+        The cached ones' (``path``, ``match``'s answer) are on their nodes; past them, blocks
+        are hashed while ``go_on(hash)`` (the request reuses them when it inserts them), or
+        taken from ``known`` (an earlier attempt's keys)."""
+        bs = self.config.block_size
+        keys = [node.hash for node in path]
+        known = known or []
+        parent = keys[-1] if keys else ROOT_HASH
+        for start in range(len(keys) * bs, len(tokens) - bs, bs):
+            i = start // bs
+            parent = (
+                known[i]
+                if i < len(known)
+                else block_hash(parent, tuple(tokens[start : start + bs]))
+            )
             keys.append(parent)
+            if not go_on(parent):
+                break
         return keys
 
     def release(self, request: Request) -> None:
@@ -325,12 +363,15 @@ class KVManager:
 
         Leaf first: a parent is released last, so it is at least as recent as its children
         (the radix cache evicts leaves first; recency then agrees with that)."""
-        pairs = list(zip(request.block_table, request.nodes, strict=True))
-        for block, node in reversed(pairs):
+        if len(request.block_table) != len(request.nodes):
+            raise AssertionError("a request's block table and nodes disagree")
+        cached = []
+        for block, node in zip(reversed(request.block_table), reversed(request.nodes), strict=True):
             if node is not None:
-                self.cache.unpin(node)
+                cached.append(node)
             else:
                 self.full_pool.release(block)
+        self.cache.unpin_all(cached)
         if self.swa_pool is not None:
             for block in request.swa_table:
                 if block >= 0:

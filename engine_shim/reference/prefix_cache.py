@@ -17,7 +17,7 @@ import hashlib
 import heapq
 import itertools
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .pool import BlockPool
@@ -44,10 +44,11 @@ class Node:
 
 
 # Called with (node) just before an evicted node's block returns to the free list; and, for
-# whoever watches recency (the reuse-distance tracker), with a node's hash when it becomes held
-# or idle.
+# whoever watches recency (the reuse-distance tracker), with the hashes of the nodes that
+# became held or idle, in order: one call per request's path, not one per node, since these
+# run for every block a request pins or releases.
 EvictHook = Callable[[Node], None]
-HashHook = Callable[[bytes], None]
+HashesHook = Callable[[list[bytes]], None]
 
 
 class PrefixCache:
@@ -55,8 +56,8 @@ class PrefixCache:
         self.pool = pool
         self.root = Node(key=(), block=-1, hash=ROOT_HASH, parent=None, ref=1)
         self.on_evict = on_evict
-        self.on_held: HashHook | None = None  # ref 0 -> 1, and a newly inserted node
-        self.on_idle: HashHook | None = None  # ref 1 -> 0
+        self.on_held: HashesHook | None = None  # ref 0 -> 1, and newly inserted nodes
+        self.on_idle: HashesHook | None = None  # ref 1 -> 0
         self.evictable_blocks = 0
         self.evicted_blocks = 0
         # Unpinned leaves by release time (oldest first): the only nodes eviction may take.
@@ -81,23 +82,38 @@ class PrefixCache:
         return path
 
     def pin(self, node: Node) -> None:
-        if node.ref == 0:
-            self.evictable_blocks -= 1
-            if self.on_held is not None:
-                self.on_held(node.hash)
-        node.ref += 1
+        self.pin_all((node,))
+
+    def pin_all(self, nodes: Iterable[Node]) -> None:
+        held = []
+        for node in nodes:
+            if node.ref == 0:
+                self.evictable_blocks -= 1
+                held.append(node.hash)
+            node.ref += 1
+        if held and self.on_held is not None:
+            self.on_held(held)
 
     def unpin(self, node: Node) -> None:
-        if node.ref <= 0:
-            raise AssertionError("unpin of an unpinned node")
-        node.ref -= 1
-        if node.ref == 0:
-            self.evictable_blocks += 1
-            node.released = next(self._clock)
-            if self.on_idle is not None:
-                self.on_idle(node.hash)
-            if not node.children:
-                self._push(node)
+        self.unpin_all((node,))
+
+    def unpin_all(self, nodes: Iterable[Node]) -> None:
+        """Drop one pin of each node, in the order given (a request's path: leaf first)."""
+        idle = []
+        try:
+            for node in nodes:
+                if node.ref <= 0:
+                    raise AssertionError("unpin of an unpinned node")
+                node.ref -= 1
+                if node.ref == 0:
+                    self.evictable_blocks += 1
+                    node.released = next(self._clock)
+                    idle.append(node.hash)
+                    if not node.children:
+                        self._push(node)
+        finally:  # the nodes released before a misuse are idle all the same
+            if idle and self.on_idle is not None:
+                self.on_idle(idle)
 
     def _push(self, node: Node) -> None:
         heapq.heappush(self._heap, (node.released, next(self._tie), node))
@@ -116,12 +132,18 @@ class PrefixCache:
         )
 
     def insert(
-        self, parent: Node, key: tuple[int, ...], block: int, digest: bytes | None = None
+        self,
+        parent: Node,
+        key: tuple[int, ...],
+        block: int,
+        digest: bytes | None = None,
+        announce: bool = True,
     ) -> Node | None:
         """Cache a freshly filled block under ``parent``, pinned once by its writer.
 
         Returns None when an identical block is already cached (two requests computed the
         same prefix concurrently); the caller keeps its copy private and frees it later.
+        ``announce=False``: the caller tells ``announce_held`` of its new nodes together.
         """
         if key in parent.children:
             return None
@@ -129,9 +151,14 @@ class PrefixCache:
             digest = block_hash(parent.hash, key)
         node = Node(key=key, block=block, hash=digest, parent=parent, ref=1)
         parent.children[key] = node  # the parent is no longer a leaf: its entry goes stale
-        if self.on_held is not None:
-            self.on_held(node.hash)
+        if announce and self.on_held is not None:
+            self.on_held([digest])
         return node
+
+    def announce_held(self, nodes: list[Node]) -> None:
+        """Newly inserted nodes (``insert(..., announce=False)``) are held by their writers."""
+        if nodes and self.on_held is not None:
+            self.on_held([node.hash for node in nodes])
 
     # ----------------------------------------------------------------------- eviction
 

@@ -67,7 +67,8 @@ class Request:
     swa_released: int = 0
     cached_tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
     admitted_once: bool = False
-    # Chain hashes of its prompt's cacheable blocks, for the reuse-distance tracker (lazily).
+    # Chain hashes of its prompt's first blocks, as far as its reuse-distance lookup went
+    # (reused when it inserts them).
     prefix_keys: list[bytes] | None = None
     finish_reason: str | None = None
     done: threading.Event = field(default_factory=threading.Event)

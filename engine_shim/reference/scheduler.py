@@ -44,9 +44,10 @@ class Scheduler:
         while self.waiting and len(self.running) < self.config.max_running:
             request = self.waiting[0]
             first = not request.admitted_once
+            path = self.kv.match(request)
             # Distances are taken before admission pins the prompt's cached blocks.
-            observed = self.telemetry.reuse_observation(request) if first else None
-            hits = self.kv.allocate_for_admission(request)
+            observed = self.telemetry.reuse_observation(request, path) if first else None
+            hits = self.kv.allocate_for_admission(request, path)
             if hits is None:
                 break
             if first:

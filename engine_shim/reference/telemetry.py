@@ -13,6 +13,7 @@ from kvstats.snapshot import Counters, EngineIdentity, Pool, Requests, Snapshot,
 from .. import __version__
 from ..reuse_distance import Observation, ReuseDistanceTracker
 from .kv_manager import KVManager
+from .prefix_cache import Node
 from .request import TIERS, EngineConfig, Request
 
 iteration_log = logging.getLogger("engine_shim.iterations")
@@ -39,13 +40,16 @@ class Telemetry:
             full.capacity_slots,
             extra_bounds=itertools.accumulate(lower, initial=full.capacity_slots),
         )
-        kv.cache.on_held = self.reuse.pinned
-        kv.cache.on_idle = self.reuse.released
+        kv.cache.on_held = self.reuse.pinned_all
+        kv.cache.on_idle = self.reuse.released_all
 
-    def reuse_observation(self, request: Request) -> Observation:
-        """The reuse distances of a request's prompt blocks now, before anything is pinned."""
-        if request.prefix_keys is None:
-            request.prefix_keys = self.kv.prefix_keys(request.prompt)
+    def reuse_observation(self, request: Request, path: list[Node]) -> Observation:
+        """The reuse distances of a request's prompt blocks now, before anything is pinned
+        (``path``: its cached prefix now). Past the cached prefix, blocks are hashed only up
+        to the first cold one: the rest are cold too, and count in no bucket."""
+        request.prefix_keys = self.kv.prefix_keys(
+            request.prompt, path, self.reuse.looks_past, request.prefix_keys
+        )
         used, _, _ = self.kv.pool_counts(self.kv.full_pool)
         return self.reuse.observe(request.prefix_keys, used)
 

@@ -12,6 +12,7 @@ import random
 import time
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,6 +28,7 @@ from engine_shim.adapters.vllm import (
     BlockPoolTracker,
     LiveView,
     kv_allocation_bytes,
+    reuse_distances_enabled,
 )
 
 
@@ -92,6 +94,35 @@ def test_counts_equal_a_brute_force_count_after_every_step(
         d.free(request)
         d.check()
     assert tracker.counts()[0] == 0
+
+
+def test_reuse_distances_off_leaves_out_the_curve_and_nothing_else() -> None:
+    """KVCACHE_SHIM_REUSE_DISTANCE=off: no reuse section, the same counts as with it on."""
+    counts = {}
+    for on in (True, False):
+        m, tracker = manager(32, reuse_distances=on)
+        d = Driver(m, tracker)
+        for i in range(12):
+            r = d.admit(list(range(64)) + [i * 1000 + j for j in range(40)])
+            assert r is not None
+            d.check()
+            d.free(r)
+            d.check()
+        snap = tracker.snapshot(0, 0)
+        assert (snap.reuse_distance is not None) is on
+        assert isinstance(type(m.block_pool.blocks[1]).ref_cnt, property)  # still counted
+        counts[on] = (
+            tracker.counts(),
+            snap.counters.prefix_query_tokens,
+            snap.counters.prefix_hit_tokens,
+        )
+    assert counts[True] == counts[False]
+    assert (
+        reuse_distances_enabled({})
+        and reuse_distances_enabled({"KVCACHE_SHIM_REUSE_DISTANCE": " OFF "}) is False
+    )
+    with pytest.raises(ValueError, match="KVCACHE_SHIM_REUSE_DISTANCE must be 'on' or 'off'"):
+        reuse_distances_enabled({"KVCACHE_SHIM_REUSE_DISTANCE": "0"})
 
 
 def test_a_preempted_request_readmitted_is_not_a_new_prefix_query() -> None:
