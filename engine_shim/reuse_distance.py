@@ -121,21 +121,32 @@ class RecencyOrder:
         self._next += 1
 
     def release_all(self, keys: Sequence[Hashable]) -> None:
-        """``release`` of each of ``keys`` (distinct) in order, in one pass."""
+        """``release`` of each of ``keys`` in order, in one pass."""
         self.remove_all(keys)  # usually none: they were held, not idle
-        n = len(keys)
+        n, live = len(keys), len(self._time)
         if self._next + n > self._capacity:
             self._renumber(n)
-        self._time.update(zip(keys, range(self._next, self._next + n), strict=True))
+        start = self._next
+        self._time.update(zip(keys, range(start, start + n), strict=True))
         self._next += n
+        if len(self._time) - live != n:  # a key given twice: its last release counts
+            for key in keys:
+                self._time.pop(key, None)
+            for t in range(start, start + n):
+                self._bury(t)
+            for key in list(dict.fromkeys(reversed(keys)))[::-1]:
+                self.release(key)
+
+    def _bury(self, t: int) -> None:
+        self._dead[t] = 1
+        self._dead_in_chunk[t >> CHUNK_BITS] += 1
+        self._dead_count += 1
+        self._dead_before = None
 
     def remove(self, key: Hashable) -> None:
         t = self._time.pop(key, None)
         if t is not None:
-            self._dead[t] = 1
-            self._dead_in_chunk[t >> CHUNK_BITS] += 1
-            self._dead_count += 1
-            self._dead_before = None
+            self._bury(t)
 
     def remove_all(self, keys: Sequence[Hashable]) -> None:
         if self._time.keys().isdisjoint(keys):  # e.g. new blocks: a C-speed test, no loop
@@ -264,8 +275,7 @@ class ReuseDistanceTracker:
                 self._bound_memory()
 
     def released_all(self, keys: Sequence[Hashable]) -> None:
-        """``released`` of each key in order (distinct keys: one request's blocks, leaf
-        first)."""
+        """``released`` of each key in order (one request's blocks, leaf first)."""
         keys = self._sampled_keys(keys)
         if keys:
             self._held.difference_update(keys)

@@ -87,7 +87,9 @@ def test_recency_order_counts_newer_releases_through_renumbering(keys: int) -> N
     exact = ExactDistances()
     rng = random.Random(3)
     for step in range(4000):
-        batch = rng.sample(range(keys), rng.choice((1, 1, 2, 7, 40)))  # distinct keys
+        batch = rng.sample(range(keys), rng.choice((1, 1, 2, 7, 40)))
+        if len(batch) > 2 and rng.random() < 0.1:
+            batch.insert(rng.randrange(len(batch)), batch[-1])  # a key given twice
         pin = rng.random() < 0.2
         if len(batch) == 1:
             (order.remove if pin else order.release)(batch[0])
