@@ -149,6 +149,7 @@ class RecencyOrder:
             self._bury(t)
 
     def remove_all(self, keys: Sequence[Hashable]) -> None:
+        """``remove`` of each key (``_bury`` inlined: this loop runs for every pinned block)."""
         if self._time.keys().isdisjoint(keys):  # e.g. new blocks: a C-speed test, no loop
             return
         pop, dead, dead_in_chunk, removed = self._time.pop, self._dead, self._dead_in_chunk, 0
@@ -300,10 +301,12 @@ class ReuseDistanceTracker:
         if key in self._held:
             return float(self.block_size)  # another running request holds it: always a hit
         t = self._idle.time_of(key)
-        if t is None:
-            return math.inf
-        # The block itself, and each sampled block released since for 1/rate blocks (scaling
-        # the block itself too would add 1/rate - 1 blocks of bias).
+        return math.inf if t is None else self._idle_distance(t, pinned_tokens)
+
+    def _idle_distance(self, t: int, pinned_tokens: int) -> float:
+        """The distance of the idle block released at ``t``: the pinned tokens, the block
+        itself, and each sampled block released since for 1/rate blocks (scaling the block
+        itself too would add 1/rate - 1 blocks of bias)."""
         return (
             pinned_tokens
             + self.block_size
@@ -366,13 +369,12 @@ class ReuseDistanceTracker:
         self, times: list[int | None], c: int, pinned_tokens: int, out: Observation
     ) -> None:
         """Buckets of ``times[:c]``: idle blocks, newest release first."""
-        newer, bounds = self._idle.newer_than_time, self.bounds
-        base, scale = pinned_tokens + self.block_size, self.block_size / self.rate
+        bounds, idle_distance = self.bounds, self._idle_distance
 
         def distance(i: int) -> float:
             t = times[i]
             assert t is not None
-            return base + scale * newer(t)
+            return idle_distance(t, pinned_tokens)
 
         index, start, first = range(c), 0, distance(0)
         last_bucket = bisect.bisect_left(bounds, distance(c - 1))

@@ -59,6 +59,13 @@ class ExactDistances:
         return float(pinned_tokens + BS * (1 + newer))
 
 
+def bucket_of(tracker: ReuseDistanceTracker, distance: float) -> int:
+    """The bucket a distance belongs in, from the bounds (cold: one past the last)."""
+    if distance == math.inf:
+        return len(tracker.bounds) + 1
+    return bisect.bisect_left(tracker.bounds, distance)
+
+
 def chains(prompt: list[int]) -> list[tuple[int, ...]]:
     """Block keys of a prompt's cacheable full blocks: the whole prefix up to each block."""
     cacheable = len(prompt) - 1
@@ -124,8 +131,7 @@ def test_unsampled_distances_equal_the_definition(seed: int, batched: bool) -> N
         assert all(a <= b for a, b in itertools.pairwise(got)), "distances along a prompt"
         observed = tracker.observe(keys, pinned_tokens)  # by bisection: the same buckets
         assert sorted(b for b, n, _ in observed for _ in range(n)) == [
-            len(tracker.bounds) + 1 if d == math.inf else bisect.bisect_left(tracker.bounds, d)
-            for d in want
+            bucket_of(tracker, d) for d in want
         ]
         tracker.record(len(prompt), observed)
         if batched:
@@ -159,10 +165,7 @@ def test_keys_out_of_the_engines_order_are_bucketed_one_by_one() -> None:
     tracker.pinned(("held", 0))
     keys = [idle[39], idle[30], ("cold", 0), idle[38], ("held", 0), idle[0], ("cold", 1)]
     buckets = sorted(b for b, n, _ in tracker.observe(keys, 8) for _ in range(n))
-    want = [
-        len(tracker.bounds) + 1 if d == math.inf else bisect.bisect_left(tracker.bounds, d)
-        for d in tracker.distances(keys, 8)
-    ]
+    want = [bucket_of(tracker, d) for d in tracker.distances(keys, 8)]
     assert buckets == sorted(want)
     assert want.count(len(tracker.bounds) + 1) == 2 and len(set(want)) >= 4
 

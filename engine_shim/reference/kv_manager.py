@@ -248,23 +248,17 @@ class KVManager:
 
     def _commit_full_blocks(self, request: Request) -> None:
         """Insert newly filled blocks into the prefix cache (and write them through to storage)."""
-        inserted: list[Node] = []
-        try:
-            self._insert_filled_blocks(request, inserted)
-        finally:
-            self.cache.announce_held(inserted)  # one call for the request's new blocks
-
-    def _insert_filled_blocks(self, request: Request, inserted: list[Node]) -> None:
         bs = self.config.block_size
         tokens = request.tokens
         keys = request.prefix_keys  # the prompt's chain hashes, when already computed
+        inserted: list[Node] = []
         for i in range(request.committed_blocks, request.num_computed // bs):
             if request.nodes[i] is not None:
                 request.committed_blocks = i + 1
                 continue
             parent = self.cache.root if i == 0 else request.nodes[i - 1]
             if parent is None:
-                return  # an uncached (duplicate) block breaks the chain: the rest stays private
+                break  # an uncached (duplicate) block breaks the chain: the rest stays private
             node = self.cache.insert(
                 parent,
                 tuple(tokens[i * bs : (i + 1) * bs]),
@@ -273,12 +267,13 @@ class KVManager:
                 announce=False,
             )
             if node is None:
-                return
+                break
             inserted.append(node)
             request.nodes[i] = node
             request.committed_blocks = i + 1
             if self.storage is not None:
                 self.storage.put(node.hash, self.full_pool.block_data(node.block))
+        self.cache.announce_held(inserted)  # one call for the request's new blocks
 
     def next_token(self, model: ToyModel, request: Request) -> int:
         tokens = request.tokens
@@ -363,10 +358,9 @@ class KVManager:
 
         Leaf first: a parent is released last, so it is at least as recent as its children
         (the radix cache evicts leaves first; recency then agrees with that)."""
-        if len(request.block_table) != len(request.nodes):
-            raise AssertionError("a request's block table and nodes disagree")
+        pairs = list(zip(request.block_table, request.nodes, strict=True))
         cached = []
-        for block, node in zip(reversed(request.block_table), reversed(request.nodes), strict=True):
+        for block, node in reversed(pairs):
             if node is not None:
                 cached.append(node)
             else:
