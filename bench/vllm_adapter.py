@@ -5,8 +5,12 @@ Run in the vLLM environment: ``.venv-vllm/bin/python bench/vllm_adapter.py``.
 A step is what the scheduler asks of the KV cache manager in a decode-heavy batch: every
 running request grows by one token (a new block every 16), a few finish (their blocks become
 evictable prefix cache) and are replaced by new requests that hit a shared prefix. The same
-seeded steps run with the plain manager and with the adapter attached (block tracking plus
-one snapshot per step), side by side, at 10k, 100k and 1M blocks.
+seeded steps run with the plain manager and with the adapter attached, side by side: the
+tracked blocks' setters, the lookup and stats wrappers, and what the scheduler subclass adds to
+each step (its lock around schedule and update_from_output, the high-water marks, the clock,
+the iteration count). A snapshot is built per stats read, not per step: its cost is timed on
+its own (``snapshot``), and amortised over a 1 s poll it is the per-read figure / steps per
+second. Run once per vLLM release (``PYTHONPATH=.venv-vllm/matrix/0.32.0``) to compare them.
 """
 
 from __future__ import annotations
@@ -22,16 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from devtools.vllm_pool import MAX_LEN, Driver, new_manager
-from engine_shim.adapters.vllm import BlockPoolTracker, EngineFacts, brute_force_evictable
+from engine_shim.adapters.vllm import BlockPoolTracker, EngineFacts, LiveView, brute_force_evictable
 
 
 def run(
     num_blocks: int, tracked: bool, steps: int, batch: int, seed: int, reuse: bool = True
-) -> tuple[list[float], float]:
+) -> tuple[list[float], float, float]:
     m, config = new_manager(num_blocks)
     facts = EngineFacts(model="bench", max_model_len=MAX_LEN)
     tracker = BlockPoolTracker(m, config, facts, reuse_distances=reuse) if tracked else None
     driver = Driver(m, tracker)  # type: ignore[arg-type]
+    view = None if tracker is None else LiveView(tracker, lambda: (len(driver.running), 0))
     rng = random.Random(seed)
     shared = [rng.randrange(30000) for _ in range(512)]
 
@@ -49,47 +54,63 @@ def run(
                 new_request()
             elif not driver.decode(request, rng.randrange(30000)):
                 driver.free(request)
-        if tracker is not None:
-            tracker.iterations += 1
-            tracker.snapshot(len(driver.running), 0)
+        if view is not None:  # what KVCacheShimScheduler adds around the two calls of a step
+            with view.lock:  # schedule()
+                view.steps_in_flight += 1
+                view.tracker.note_step()
+                view.touched()
+            with view.lock:  # update_from_output()
+                view.steps_in_flight -= 1
+                view.tracker.iterations += 1
+                view.tracker.note_step()
+                view.touched()
         times.append(time.perf_counter() - start)
-    scan = 0.0
-    if tracker is not None:
+    scan = read = 0.0
+    if tracker is not None and view is not None:
         t0 = time.perf_counter()
         assert brute_force_evictable(m.block_pool) == tracker.evictable_blocks
         scan = time.perf_counter() - t0
-    return times, scan
+        t0 = time.perf_counter()
+        for _ in range(200):
+            view.snapshot()
+        read = (time.perf_counter() - t0) / 200
+    return times, scan, read
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batches", default="64,256")
+    parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
+    from vllm import __version__ as vllm_version
+
     print(
-        f"adapter cost per scheduler step ({args.batch} running requests, {args.steps} steps,"
-        f" medians; ratio = with adapter / plain vLLM)"
+        f"vLLM {vllm_version}: adapter cost per scheduler step ({args.steps} steps x {args.reps}"
+        " alternating runs, medians; ratio = with adapter / plain vLLM, same seeded steps)"
     )
-    for size in (int(s) for s in args.sizes.split(",")):
-        ratios, plain_all, shim_all, bare_all = [], [], [], []
-        for rep in range(3):  # alternate the three runs on the same seeded steps
-            plain, _ = run(size, False, args.steps, args.batch, seed=rep)
-            shim, scan = run(size, True, args.steps, args.batch, seed=rep)
-            bare, _ = run(size, True, args.steps, args.batch, seed=rep, reuse=False)
-            plain_all += plain
-            shim_all += shim
-            bare_all += bare
-            ratios.append(statistics.median(shim) / statistics.median(plain))
-        p, s = statistics.median(plain_all), statistics.median(shim_all)
-        b = statistics.median(bare_all)
-        print(
-            f"  {size:>9,} blocks: plain {p * 1e6:7.1f} us/step,"
-            f" with adapter {s * 1e6:7.1f} us/step"
-            f" (+{(s - p) * 1e6:5.1f} us, ratio {statistics.median(ratios):.3f}; of which"
-            f" reuse distances +{(s - b) * 1e6:5.1f} us: KVCACHE_SHIM_REUSE_DISTANCE=off"
-            f" {b * 1e6:7.1f} us/step); an O(N) scan instead would cost {scan * 1e3:7.1f} ms/step"
-        )
+    for batch in (int(b) for b in args.batches.split(",")):
+        for size in (int(s) for s in args.sizes.split(",")):
+            ratios, plain_all, shim_all, bare_all, reads = [], [], [], [], []
+            for rep in range(args.reps):  # alternate the three runs on the same seeded steps
+                plain, _, _ = run(size, False, args.steps, batch, seed=rep)
+                shim, scan, read = run(size, True, args.steps, batch, seed=rep)
+                bare, _, _ = run(size, True, args.steps, batch, seed=rep, reuse=False)
+                plain_all += plain
+                shim_all += shim
+                bare_all += bare
+                reads.append(read)
+                ratios.append(statistics.median(shim) / statistics.median(plain))
+            p, s = statistics.median(plain_all), statistics.median(shim_all)
+            b = statistics.median(bare_all)
+            print(
+                f"  {batch:>3} running, {size:>9,} blocks: plain {p * 1e6:7.1f} us/step,"
+                f" adapter +{(s - p) * 1e6:5.1f} us (ratio {statistics.median(ratios):.3f});"
+                f" with KVCACHE_SHIM_REUSE_DISTANCE=off +{(b - p) * 1e6:5.1f} us;"
+                f" snapshot {statistics.median(reads) * 1e6:5.1f} us per read;"
+                f" an O(N) scan would cost {scan * 1e3:6.1f} ms"
+            )
 
 
 if __name__ == "__main__":

@@ -6,23 +6,35 @@ vLLM environment (.venv-vllm).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from vllm.config import DeviceConfig, VllmConfig
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_manager import KVCacheManager
-from vllm.v1.core.kv_cache_planning import get_kv_cache_config_from_groups
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
     KVCacheConfig,
     KVCacheGroupSpec,
+    MambaSpec,
     SlidingWindowSpec,
 )
 from vllm.v1.request import Request, RequestStatus
 
-from engine_shim.adapters.vllm import BlockPoolTracker, EngineFacts, brute_force_evictable
+try:  # vLLM 0.33+ moved the planner out of kv_cache_utils
+    from vllm.v1.core.kv_cache_planning import get_kv_cache_config_from_groups
+except ImportError:
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
+
+from engine_shim.adapters.vllm import (
+    BlockPoolTracker,
+    EngineFacts,
+    brute_force_evictable,
+    brute_force_evictable_tokens,
+)
 from kvstats.snapshot import parse_snapshot
 
 BLOCK = 16
@@ -83,11 +95,48 @@ def manager(
     return m, BlockPoolTracker(m, config, facts, reuse_distances=reuse_distances)
 
 
+# A hybrid attention + Mamba model in "align" mode hashes prompts in finer units than its
+# cache blocks: vLLM then caches a prompt's tail as a *partial* entry that ends inside a block.
+HYBRID_BLOCK = 64
+HYBRID_HASH_BLOCK = 16
+HYBRID_HASHER = get_request_block_hasher(HYBRID_HASH_BLOCK, sha256)
+
+
+def partial_caching_manager(
+    num_blocks: int, reuse_distances: bool = True
+) -> tuple[KVCacheManager, BlockPoolTracker]:
+    """A real manager of full-attention + Mamba (align) groups: partial-block caching on."""
+    full = FullAttentionSpec(
+        block_size=HYBRID_BLOCK, num_kv_heads=2, head_size=64, dtype=torch.float16
+    )
+    mamba = MambaSpec(
+        block_size=HYBRID_BLOCK,
+        shapes=((full.page_size_bytes // 2,),),
+        dtypes=(torch.float16,),
+        mamba_cache_mode="align",
+        page_size_padded=full.page_size_bytes,
+    )
+    groups = [KVCacheGroupSpec(["layers.0"], full), KVCacheGroupSpec(["layers.1"], mamba)]
+    config = get_kv_cache_config_from_groups(
+        PLANNER_CONFIG, groups, num_blocks * full.page_size_bytes
+    )
+    m = KVCacheManager(
+        config,
+        max_model_len=MAX_LEN,
+        scheduler_block_size=HYBRID_BLOCK,
+        hash_block_size=HYBRID_HASH_BLOCK,
+        enable_caching=True,
+        log_stats=True,
+    )
+    facts = EngineFacts(model="tiny-hybrid", max_model_len=MAX_LEN)
+    return m, BlockPoolTracker(m, config, facts, reuse_distances=reuse_distances)
+
+
 class Driver:
     """Does what vLLM's scheduler does with a KVCacheManager, minus the model."""
 
-    def __init__(self, m: KVCacheManager, tracker: BlockPoolTracker) -> None:
-        self.m, self.tracker = m, tracker
+    def __init__(self, m: KVCacheManager, tracker: BlockPoolTracker, hasher: Any = HASHER) -> None:
+        self.m, self.tracker, self.hasher = m, tracker, hasher
         self.running: dict[str, Request] = {}
         self.preempted: dict[str, Request] = {}
         self.ids = 0
@@ -100,6 +149,11 @@ class Driver:
         pool = self.m.block_pool
         used, evictable, available = self.tracker.counts()
         assert evictable == brute_force_evictable(pool)
+        assert self.tracker.evictable_tokens == brute_force_evictable_tokens(
+            pool, self.tracker.cached_tokens
+        )
+        block = self.tracker.block_size
+        assert self.tracker.evictable_tokens <= evictable * block
         usable = pool.num_gpu_blocks - 1
         pinned = sum(1 for b in pool.blocks if b.ref_cnt > 0 and not b.is_null)
         assert used == pinned
@@ -107,7 +161,10 @@ class Driver:
         # vLLM's own figure only sees the pinned blocks.
         assert self.m.usage == pytest.approx(used / usable)
         snap = parse_snapshot(self.tracker.snapshot(len(self.running), 0).to_json())
-        assert snap.pools[0].evictable_slots == evictable * BLOCK
+        assert snap.pools[0].evictable_slots == evictable * block
+        assert snap.pools[0].evictable_prefix_tokens == self.tracker.evictable_tokens
+        peak = snap.pools[0].peak_used_slots
+        assert peak is not None and used * block <= peak <= snap.pools[0].capacity_slots
         assert (self.tracker.prefix_query_tokens, self.tracker.prefix_hit_tokens) == (
             self.first_queries,
             self.first_hits,
@@ -121,7 +178,11 @@ class Driver:
     def admit(self, prompt: list[int], max_tokens: int = 64) -> Request | None:
         self.ids += 1
         request = Request(
-            f"r{self.ids}", prompt, SamplingParams(max_tokens=max_tokens), None, block_hasher=HASHER
+            f"r{self.ids}",
+            prompt,
+            SamplingParams(max_tokens=max_tokens),
+            None,
+            block_hasher=self.hasher,
         )
         return request if self._schedule(request) else None
 

@@ -54,10 +54,18 @@ def _footprints(snapshot: Snapshot) -> list[GroupFootprint]:
     return []
 
 
+def warming_up(snapshot: Snapshot) -> bool:
+    """The engine has not sized its KV cache yet (vLLM 0.34's extensible cache before warm-up):
+    its pool is a reservation, so nothing is derived from it; capacity is unknown, not 0."""
+    return snapshot.status is not None and snapshot.status.state == "warming_up"
+
+
 def engine_max_concurrency(snapshot: Snapshot) -> float | None:
     """The engine's own figure when it reports one, else the group-aware formula."""
     if snapshot.max_concurrency is not None:
         return snapshot.max_concurrency
+    if warming_up(snapshot):
+        return None
     blocks = {p.name: p.capacity_slots // p.block_size for p in snapshot.pools}
     return max_concurrency(blocks, _footprints(snapshot))
 
@@ -67,13 +75,15 @@ def engine_capacity_tokens(snapshot: Snapshot, concurrency: float | None) -> int
     definition: max concurrency x max_model_len."""
     if snapshot.capacity_tokens is not None:
         return snapshot.capacity_tokens
-    if concurrency is None or snapshot.max_model_len is None:
+    if concurrency is None or snapshot.max_model_len is None or warming_up(snapshot):
         return None
     return kv_cache_size_tokens(concurrency, snapshot.max_model_len)
 
 
 def concurrency_headroom(snapshot: Snapshot) -> int | None:
     """More max-length requests that fit now in available + evictable blocks, group-aware."""
+    if warming_up(snapshot):
+        return None
     free_blocks = {p.name: p.free_slots // p.block_size for p in snapshot.pools}
     fits = max_concurrency(free_blocks, _footprints(snapshot))
     return None if fits is None else math.floor(fits)

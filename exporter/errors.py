@@ -16,6 +16,7 @@ ERROR_REASONS = (
     "invalid_snapshot",  # JSON or metrics text that breaks the snapshot contract
     "too_many_series",  # more series than max_series_per_target
     "duplicate_instance",  # an engine another target already reports
+    "unsupported_engine",  # a shim that does not recognise its engine: the poll still counts
     "internal",  # a bug: counted and logged, never fatal
 )
 

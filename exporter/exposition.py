@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
 
-from kvstats.snapshot import ReuseDistances, reuse_marks
+from kvstats.snapshot import STATUS_STATES, ReuseDistances, reuse_marks
 
 from . import __version__
 from .families import (
@@ -97,6 +97,16 @@ def engine_rows(name: str, rank: int, view: EngineView, rows: dict[str, list[Row
             rows["kvcache_evictable_ratio"].append((labels, ratios.evictable))
         if pool.bytes_per_slot is not None:
             rows["kvcache_pool_bytes"].append((labels, pool.bytes_per_slot * pool.capacity_slots))
+        if pool.evictable_prefix_tokens is not None:
+            rows["kvcache_pool_evictable_prefix_tokens"].append(
+                (labels, pool.evictable_prefix_tokens)
+            )
+        if pool.peak_used_slots is not None:
+            rows["kvcache_pool_peak_slots"].append(((*labels, "used"), pool.peak_used_slots))
+        if pool.peak_physical_slots is not None:
+            rows["kvcache_pool_peak_slots"].append(
+                ((*labels, "physical"), pool.peak_physical_slots)
+            )
     optional = (
         ("kvcache_max_concurrency", view.max_concurrency),
         ("kvcache_concurrency_headroom", view.headroom),
@@ -118,6 +128,11 @@ def engine_rows(name: str, rank: int, view: EngineView, rows: dict[str, list[Row
             rows["kvcache_tier_capacity_tokens"].append((tier_labels, tier.capacity_tokens))
             rows["kvcache_tier_used_tokens"].append((tier_labels, tier.used_tokens))
     rows["kvcache_engine_info"].append(((*engine, snap.engine.kind, snap.engine.version), 1))
+    if snap.status is not None:  # producers that say nothing (bridges, older shims) get none
+        for state in STATUS_STATES:
+            rows["kvcache_shim_status"].append(
+                ((*engine, state), 1 if state == snap.status.state else 0)
+            )
     for key, value in view.counters.items():
         if key.tier is not None:
             rows["kvcache_prefix_hit_tokens"].append(((*engine, key.tier), value))

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from kvstats.snapshot import HIT_TIERS
+from kvstats.snapshot import HIT_TIERS, STATUS_STATES
+
+from .errors import ERROR_REASONS
 
 ENGINE = ("engine", "dp_rank", "model")
 POOL = (*ENGINE, "pool")
@@ -74,6 +76,19 @@ POOL_FAMILIES = (
     _gauge("kvcache_evictable_ratio", "evictable / capacity: reclaimable prefix cache.", POOL),
     _gauge("kvcache_block_size_tokens", "Tokens per KV block (page).", POOL),
     _gauge("kvcache_pool_bytes", "Physical bytes of the KV pool.", POOL),
+    _gauge(
+        "kvcache_pool_evictable_prefix_tokens",
+        "Prefix-cache tokens the evictable blocks hold: fewer than the evictable slots where a"
+        " cached block is only partly filled (vLLM's partial-block caching).",
+        POOL,
+    ),
+    _gauge(
+        "kvcache_pool_peak_slots",
+        "Highest used (state=used) and used + evictable (state=physical) slots at any scheduler"
+        " step since the exporter's previous poll: bursts between polls and scrapes.",
+        (*POOL, "state"),
+        fanout=2,
+    ),
 )
 
 # One series per engine (DP rank).
@@ -118,6 +133,14 @@ ENGINE_FAMILIES = (
         "kvcache_engine_info",
         "Engine identity; value 1.",
         (*ENGINE, "engine_kind", "engine_version"),
+    ),
+    _gauge(
+        "kvcache_shim_status",
+        "What the producer says of its numbers, 1 for the current state: ok, warming_up (KV"
+        " cache not sized yet: capacity unknown, not 0), unsupported (an engine release the shim"
+        " does not recognise: only what is still exact is published).",
+        (*ENGINE, "state"),
+        fanout=len(STATUS_STATES),
     ),
 )
 
@@ -186,7 +209,13 @@ GPU_FAMILIES = (
 TARGET_FAMILIES = (
     _gauge("kvcache_exporter_target_up", "1 when the last poll of the target succeeded.", TARGET),
     _counter("kvcache_exporter_polls", "Polls of the target.", TARGET),
-    _counter("kvcache_exporter_poll_errors", "Failed polls by reason.", (*TARGET, "reason"), 9),
+    _counter(
+        "kvcache_exporter_poll_errors",
+        "Failed polls by reason (unsupported_engine: answered, but by an engine release the"
+        " shim does not recognise; the target stays up with what is still exact).",
+        (*TARGET, "reason"),
+        len(ERROR_REASONS),
+    ),
     _gauge(
         "kvcache_exporter_last_success_timestamp_seconds",
         "When the target was last polled successfully (Unix time).",

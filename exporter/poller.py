@@ -189,9 +189,16 @@ class Poller:
             self._fail(state, *failure, duration)
             return
         was_failing = state.consecutive_failures > 0
+        said = state.unsupported_reason
         self._record(state, lambda: state.record_success(snapshots, time.time(), duration))
         if was_failing:
             log.info("target %s is back", state.target.name)
+        if state.unsupported_reason != said and state.unsupported_reason is not None:
+            log.warning(
+                "target %s: unsupported_engine (its series hold only what is still exact): %s",
+                state.target.name,
+                state.unsupported_reason,
+            )
 
     def _fail(
         self,

@@ -109,6 +109,7 @@ class TargetState:
         self.errors = dict.fromkeys(ERROR_REASONS, 0)
         self.consecutive_failures = 0
         self.last_failure: str | None = None  # the reason of the current failure streak
+        self.unsupported_reason: str | None = None  # what an unsupported shim says, if one is
         self.last_success: float | None = None
         self.restarts = 0
         self.durations = Histogram()
@@ -149,6 +150,15 @@ class TargetState:
         for snapshot in snapshots:
             engines[snapshot.engine.dp_rank] = self._view(snapshot, now)
         self.polls += 1
+        unsupported = [
+            s.status.reason or "no reason given"
+            for s in snapshots
+            if s.status is not None and s.status.state == "unsupported"
+        ]
+        if unsupported:
+            # Answered, with what is still exact (published): counted, and alerted on.
+            self.errors["unsupported_engine"] += 1
+        self.unsupported_reason = unsupported[0] if unsupported else None
         self.consecutive_failures = 0
         self.last_failure = None
         self.durations.observe(duration)

@@ -46,6 +46,25 @@ DESCRIPTIONS: dict[str, str] = {
     "Pool.bytes_per_slot": "bytes of K/V per token slot: pool bytes / capacity_slots",
     "Pool.device": "`cpu`, `cuda:0`, ...",
     "Pool.gpu_uuid": "NVML UUID of the GPU that holds the pool (joins to NVML metrics)",
+    "Pool.evictable_prefix_tokens": (
+        "prefix-cache tokens the evictable blocks hold: below evictable_slots where a cached"
+        " block is partly filled (vLLM's partial-block caching); null if unknown"
+    ),
+    "Pool.peak_used_slots": (
+        "highest used_slots at any scheduler step since the previous stats read; null if not"
+        " tracked"
+    ),
+    "Pool.peak_physical_slots": (
+        "highest used + evictable slots at any scheduler step since the previous stats read;"
+        " null if not tracked"
+    ),
+    "Snapshot.status": "what the producer says of its own numbers; absent means `ok`",
+    "ProducerStatus.state": (
+        f"one of {', '.join(f'`{k}`' for k in s.STATUS_STATES)}: `warming_up` = the engine has"
+        " not sized its KV cache yet (capacity and max concurrency null, not 0); `unsupported`"
+        " = the shim does not recognise this engine release and publishes only what is exact"
+    ),
+    "ProducerStatus.reason": "why, in words (at most 1,024 characters)",
     "KVGroup.name": "group name",
     "KVGroup.kind": f"one of {', '.join(f'`{k}`' for k in s.GROUP_KINDS)}",
     "KVGroup.pool": "name of the pool the group's blocks come from",
@@ -93,6 +112,7 @@ CLASSES = [
     s.Counters,
     s.Tier,
     s.ReuseDistances,
+    s.ProducerStatus,
 ]
 
 

@@ -82,6 +82,13 @@ class Pool:
     bytes_per_slot: int | None = None
     device: str | None = None
     gpu_uuid: str | None = None
+    # Prefix-cache tokens the evictable blocks hold. Below ``evictable_slots`` where a cached
+    # block is only partly filled (vLLM's partial-block prefix caching); unknown: ``None``.
+    evictable_prefix_tokens: int | None = None
+    # The highest used and physical (used + evictable) slots at any scheduler step since the
+    # previous stats read: a burst between two polls still shows. ``None`` where not tracked.
+    peak_used_slots: int | None = None
+    peak_physical_slots: int | None = None
 
     @property
     def free_slots(self) -> int:
@@ -125,6 +132,19 @@ class Tier:
 
     capacity_tokens: int
     used_tokens: int
+
+
+# What a producer says about its own numbers: ``ok``; ``warming_up`` (the engine has not sized
+# its KV cache yet: capacity and max concurrency are unknown, not 0); ``unsupported`` (the shim
+# does not recognise this engine release and publishes only what is still exact).
+STATUS_STATES: tuple[str, ...] = ("ok", "warming_up", "unsupported")
+MAX_REASON_LEN = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerStatus:
+    state: str = "ok"
+    reason: str | None = None
 
 
 REUSE_SECTION_VERSION = 1
@@ -226,6 +246,8 @@ class Snapshot:
     # (max_concurrency x max_model_len, group-aware), SGLang's ``max_total_num_tokens``.
     capacity_tokens: int | None = None
     reuse_distance: ReuseDistances | None = None
+    # Absent in older snapshots and from bridges: read as ``ok``.
+    status: ProducerStatus | None = None
     schema: str = SCHEMA_VERSION
 
     def pool(self, name: str) -> Pool | None:
@@ -381,6 +403,9 @@ def _parse_pool(data: Any, path: str) -> Pool:
         bytes_per_slot=r.count("bytes_per_slot", required=False),
         device=r.string("device", required=False),
         gpu_uuid=r.string("gpu_uuid", required=False),
+        evictable_prefix_tokens=r.count("evictable_prefix_tokens", required=False),
+        peak_used_slots=r.count("peak_used_slots", required=False),
+        peak_physical_slots=r.count("peak_physical_slots", required=False),
     )
     if pool.block_size == 0:
         raise SnapshotError(f"{path}.block_size", "must be positive")
@@ -401,6 +426,23 @@ def _parse_pool(data: Any, path: str) -> Pool:
                 f"used + evictable + available = {pool.used_slots} + {pool.evictable_slots}"
                 f" + {pool.available_slots} = {total}, not capacity_slots"
                 f" {pool.capacity_slots}",
+            )
+    if pool.evictable_prefix_tokens is not None and (
+        pool.evictable_slots is None or pool.evictable_prefix_tokens > pool.evictable_slots
+    ):
+        raise SnapshotError(
+            f"{path}.evictable_prefix_tokens", "needs evictable_slots and must not exceed them"
+        )
+    if pool.peak_physical_slots is not None and pool.available_slots is None:
+        raise SnapshotError(f"{path}.peak_physical_slots", "needs available_slots")
+    physical_now = pool.capacity_slots - (pool.available_slots or 0)
+    for key, peak, now in (
+        ("peak_used_slots", pool.peak_used_slots, pool.used_slots),
+        ("peak_physical_slots", pool.peak_physical_slots, physical_now),
+    ):
+        if peak is not None and not now <= peak <= pool.capacity_slots:
+            raise SnapshotError(
+                f"{path}.{key}", f"{peak} must be between the current {now} and capacity_slots"
             )
     return pool
 
@@ -449,6 +491,18 @@ def _parse_tier(r: _Reader | None) -> Tier | None:
     if tier.used_tokens > tier.capacity_tokens:
         raise SnapshotError(f"{r.path}.used_tokens", "exceeds capacity_tokens")
     return tier
+
+
+def _parse_status(r: _Reader | None) -> ProducerStatus | None:
+    if r is None:
+        return None
+    state = r.req_string("state")
+    if state not in STATUS_STATES:
+        raise SnapshotError(f"{r.path}.state", f"must be one of {', '.join(STATUS_STATES)}")
+    reason = r.data.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise SnapshotError(f"{r.path}.reason", f"expected a string, got {_type_name(reason)}")
+    return ProducerStatus(state, None if reason is None else clean_text(reason[:MAX_REASON_LEN]))
 
 
 def _parse_reuse(r: _Reader | None) -> ReuseDistances | None:
@@ -548,4 +602,5 @@ def parse_snapshot(data: Any) -> Snapshot:
         storage_tier=_parse_tier(root.obj("storage_tier", required=False)),
         capacity_tokens=None if legacy else root.count("capacity_tokens", required=False),
         reuse_distance=None if legacy else _parse_reuse(root.obj("reuse_distance", required=False)),
+        status=_parse_status(root.obj("status", required=False)),
     )

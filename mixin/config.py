@@ -62,6 +62,7 @@ class MixinConfig:
     collapse_min_query_tokens_per_second: float = 100
     collapse_for: str = "15m"
     target_down_for: str = "3m"
+    unsupported_engine_for: str = "5m"
     exporter_absent_for: str = "5m"
     # How long an exporter that was scraped in a cluster may be gone before that cluster pages.
     exporter_lost_lookback: str = "1h"

@@ -451,6 +451,20 @@ def engine_detail(c: MixinConfig) -> Dashboard:
         )
     )
     d = d.with_panel(
+        timeseries(
+            "Peak usage between polls by pool",
+            "The highest used and physical (used + evictable) share of each pool at any scheduler step since the "
+            "exporter's previous poll (vLLM shim): a burst that filled the pool and drained before a scrape shows "
+            "here, not in the current usage. A peak near 1 with a low current usage is a pool that runs out in bursts.",
+            "percentunit",
+            query(
+                f"kvcache_pool_peak_slots{{{sel}}}\n  / ignoring (state) group_left\nkvcache_pool_capacity_slots{{{sel}}}",
+                "peak {{state}} {{pool}}",
+            ),
+            limits=usage_thresholds(c),
+        )
+    )
+    d = d.with_panel(
         stat(
             "Token capacity",
             "Tokens the KV cache holds, as the engine states it (vLLM's kv_cache_size_tokens: max concurrency x "

@@ -308,6 +308,20 @@ def alerts(c: MixinConfig) -> list[Rule]:
             f" {c.target_down_for}: the engine (or its shim) is down or unreachable, and its KV"
             " cache is not being watched.",
         ),
+        # The shim answers, but does not recognise its vLLM: serving goes on, the numbers are
+        # partial (no evictable count, so no physical usage or headroom alerts for it).
+        _alert(
+            c,
+            "KVCacheShimUnsupportedEngine",
+            'increase(kvcache_exporter_poll_errors_total{reason="unsupported_engine"}[5m]) > 0',
+            c.unsupported_engine_for,
+            "warning",
+            "The vLLM shim does not recognise its vLLM release: KV stats are partial.",
+            "kvcache-exporter {{ $labels.instance }} polls {{ $labels.engine }}, whose shim does"
+            " not recognise the installed vLLM: vLLM serves, but only used and free blocks are"
+            " published (no evictable count, physical usage or headroom). The reason is in the"
+            " shim's ERROR line in vLLM's log and in the exporter's log.",
+        ),
         # Per deployment (fleet labels): every exporter scraped there within the lookback is
         # gone or failing. absent() covers a Prometheus that never scraped one at all.
         _alert(

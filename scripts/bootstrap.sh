@@ -39,18 +39,36 @@ bootstrap_python() {
   fi
 }
 
+VLLM_MATRIX="tests/vllm/matrix.txt"
+vllm_releases() { grep -v '^#' "$VLLM_MATRIX" | awk 'NF {print $1}'; }
+
 bootstrap_vllm() {
-  # vLLM 0.33.0 for the adapter tests, in its own venv: its pins must not touch .venv.
+  # The adapter tests' environment: CPU torch and the pure-Python packages vLLM's imports need,
+  # in its own venv (vLLM's pins must not touch .venv); then every release of the support
+  # matrix --no-deps in .venv-vllm/matrix/RELEASE (put first on PYTHONPATH to test it), the
+  # newest also in the venv itself (for the benchmarks). pip keeps the downloaded wheels.
   local stamp=".venv-vllm/.installed"
-  if [ ! -f "$stamp" ] || [ tests/vllm/requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  if [ ! -f "$stamp" ] || [ tests/vllm/requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
+      || [ "$VLLM_MATRIX" -nt "$stamp" ]; then
     [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
     local vpip=(.venv-vllm/bin/python -m pip install -q --disable-pip-version-check)
-    { "${vpip[@]}" "$TORCH_SPEC" && "${vpip[@]}" --no-deps vllm==0.33.0 \
-        && "${vpip[@]}" -r tests/vllm/requirements.txt && "${vpip[@]}" --no-deps -e . ; } 2>&1 \
+    local newest; newest=$(vllm_releases | tail -1)
+    { "${vpip[@]}" "$TORCH_SPEC" && "${vpip[@]}" -r tests/vllm/requirements.txt \
+        && "${vpip[@]}" --no-deps "vllm==$newest" && "${vpip[@]}" --no-deps -e . ; } 2>&1 \
       | grep -v -e '^WARNING: Location' -e 'requires .* which is incompatible' \
-        -e 'dependency conflicts' -e '^vllm 0.33.0 requires' || true
-    .venv-vllm/bin/python -c 'import vllm.v1.core.kv_cache_manager, engine_shim' \
-      || { echo "vLLM test environment is broken" >&2; exit 1; }
+        -e 'dependency conflicts' -e '^vllm [0-9.]* requires' || true
+    local release
+    for release in $(vllm_releases); do
+      if [ ! -f ".venv-vllm/matrix/$release/.installed" ]; then
+        rm -rf ".venv-vllm/matrix/$release"
+        "${vpip[@]}" --no-deps --target ".venv-vllm/matrix/$release" "vllm==$release" 2>&1 \
+          | grep -v -e '^WARNING: Location' -e '^WARNING: Target directory' || true
+        touch ".venv-vllm/matrix/$release/.installed"
+      fi
+      PYTHONPATH=".venv-vllm/matrix/$release" .venv-vllm/bin/python -c \
+        "import vllm, vllm.v1.core.kv_cache_manager, engine_shim; assert vllm.__version__ == '$release', vllm.__version__" \
+        || { echo "vLLM $release test environment is broken" >&2; exit 1; }
+    done
     touch "$stamp"
   fi
 }

@@ -47,6 +47,9 @@ def reference_snapshot(instance: str, used: int, sequence: int) -> dict:
                 "bytes_per_slot": 512,
                 "device": "cuda:0",
                 "gpu_uuid": GPU_UUID,
+                "evictable_prefix_tokens": 19_990,
+                "peak_used_slots": used + 160,
+                "peak_physical_slots": used + 20000 + 160,
             },
             {
                 "name": "swa",
@@ -88,6 +91,7 @@ def reference_snapshot(instance: str, used: int, sequence: int) -> dict:
         "host_tier": {"capacity_tokens": 65536, "used_tokens": 4096},
         "storage_tier": {"capacity_tokens": 1_048_576, "used_tokens": 8192},
         "reuse_distance": reuse_section(),
+        "status": {"state": "ok", "reason": None},
     }
 
 

@@ -370,3 +370,90 @@ def test_demo_runs_and_prints_live_numbers() -> None:
     assert "/metrics" in out and "/v1/kv/stats" in out
     live = [ln for ln in out.splitlines() if "reference/0 reference-tiny" in ln]
     assert live and "phys " in live[-1] and "max conc " in live[-1] and "headroom " in live[-1]
+
+
+def test_an_unsupported_shim_stays_up_with_what_is_exact_and_is_counted(
+    servers: list[CannedServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shim on a vLLM it does not recognise: used slots and capacity published, evictable
+    and available absent (not 0), the poll counted as unsupported_engine, the reason logged
+    once; a warming-up engine shows its state and no capacity rather than 0."""
+    pool = {"name": "full", "block_size": 16, "capacity_slots": 1600, "used_slots": 160}
+    pool |= {"evictable_slots": None, "available_slots": None, "peak_used_slots": 480}
+    answers = iter(
+        [
+            snapshot_json(
+                status={"state": "warming_up", "reason": "sized after warm-up"},
+                capacity_tokens=None,
+                max_concurrency=None,
+            )
+        ]
+    )
+
+    def respond(handler: BaseHTTPRequestHandler) -> None:
+        reason = "vLLM 9.0.0 is not supported by kvcache shim 0.1.0: no slot _block_hash"
+        unsupported = snapshot_json(pools=[pool], status={"state": "unsupported", "reason": reason})
+        body(next(answers, unsupported))(handler)
+
+    server = serve(servers, respond)
+    with caplog.at_level("WARNING", logger="exporter"):
+        exporter = start([("odd", server.url)])
+        try:
+            wait_for(
+                lambda: (
+                    get(exporter, "kvcache_shim_status", engine="odd", state="unsupported") == [1]
+                ),
+                5,
+                "the unsupported state",
+            )
+            wait_for(
+                lambda: (
+                    get(exporter, "kvcache_exporter_poll_errors_total", engine="odd", reason=UNSUP)[
+                        0
+                    ]
+                    >= 2
+                ),
+                5,
+                "two unsupported polls",
+            )
+            assert get(exporter, "kvcache_exporter_target_up", engine="odd") == [1]
+            assert get(exporter, "kvcache_pool_slots", engine="odd", state="used") == [160]
+            assert not get(exporter, "kvcache_pool_slots", engine="odd", state="evictable")
+            assert not get(exporter, "kvcache_physical_usage_ratio", engine="odd")
+            assert get(exporter, "kvcache_pool_peak_slots", engine="odd", state="used") == [480]
+            assert not get(exporter, "kvcache_pool_peak_slots", engine="odd", state="physical")
+            assert get(exporter, "kvcache_shim_status", engine="odd", state="ok") == [0]
+        finally:
+            exporter.stop()
+    said = [r.getMessage() for r in caplog.records if "unsupported_engine" in r.getMessage()]
+    assert len(said) == 1 and "no slot _block_hash" in said[0]
+
+
+def test_a_warming_up_engine_has_no_capacity_rather_than_zero(
+    servers: list[CannedServer],
+) -> None:
+    warming = snapshot_json(
+        status={"state": "warming_up", "reason": "sized after warm-up"},
+        capacity_tokens=None,
+        max_concurrency=None,
+    )
+    server = serve(servers, body(warming))
+    exporter = start([("warm", server.url)])
+    try:
+        wait_for(
+            lambda: get(exporter, "kvcache_shim_status", engine="warm", state="warming_up") == [1],
+            5,
+            "the warming-up state",
+        )
+        assert not get(exporter, "kvcache_capacity_tokens", engine="warm")
+        assert not get(exporter, "kvcache_max_concurrency", engine="warm")
+        assert not get(exporter, "kvcache_concurrency_headroom", engine="warm")
+        assert get(exporter, "kvcache_exporter_poll_errors_total", engine="warm", reason=UNSUP) == [
+            0
+        ]
+        assert get(exporter, "kvcache_pool_capacity_slots", engine="warm") == [1600]
+    finally:
+        exporter.stop()
+
+
+UNSUP = "unsupported_engine"

@@ -27,6 +27,9 @@ def test_round_trip_is_exact() -> None:
     wire = snap.to_json()
     expected = valid()
     expected["groups"][0]["sliding_window"] = None
+    for pool in expected["pools"]:  # optional fields a v2 producer may leave out
+        pool.update(evictable_prefix_tokens=None, peak_used_slots=None, peak_physical_slots=None)
+    expected["status"] = None
     assert wire == expected
 
 
@@ -112,6 +115,15 @@ DELETE = object()
         ("counters", None, "counters", "must not be null"),
         ("requests.waiting", None, "requests.waiting", "must not be null"),
         ("host_tier.used_tokens", 5000, "host_tier.used_tokens", "exceeds capacity_tokens"),
+        ("pools.0.evictable_prefix_tokens", 801, "pools[0].evictable_prefix_tokens", "exceed"),
+        ("pools.0.evictable_prefix_tokens", -1, "pools[0].evictable_prefix_tokens", "negative"),
+        ("pools.0.peak_used_slots", 100, "pools[0].peak_used_slots", "between the current 160"),
+        ("pools.0.peak_used_slots", 1601, "pools[0].peak_used_slots", "and capacity_slots"),
+        ("pools.0.peak_physical_slots", 900, "pools[0].peak_physical_slots", "current 960"),
+        ("status", {"state": "broken"}, "status.state", "must be one of"),
+        ("status", {"reason": "why"}, "status.state", "missing"),
+        ("status", {"state": "ok", "reason": 3}, "status.reason", "expected a string"),
+        ("status", "unsupported", "status", "expected an object"),
     ],
 )
 def test_rejects_with_a_precise_error(path: str, value: Any, where: str, message: str) -> None:
@@ -119,6 +131,27 @@ def test_rejects_with_a_precise_error(path: str, value: Any, where: str, message
         parse_snapshot(mutate(path, value))
     assert info.value.path == where
     assert message in info.value.problem
+
+
+def test_optional_v2_fields_are_read_and_bounded() -> None:
+    data = valid()
+    data["pools"][0].update(
+        evictable_prefix_tokens=700, peak_used_slots=400, peak_physical_slots=1200
+    )
+    data["status"] = {"state": "unsupported", "reason": "x" * 5000 + "\ud800"}
+    snap = parse_snapshot(data)
+    full = snap.pools[0]
+    assert (full.evictable_prefix_tokens, full.peak_used_slots, full.peak_physical_slots) == (
+        700,
+        400,
+        1200,
+    )
+    assert snap.status is not None and snap.status.state == "unsupported"
+    assert snap.status.reason == "x" * 1024  # bounded; and valid UTF-8 whatever was sent
+    del data["pools"][0]["evictable_slots"], data["pools"][0]["available_slots"]
+    data["pools"][0].pop("evictable_prefix_tokens")
+    with pytest.raises(SnapshotError, match="peak_physical_slots: needs available_slots"):
+        parse_snapshot(data)
 
 
 @pytest.mark.parametrize("data", [None, [], "x", 3, {"schema": SCHEMA_VERSION}])

@@ -144,8 +144,9 @@ class ReferenceEngine:
         return request
 
     def snapshot(self) -> Snapshot:
-        """The snapshot published after the last iteration: O(1), never blocks the loop."""
-        return self._snapshot
+        """The snapshot published after the last iteration, with the peaks since the previous
+        read: O(pools), never blocks the loop."""
+        return self.telemetry.with_peaks(self._snapshot)
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

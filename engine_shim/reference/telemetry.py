@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Sized
@@ -42,6 +44,9 @@ class Telemetry:
         )
         kv.cache.on_held = self.reuse.pinned_all
         kv.cache.on_idle = self.reuse.released_all
+        # Per pool, the highest (used, used + evictable) slots at any step since the last read.
+        self._peaks: dict[str, tuple[int, int]] = {}
+        self._peaks_lock = threading.Lock()
 
     def reuse_observation(self, request: Request, path: list[Node]) -> Observation:
         """The reuse distances of a request's prompt blocks now, before anything is pinned
@@ -68,6 +73,12 @@ class Telemetry:
         pools = []
         for pool in kv.pools:
             used, evictable, available = kv.pool_counts(pool)
+            with self._peaks_lock:
+                peak_used, peak_physical = self._peaks.get(pool.name, (0, 0))
+                self._peaks[pool.name] = (
+                    max(peak_used, used),
+                    max(peak_physical, used + evictable),
+                )
             pools.append(
                 Pool(
                     name=pool.name,
@@ -118,6 +129,24 @@ class Telemetry:
             else Tier(kv.storage.capacity_blocks * bs, kv.storage.used_blocks * bs),
             reuse_distance=self.reuse.histogram(),
         )
+
+    def with_peaks(self, snap: Snapshot) -> Snapshot:
+        """The published snapshot with each pool's peaks since the previous read; the read
+        starts the next period (at the published values)."""
+        pools = []
+        with self._peaks_lock:
+            for pool in snap.pools:
+                physical = pool.capacity_slots - (pool.available_slots or 0)
+                peak_used, peak_physical = self._peaks.get(pool.name, (0, 0))
+                self._peaks[pool.name] = (pool.used_slots, physical)
+                pools.append(
+                    dataclasses.replace(
+                        pool,
+                        peak_used_slots=max(peak_used, pool.used_slots),
+                        peak_physical_slots=max(peak_physical, physical),
+                    )
+                )
+        return dataclasses.replace(snap, pools=tuple(pools))
 
     def log_iteration(
         self,

@@ -8,28 +8,45 @@ brute-force count over the pool's blocks.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from vllm.sampling_params import SamplingParams
+from vllm.v1.request import Request
 
 from devtools.vllm_pool import (
     BLOCK,
+    HASHER,
+    HYBRID_BLOCK,
+    HYBRID_HASHER,
     MAX_LEN,
     PAGE_BYTES_PER_TOKEN,
     Driver,
     kv_config,
     manager,
+    new_manager,
+    partial_caching_manager,
 )
 from engine_shim.adapters.vllm import (
     BlockPoolTracker,
+    EngineFacts,
+    LiveCapacity,
     LiveView,
+    PublicPoolView,
+    UnsupportedVllm,
+    block_layout,
+    iteration_log_enabled,
     kv_allocation_bytes,
     reuse_distances_enabled,
 )
+from kvstats.snapshot import ProducerStatus, parse_snapshot
 
 
 def test_the_blind_spot_vllm_leaves() -> None:
@@ -271,3 +288,192 @@ def test_reuse_distances_predict_vllms_own_pool_at_every_size() -> None:
         assert cumulative == hits, f"{bound} tokens"
         checked += 1
     assert checked >= 6
+
+
+# ----------------------------------------------------------------- releases and degradation
+
+
+def test_partial_cached_blocks_count_only_the_tokens_they_hold() -> None:
+    """vLLM caches a prompt's tail as a partial entry ending inside a block (hybrid Mamba
+    models in align mode): its slots are evictable, but only its cached tokens are reusable."""
+    m, tracker = partial_caching_manager(64)
+    d = Driver(m, tracker, hasher=HYBRID_HASHER)
+    request = d.admit(list(range(100)), max_tokens=4)  # 100 tokens: a hash unit every 16
+    assert request is not None
+    d.free(request)
+    d.check()
+    # Block 1 holds tokens 0-63 (full), block 2 the tail up to the last whole hash unit
+    # below the prompt's last token: 96 - 64 = 32 tokens in 64 slots.
+    assert tracker.evictable_blocks == 2
+    assert tracker.evictable_tokens == HYBRID_BLOCK + 32
+    pool = tracker.snapshot(0, 0).pools[0]
+    assert pool.evictable_slots == 2 * HYBRID_BLOCK and pool.evictable_prefix_tokens == 96
+    again = d.admit([*range(64), *range(500, 540)], max_tokens=4)
+    assert again is not None
+    d.check()  # equal to the brute-force count whether or not vLLM reused those blocks
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=ops)
+def test_partial_caching_counts_equal_a_brute_force_count(ops: list[Any]) -> None:
+    m, tracker = partial_caching_manager(24)
+    d = Driver(m, tracker, hasher=HYBRID_HASHER)
+    prefixes = [[(p * 1000 + i) % 30000 for i in range(300)] for p in range(4)]
+    for op, prefix, length, seed in ops:
+        rng = random.Random(seed)
+        if op in ("admit", "readmit"):
+            d.admit(prefixes[prefix][: length // 2 + rng.randrange(1, 40)][: MAX_LEN - 64])
+        elif op == "decode" and d.running:
+            request = rng.choice(list(d.running.values()))
+            if request.num_tokens >= MAX_LEN - 1 or not d.decode(request, rng.randrange(30000)):
+                d.free(request)
+        elif op == "free" and d.running:
+            d.free(rng.choice(list(d.running.values())))
+        d.check()
+
+
+def test_peaks_hold_a_burst_between_two_reads() -> None:
+    """A 15 s scrape misses what happens between polls; the high-water mark does not."""
+    m, tracker = manager(64)
+    d = Driver(m, tracker)
+    tracker.snapshot(0, 0)
+    burst = [d.admit([i * 1000 + j for j in range(160)]) for i in range(4)]  # 10 blocks each
+    tracker.note_step()  # the scheduler calls it after each schedule / update_from_output
+    for request in burst:
+        assert request is not None
+        d.free(request)
+    tracker.note_step()
+    pool = tracker.snapshot(0, 0).pools[0]
+    assert pool.used_slots == 0 and pool.peak_used_slots == 40 * BLOCK
+    assert pool.peak_physical_slots == 40 * BLOCK  # still cached: physical stays at its peak
+    assert pool.evictable_slots == 40 * BLOCK
+    after = tracker.snapshot(0, 0).pools[0]  # a read starts a new period
+    assert after.peak_used_slots == 0 and after.peak_physical_slots == 40 * BLOCK
+
+
+def test_capacity_is_vllms_own_and_unknown_while_the_cache_warms_up() -> None:
+    """0.34's extensible KV cache sets kv_cache_size_tokens after warm-up: until then the
+    snapshot says warming_up with no capacity, never 0 or the reserved size."""
+    _, tracker = manager(64)
+    cache = SimpleNamespace(
+        enable_extensible_kv_cache=True, kv_cache_size_tokens=None, kv_cache_max_concurrency=None
+    )
+    tracker.capacity = LiveCapacity(cache, MAX_LEN)
+    warming = parse_snapshot(tracker.snapshot(0, 0).to_json())
+    assert warming.status == ProducerStatus("warming_up", warming.status.reason)  # type: ignore[union-attr]
+    assert warming.capacity_tokens is None and warming.max_concurrency is None
+    assert warming.pools[0].capacity_slots == 63 * BLOCK  # the pool itself is known
+    cache.kv_cache_max_concurrency, cache.kv_cache_size_tokens = 0.75, 768
+    ready = parse_snapshot(tracker.snapshot(0, 0).to_json())
+    assert ready.status == ProducerStatus()
+    assert (ready.capacity_tokens, ready.max_concurrency) == (768, 0.75)
+    # Not extensible and not set (an engine core that computed nothing): the formula stays.
+    tracker.capacity = LiveCapacity(SimpleNamespace(), MAX_LEN)
+    assert tracker.snapshot(0, 0).capacity_tokens == tracker.capacity_tokens
+
+
+def test_block_layout_of_this_release() -> None:
+    from vllm import __version__
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+
+    layout = block_layout(KVCacheBlock)
+    renamed = tuple(int(p) for p in __version__.split(".")[:2]) >= (0, 34)
+    assert layout.hash_field == ("block_hash" if renamed else "_block_hash")
+    assert layout.tokens_field == f"{layout.hash_field}_num_tokens"
+
+
+def test_an_unknown_block_layout_names_what_is_missing() -> None:
+    @dataclass(slots=True)
+    class FutureBlock:  # a release that renamed the hash field again
+        block_id: int
+        ref_cnt: int = 0
+        cache_key: bytes | None = None
+        is_null: bool = False
+
+    with pytest.raises(UnsupportedVllm, match=r"no slot _block_hash or block_hash.*cache_key"):
+        block_layout(FutureBlock)
+
+
+def test_a_vllm_without_a_hooked_method_still_serves_and_says_unsupported(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hooked attribute removed from a real vLLM class: the scheduler class still builds
+    (vLLM starts), the shim logs one ERROR with the version and what is missing, and serves
+    a snapshot that says unsupported with only what vLLM's public pool API keeps exact."""
+    from vllm import __version__
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from engine_shim.adapters.vllm.scheduler import _scheduler_class, attach_tracker
+
+    monkeypatch.delattr(Scheduler, "_preempt_request")
+    cls = _scheduler_class()  # must not raise: raising here stops vLLM
+    assert cls.kvcache_missing_hooks == ("_preempt_request",)
+    assert "_preempt_request" not in cls.__dict__
+    m, config = new_manager(64)
+    scheduler = SimpleNamespace(
+        kv_cache_manager=m,
+        kv_cache_config=config,
+        vllm_config=SimpleNamespace(
+            model_config=SimpleNamespace(
+                served_model_name=["tiny"], model="tiny", max_model_len=MAX_LEN
+            ),
+            cache_config=SimpleNamespace(
+                block_size=BLOCK, kv_cache_size_tokens=1008, kv_cache_max_concurrency=0.984
+            ),
+            parallel_config=SimpleNamespace(data_parallel_rank=0),
+            device_config=SimpleNamespace(device_type="cpu"),
+        ),
+    )
+    with caplog.at_level(logging.ERROR, logger="vllm"):
+        view = attach_tracker(scheduler, list(cls.kvcache_missing_hooks), True)
+    assert isinstance(view, PublicPoolView)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and f"vLLM {__version__}" in errors[0]
+    assert "_preempt_request" in errors[0] and "keeps serving" in errors[0]
+    # vLLM's pool is untouched (no tracked blocks) and keeps working.
+    assert type(m.block_pool.blocks[1]).__name__ == "KVCacheBlock"
+    request = Request(
+        "a", list(range(100)), SamplingParams(max_tokens=4), None, block_hasher=HASHER
+    )
+    blocks, hits, _ = m.get_computed_blocks(request)
+    assert m.allocate_slots(request, request.num_tokens - hits, hits, blocks) is not None
+    view.note_step()
+    snap = parse_snapshot(view.snapshot(1, 0).to_json())
+    assert snap.status is not None and snap.status.state == "unsupported"
+    assert "_preempt_request" in (snap.status.reason or "")
+    full = snap.pools[0]
+    pinned = sum(1 for b in m.block_pool.blocks if b.ref_cnt > 0 and not b.is_null)
+    assert full.used_slots == pinned * BLOCK == 7 * BLOCK
+    assert full.evictable_slots is None and full.available_slots is None
+    assert full.peak_used_slots == 7 * BLOCK and full.peak_physical_slots is None
+    assert (snap.capacity_tokens, snap.max_concurrency) == (1008, 0.984)  # vLLM's own
+
+
+def test_a_missing_manager_method_leaves_vllm_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    m, config = new_manager(32)
+    monkeypatch.delattr(KVCacheManager, "record_prefix_cache_stats")
+    with pytest.raises(UnsupportedVllm, match=r"KVCacheManager\.record_prefix_cache_stats"):
+        BlockPoolTracker(m, config, EngineFacts(model="tiny", max_model_len=MAX_LEN))
+    assert type(m.block_pool.blocks[1]).__name__ == "KVCacheBlock"
+    assert "get_computed_blocks" not in vars(m)  # not wrapped either
+
+
+def test_the_iteration_line_is_the_counts_without_a_scan() -> None:
+    m, tracker = manager(64)
+    d = Driver(m, tracker)
+    request = d.admit(list(range(100)))
+    assert request is not None
+    tracker.iterations = 3
+    line = tracker.step_line(1, 2)
+    used, evictable, available = tracker.counts()
+    assert line == (
+        f"kv step 3: used {used} blocks ({used * BLOCK} slots), evictable {evictable}"
+        f" ({tracker.evictable_tokens} tokens), free {available} ({available * BLOCK} slots),"
+        " running 1, waiting 2"
+    )
+    assert iteration_log_enabled({"KVCACHE_SHIM_LOG_ITERATIONS": "1"})
+    assert not iteration_log_enabled({})
+    with pytest.raises(ValueError, match="KVCACHE_SHIM_LOG_ITERATIONS must be"):
+        iteration_log_enabled({"KVCACHE_SHIM_LOG_ITERATIONS": "yes please"})

@@ -1,0 +1,338 @@
+"""``KVCacheShimScheduler``: vLLM's scheduler plus the KV stats endpoint.
+
+Monitoring never takes serving down. Whatever the shim does not recognise in the installed
+vLLM (a renamed block field, a missing scheduler hook, a future release, a fork), vLLM starts
+and serves: the shim logs one ERROR naming the vLLM version and what it could not find, and
+serves a snapshot whose status is ``unsupported`` with that reason, holding only what vLLM's
+public pool API still tells exactly (used and free blocks). Only a bad value of the shim's own
+settings stops the start (the operator asked for something that cannot be done).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kvstats.snapshot import Snapshot
+
+from ... import __version__
+from .blocks import UnsupportedVllm
+from .facts import (
+    facts_from_config,
+    fallback_facts,
+    iteration_log_enabled,
+    listen_address,
+    log,
+    reuse_distances_enabled,
+    vllm_version,
+)
+from .tracker import BlockPoolTracker, LiveCapacity, PublicPoolView
+
+# Scheduler methods that change the block pool or the request queues, all called on the engine
+# core's thread. They run under the shim's lock so that a stats reader never sees a pool in
+# mid-update, and each marks when the engine's state was last known current.
+POOL_MUTATORS = (
+    "schedule",
+    "update_from_output",
+    "add_request",
+    "finish_requests",
+    "reset_prefix_cache",
+    "update_draft_token_ids",
+)
+# Other scheduler internals the shim relies on; a missing one makes the numbers partial.
+SCHEDULER_HOOKS = ("_preempt_request", "shutdown", "get_request_counts")
+BIND_RETRY_SECONDS = 10.0
+
+Tracker = BlockPoolTracker | PublicPoolView
+
+
+class LiveView:
+    """The snapshot a stats reader gets, consistent with the scheduler thread.
+
+    When no model step is in flight the engine is idle (or between steps): its state is current
+    now, so the snapshot is built fresh with ``time`` = now and a quiet engine never looks
+    stale. While a step is in flight the pool stays as the last scheduler call left it, and
+    ``time`` is that call's end: an engine stuck in a step ages, and only a hung engine trips
+    ``KVCacheStaleData``. Building is O(1) (the tracker's counts).
+    """
+
+    def __init__(self, tracker: Tracker, counts: Callable[[], tuple[int, int]]) -> None:
+        self.tracker = tracker
+        self._counts = counts
+        self.lock = threading.Lock()
+        self.steps_in_flight = 0
+        self.state_time = time.time()
+
+    def touched(self) -> None:
+        """Called under ``lock`` at the end of every mutator."""
+        self.state_time = time.time()
+
+    def snapshot(self) -> Snapshot:
+        with self.lock:
+            running, waiting = self._counts()
+            at = None if self.steps_in_flight == 0 else self.state_time
+            return self.tracker.snapshot(running, waiting, at=at)
+
+
+class ShimEndpoint:
+    """The stats server of one engine core; a busy port must never stop vLLM from serving.
+
+    On a port that is taken, the engine starts anyway: one ERROR line says which address and
+    how to fix it, the exporter's target for this engine reads down (connection refused,
+    counted), and binding is retried every ``BIND_RETRY_SECONDS`` until it succeeds.
+    """
+
+    def __init__(self, app: Any, host: str, port: int, dp_rank: int) -> None:
+        self.app, self.host, self.port, self.dp_rank = app, host, port, dp_rank
+        self.server: Any = None
+        self._stop = threading.Event()
+        self._retry: threading.Thread | None = None
+
+    def start(self) -> bool:
+        if self._try_bind(first=True):
+            return True
+        self._retry = threading.Thread(
+            target=self._keep_trying, name="kvcache-shim-bind", daemon=True
+        )
+        self._retry.start()
+        return False
+
+    def _try_bind(self, first: bool) -> bool:
+        from ...server import ShimServer
+
+        try:
+            server = ShimServer(self.app, self.host, self.port)
+        except OSError as exc:
+            if first:
+                log.error(
+                    "kvcache shim: cannot serve KV stats for DP rank %d on %s:%d (%s). vLLM keeps"
+                    " serving; the exporter will show this engine as down. Give every vLLM"
+                    " server on this host its own KVCACHE_SHIM_LISTEN port (each DP rank adds 1)."
+                    " Retrying every %.0f s.",
+                    self.dp_rank,
+                    self.host,
+                    self.port,
+                    exc.strerror or exc,
+                    BIND_RETRY_SECONDS,
+                )
+            return False
+        server.start()
+        self.server = server
+        if not first:
+            log.warning(
+                "kvcache shim: port free again; KV stats for DP rank %d at http://%s:%d/v1/kv/stats",
+                self.dp_rank,
+                self.host,
+                server.port,
+            )
+        return True
+
+    def _keep_trying(self) -> None:
+        while not self._stop.wait(BIND_RETRY_SECONDS):
+            if self._try_bind(first=False):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.server is not None:
+            self.server.stop()
+
+
+def missing_hooks(base: type) -> list[str]:
+    return [n for n in POOL_MUTATORS + SCHEDULER_HOOKS if not callable(getattr(base, n, None))]
+
+
+def attach_tracker(scheduler: Any, missing: list[str], reuse_distances: bool) -> Tracker | None:
+    """The exact tracker where this vLLM is recognised, else the public-API view (and one
+    ERROR line); ``None`` only where even vLLM's public pool API is gone."""
+    cache_config = getattr(getattr(scheduler, "vllm_config", None), "cache_config", None)
+    try:
+        if missing:
+            raise UnsupportedVllm(f"the scheduler has no {', '.join(missing)}")
+        facts = facts_from_config(scheduler.vllm_config, scheduler.kv_cache_config)
+        tracker: Tracker = BlockPoolTracker(
+            scheduler.kv_cache_manager,
+            scheduler.kv_cache_config,
+            facts,
+            reuse_distances=reuse_distances,
+        )
+    except Exception as exc:  # anything unexpected: say so, never stop vLLM
+        reason = f"vLLM {vllm_version()} is not supported by kvcache shim {__version__}: {exc}"
+        try:
+            pool = scheduler.kv_cache_manager.block_pool
+            facts, block_size = fallback_facts(getattr(scheduler, "vllm_config", None), pool)
+            tracker = PublicPoolView(pool, facts, block_size, reason)
+        except Exception as inner:
+            log.error(
+                "kvcache shim: %s; vLLM's public block-pool API is gone too (%s): no KV stats"
+                " are served. vLLM keeps serving.",
+                reason,
+                inner,
+            )
+            return None
+        log.error(
+            "kvcache shim: %s. vLLM keeps serving; the KV stats say 'unsupported' and hold only"
+            " used/free blocks (no evictable count). Upgrade the shim or remove --scheduler-cls.",
+            reason,
+        )
+    if cache_config is not None:
+        tracker.capacity = LiveCapacity(cache_config, tracker.facts.max_model_len)
+    return tracker
+
+
+def _request_counts(scheduler: Any) -> Callable[[], tuple[int, int]]:
+    get = getattr(scheduler, "get_request_counts", None)
+    if callable(get):
+        return get  # type: ignore[no-any-return]
+    return lambda: (len(getattr(scheduler, "running", ())), len(getattr(scheduler, "waiting", ())))
+
+
+def _bookkeeping_failed(scheduler: Any, exc: BaseException) -> None:
+    """The shim's own per-step work raised: stop it (once), keep vLLM's step."""
+    if not getattr(scheduler, "_kvcache_failed", False):
+        scheduler._kvcache_failed = True
+        log.error("kvcache shim: per-step bookkeeping stopped (%r); vLLM keeps serving", exc)
+
+
+def _scheduler_class() -> type:
+    try:
+        from vllm.v1.core.sched.async_scheduler import AsyncScheduler as Base
+    except ImportError:  # a vLLM without it: the synchronous scheduler, same interface
+        from vllm.v1.core.sched.scheduler import Scheduler as Base
+
+    from ...server import ShimApp
+
+    missing = missing_hooks(Base)
+
+    def locked(name: str) -> Callable[..., Any]:
+        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            view: LiveView | None = self._kvcache_view
+            if view is None:
+                return getattr(super(KVCacheShimScheduler, self), name)(*args, **kwargs)
+            with view.lock:
+                result = getattr(super(KVCacheShimScheduler, self), name)(*args, **kwargs)
+                view.touched()
+            return result
+
+        method.__name__ = name
+        return method
+
+    class KVCacheShimScheduler(Base):  # type: ignore[misc]
+        """vLLM's scheduler plus the KV stats endpoint (see the package docstring)."""
+
+        _kvcache_view: LiveView | None = None
+        _kvcache_endpoint: ShimEndpoint | None = None
+        _kvcache_log_steps = False
+        kvcache_tracker: Tracker | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # A bad value of the shim's own settings stops the start early, before vLLM's.
+            reuse_distances = reuse_distances_enabled()
+            self._kvcache_log_steps = iteration_log_enabled()
+            super().__init__(*args, **kwargs)
+            tracker = attach_tracker(self, missing, reuse_distances)
+            if tracker is None:
+                return
+            self.kvcache_tracker = tracker
+            self._kvcache_view = LiveView(tracker, _request_counts(self))
+            self._start_endpoint(tracker)
+
+        def _start_endpoint(self, tracker: Tracker) -> None:
+            facts = tracker.facts
+            host, port = listen_address(facts.dp_rank)
+            view = self._kvcache_view
+            assert view is not None
+            self._kvcache_endpoint = ShimEndpoint(
+                ShimApp(
+                    snapshots=lambda: [view.snapshot()],
+                    healthy=lambda: True,
+                    bearer_token=os.environ.get("KVCACHE_SHIM_TOKEN") or None,
+                ),
+                host,
+                port,
+                facts.dp_rank,
+            )
+            if not self._kvcache_endpoint.start():
+                return
+            if isinstance(tracker, BlockPoolTracker):
+                hooked = (
+                    f"verified KVCacheBlock.{{ref_cnt,{tracker.layout.hash_field},is_null}} and"
+                    f" {len(POOL_MUTATORS + SCHEDULER_HOOKS)} scheduler hooks"
+                )
+            else:
+                hooked = "UNSUPPORTED: used/free blocks only"
+            log.info(
+                "kvcache shim %s: %s; %s; %d blocks of %d tokens; KV stats for DP rank %d at"
+                " http://%s:%d/v1/kv/stats%s",
+                __version__,
+                facts.version.split(",")[0],
+                hooked,
+                int(tracker.pool.num_gpu_blocks),
+                tracker.block_size,
+                facts.dp_rank,
+                host,
+                self._kvcache_endpoint.server.port,
+                "; one KV line per step" if self._kvcache_log_steps else "",
+            )
+
+        def schedule(self, *args: Any, **kwargs: Any) -> Any:
+            view = self._kvcache_view
+            if view is None:
+                return super().schedule(*args, **kwargs)
+            with view.lock:
+                output = super().schedule(*args, **kwargs)
+                try:
+                    if output.total_num_scheduled_tokens > 0:
+                        view.steps_in_flight += 1
+                    view.tracker.note_step()
+                except Exception as exc:
+                    _bookkeeping_failed(self, exc)
+                view.touched()
+            return output
+
+        def update_from_output(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+            view = self._kvcache_view
+            if view is None:
+                return super().update_from_output(scheduler_output, *args, **kwargs)
+            with view.lock:
+                result = super().update_from_output(scheduler_output, *args, **kwargs)
+                try:
+                    self._count_step(view, scheduler_output, result)
+                except Exception as exc:
+                    _bookkeeping_failed(self, exc)
+                view.touched()
+            return result
+
+        def _count_step(self, view: LiveView, scheduler_output: Any, result: Any) -> None:
+            if scheduler_output.total_num_scheduled_tokens > 0:
+                view.steps_in_flight = max(0, view.steps_in_flight - 1)
+            # An iteration is a step that returned output to a client, as vLLM's
+            # iteration_tokens_total counts; async scheduling's extra step after a request's
+            # last token (its output is discarded) is not one.
+            if any(outputs.outputs for outputs in result.values()):
+                view.tracker.iterations += 1
+                if self._kvcache_log_steps:
+                    log.info(view.tracker.step_line(*view._counts()))
+            view.tracker.note_step()
+
+        def _preempt_request(self, *args: Any, **kwargs: Any) -> Any:
+            if self.kvcache_tracker is not None:
+                self.kvcache_tracker.preemptions += 1  # inside schedule(): the lock is held
+            return super()._preempt_request(*args, **kwargs)
+
+        def shutdown(self) -> None:
+            if self._kvcache_endpoint is not None:
+                self._kvcache_endpoint.stop()
+            super().shutdown()
+
+    for name in ("add_request", "finish_requests", "reset_prefix_cache", "update_draft_token_ids"):
+        if callable(getattr(Base, name, None)):
+            setattr(KVCacheShimScheduler, name, locked(name))
+    for name in ("_preempt_request", "shutdown"):  # only override what the base has
+        if not callable(getattr(Base, name, None)):
+            delattr(KVCacheShimScheduler, name)
+    KVCacheShimScheduler.kvcache_missing_hooks = tuple(missing)
+    return KVCacheShimScheduler
