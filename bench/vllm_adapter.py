@@ -16,6 +16,7 @@ second. Run once per vLLM release (``PYTHONPATH=.venv-vllm/matrix/0.32.0``) to c
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 import sys
@@ -31,7 +32,8 @@ from engine_shim.adapters.vllm import BlockPoolTracker, EngineFacts, LiveView, b
 
 def run(
     num_blocks: int, tracked: bool, steps: int, batch: int, seed: int, reuse: bool = True
-) -> tuple[list[float], float, float]:
+) -> tuple[float, float, float]:
+    """(CPU seconds per step, an O(N) scan's seconds, a snapshot read's seconds)."""
     m, config = new_manager(num_blocks)
     facts = EngineFacts(model="bench", max_model_len=MAX_LEN)
     tracker = BlockPoolTracker(m, config, facts, reuse_distances=reuse) if tracked else None
@@ -45,9 +47,10 @@ def run(
 
     for _ in range(batch):
         new_request()
-    times = []
+    gc.collect()
+    gc.disable()  # as vLLM's engine core does after start-up (it freezes the heap)
+    start = time.process_time()  # this process's CPU: another process's load is not counted
     for _ in range(steps):
-        start = time.perf_counter()
         for request in list(driver.running.values()):
             if request.num_tokens >= MAX_LEN - 2 or rng.random() < 0.02:
                 driver.free(request)
@@ -64,7 +67,8 @@ def run(
                 view.tracker.iterations += 1
                 view.tracker.note_step()
                 view.touched()
-        times.append(time.perf_counter() - start)
+    per_step = (time.process_time() - start) / steps
+    gc.enable()
     scan = read = 0.0
     if tracker is not None and view is not None:
         t0 = time.perf_counter()
@@ -74,7 +78,7 @@ def run(
         for _ in range(200):
             view.snapshot()
         read = (time.perf_counter() - t0) / 200
-    return times, scan, read
+    return per_step, scan, read
 
 
 def main() -> None:
@@ -87,29 +91,31 @@ def main() -> None:
     from vllm import __version__ as vllm_version
 
     print(
-        f"vLLM {vllm_version}: adapter cost per scheduler step ({args.steps} steps x {args.reps}"
-        " alternating runs, medians; ratio = with adapter / plain vLLM, same seeded steps)"
+        f"vLLM {vllm_version}: the adapter's CPU per scheduler step, {args.steps} steps per run;"
+        f" {args.reps} alternating triples on the same seeded steps (plain, adapter, adapter"
+        " with KVCACHE_SHIM_REUSE_DISTANCE=off); medians of the paired differences"
     )
     for batch in (int(b) for b in args.batches.split(",")):
         for size in (int(s) for s in args.sizes.split(",")):
-            ratios, plain_all, shim_all, bare_all, reads = [], [], [], [], []
-            for rep in range(args.reps):  # alternate the three runs on the same seeded steps
-                plain, _, _ = run(size, False, args.steps, batch, seed=rep)
-                shim, scan, read = run(size, True, args.steps, batch, seed=rep)
-                bare, _, _ = run(size, True, args.steps, batch, seed=rep, reuse=False)
-                plain_all += plain
-                shim_all += shim
-                bare_all += bare
+            plain, shim, bare, reads, scans = [], [], [], [], []
+            for rep in range(args.reps):
+                p, _, _ = run(size, False, args.steps, batch, seed=rep)
+                s, scan, read = run(size, True, args.steps, batch, seed=rep)
+                b, _, _ = run(size, True, args.steps, batch, seed=rep, reuse=False)
+                plain.append(p)
+                shim.append(s - p)
+                bare.append(b - p)
                 reads.append(read)
-                ratios.append(statistics.median(shim) / statistics.median(plain))
-            p, s = statistics.median(plain_all), statistics.median(shim_all)
-            b = statistics.median(bare_all)
+                scans.append(scan)
+            q = statistics.quantiles(shim, n=4) if len(shim) > 1 else [shim[0]] * 3
             print(
-                f"  {batch:>3} running, {size:>9,} blocks: plain {p * 1e6:7.1f} us/step,"
-                f" adapter +{(s - p) * 1e6:5.1f} us (ratio {statistics.median(ratios):.3f});"
-                f" with KVCACHE_SHIM_REUSE_DISTANCE=off +{(b - p) * 1e6:5.1f} us;"
-                f" snapshot {statistics.median(reads) * 1e6:5.1f} us per read;"
-                f" an O(N) scan would cost {scan * 1e3:6.1f} ms"
+                f"  {batch:>3} running, {size:>9,} blocks: plain vLLM"
+                f" {statistics.median(plain) * 1e6:7.1f} us/step; adapter"
+                f" {statistics.median(shim) * 1e6:+6.1f} us (IQR {q[0] * 1e6:+.1f} to"
+                f" {q[2] * 1e6:+.1f}), with reuse distances off"
+                f" {statistics.median(bare) * 1e6:+6.1f} us; a snapshot read"
+                f" {statistics.median(reads) * 1e6:5.1f} us; an O(N) scan"
+                f" {statistics.median(scans) * 1e3:6.1f} ms"
             )
 
 

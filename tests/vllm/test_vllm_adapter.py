@@ -127,7 +127,11 @@ def test_reuse_distances_off_leaves_out_the_curve_and_nothing_else() -> None:
             d.check()
         snap = tracker.snapshot(0, 0)
         assert (snap.reuse_distance is not None) is on
-        assert isinstance(type(m.block_pool.blocks[1]).ref_cnt, property)  # still counted
+        # Still counted: the hash setter and the free queue's wrapped mutators stay installed.
+        assert isinstance(
+            getattr(type(m.block_pool.blocks[1]), tracker.layout.hash_field), property
+        )
+        assert "append_n" in vars(m.block_pool.free_block_queue)
         counts[on] = (
             tracker.counts(),
             snap.counters.prefix_query_tokens,
@@ -477,3 +481,27 @@ def test_the_iteration_line_is_the_counts_without_a_scan() -> None:
     assert not iteration_log_enabled({})
     with pytest.raises(ValueError, match="KVCACHE_SHIM_LOG_ITERATIONS must be"):
         iteration_log_enabled({"KVCACHE_SHIM_LOG_ITERATIONS": "yes please"})
+
+
+def test_a_free_queue_with_a_new_mutator_is_refused_not_miscounted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The counts are kept where blocks enter and leave vLLM's free queue: a release whose
+    queue gains a way to move blocks that the shim does not wrap must degrade, not drift."""
+    from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
+
+    m, config = new_manager(32)
+    monkeypatch.setattr(FreeKVCacheBlockQueue, "remove_n", lambda self, blocks: None, raising=False)
+    with pytest.raises(UnsupportedVllm, match=r"unknown \['remove_n'\]"):
+        BlockPoolTracker(m, config, EngineFacts(model="tiny", max_model_len=MAX_LEN))
+    assert type(m.block_pool.blocks[1]).__name__ == "KVCacheBlock"
+    assert not vars(m.block_pool.free_block_queue).keys() & {"append_n", "popleft_n", "remove"}
+
+
+def test_the_allocators_hot_path_is_vllms_own() -> None:
+    """ref_cnt changes on every allocation, touch and free: it stays vLLM's C-level slot."""
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+
+    m, _ = manager(32)
+    tracked = type(m.block_pool.blocks[1])
+    assert tracked is not KVCacheBlock and tracked.ref_cnt is KVCacheBlock.ref_cnt

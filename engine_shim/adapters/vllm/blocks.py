@@ -1,15 +1,17 @@
-"""vLLM's ``KVCacheBlock`` as each release lays it out, and a subclass that keeps counts.
+"""vLLM's ``KVCacheBlock`` as each release lays it out, and counts kept at its free queue.
 
-A block is evictable exactly when ``ref_cnt == 0``, it has a hash, and it is not the null block.
-The tracked subclass swaps the state slots for properties whose setters keep a running count of
-evictable blocks and of the prefix tokens they hold, so every path that changes a block
-(allocate, touch, free, evict, reset, copy-on-write, partial -> full promotion) is counted
-without scanning the pool. Getters stay the slots' own C-level ``__get__``: reads cost what
-they did.
+A block is evictable exactly when ``ref_cnt == 0``, it has a hash, and it is not the null block;
+equivalently (vLLM keeps every unreferenced non-null block in its free queue), when it is a
+cached block in the free queue. The counts follow the queue: blocks enter it (``append``,
+``append_n``, ``prepend_n``) and leave it (``popleft``, ``popleft_n``, ``remove``) a request at
+a time, and each call is counted over its blocks at C speed. The one other change that matters,
+a hash appearing or going (a block filled and cached, or evicted), goes through a setter on the
+hash slot; so does a cached entry's prefix length where partial entries can occur. vLLM's
+``ref_cnt`` and ``is_null`` stay its own C-level slots: the allocator's hot path is untouched.
 
 Layouts: vLLM 0.31-0.33 keep the hash in ``_block_hash`` (``block_hash`` is a read-only
 property) and its prefix length in ``_block_hash_num_tokens``; 0.34 made both plain fields,
-``block_hash`` and ``block_hash_num_tokens``.
+``block_hash`` and ``block_hash_num_tokens``. The free queue is the same in all four.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ...reuse_distance import HASH_SPACE, SCRAMBLE, ReuseDistanceTracker
+from ...reuse_distance import HASH_SPACE, SCRAMBLE, ReuseDistanceTracker, sample_hash
 
 MASK = HASH_SPACE - 1
 
@@ -58,16 +60,265 @@ def block_layout(base: type) -> BlockLayout:
     return BlockLayout(hash_field, tokens_field)
 
 
-class PoolCounts:
-    """Running counts the tracked blocks keep, and the reuse tracker they feed."""
+# vLLM's free queue, the same in 0.31-0.34: what moves blocks in and out, and what only reads.
+QUEUE_MUTATORS = ("popleft", "popleft_n", "remove", "append", "append_n", "prepend_n")
+QUEUE_READERS = ("get_all_free_blocks", "iter_blocks_after")
+BLOCK_SLOTS = ("block_id", "prev_free_block")
 
-    __slots__ = ("blocks", "failure", "recency", "tokens")
 
-    def __init__(self, recency: ReuseDistanceTracker | None) -> None:
-        self.blocks = 0  # evictable blocks
-        self.tokens = 0  # prefix tokens those blocks hold
+def check_free_queue(queue_class: type) -> None:
+    """Counting at the queue is exact only if these are all the ways blocks move: a release
+    with a new mutator is refused (``UnsupportedVllm``) rather than counted wrong."""
+    methods = {n for n in dir(queue_class) if not n.startswith("_")}
+    methods = {n for n in methods if callable(getattr(queue_class, n))}
+    missing = sorted(set(QUEUE_MUTATORS) - methods)
+    unknown = sorted(methods - set(QUEUE_MUTATORS) - set(QUEUE_READERS))
+    if missing or unknown:
+        raise UnsupportedVllm(
+            f"{queue_class.__qualname__}: methods missing {missing or 'none'}, unknown"
+            f" {unknown or 'none'}"
+        )
+
+
+class FreeQueueCounter:
+    """Evictable = cached (hashed), non-null blocks in vLLM's free queue, counted where blocks
+    enter and leave the queue: once per call, over the call's blocks at C speed (``map``,
+    ``list.count``, set intersections), not once per block in Python. A block's hash or prefix
+    length changes through a setter, which adjusts the counts only for a block that is in the
+    queue at the time (``reset_prefix_cache``, an eviction of a free block by a connector).
+
+    The same calls feed the reuse tracker: a block entering the queue becomes idle, one taken
+    by ``remove`` (a prefix hit) is held under its hash, one popped for allocation is held under
+    its id (its old content, if any, stays in the recency order: that is what eviction means
+    for a stack distance). Only sampled blocks reach Python: the ids whose current key is
+    sampled are kept in a set and intersected with each call's ids.
+    """
+
+    def __init__(
+        self,
+        pool: Any,
+        layout: BlockLayout,
+        cached_tokens: Callable[[Any, int | None], int],
+        block_size: int,
+        recency: ReuseDistanceTracker | None,
+        per_block_tokens: bool = True,
+    ) -> None:
+        base = type(pool.blocks[0])
+        missing = [n for n in BLOCK_SLOTS if _slot(base, n) is None]
+        if missing:
+            raise UnsupportedVllm(f"{base.__qualname__} has no slot {', '.join(missing)}")
+        check_free_queue(type(pool.free_block_queue))
+        self.pool = pool
+        self.layout = layout
+        self.cached_tokens = cached_tokens
+        self.size = block_size
         self.recency = recency
         self.failure: str | None = None  # why the reuse tracker was switched off
+        self.hash_get = base.__dict__[layout.hash_field].__get__
+        self.id_get = base.__dict__["block_id"].__get__
+        self.prev_get = base.__dict__["prev_free_block"].__get__
+        self.null_get = base.__dict__["is_null"].__get__
+        self.tokens_get: Callable[[Any], int | None] = (
+            base.__dict__[layout.tokens_field].__get__
+            if layout.tokens_field is not None
+            else (lambda block: None)
+        )
+        # Block id -> (its cached tokens - block_size), for the few blocks where it is not 0:
+        # partial entries, or a group whose block size is not the pool's. Where neither can
+        # happen (every group's block size is the pool's hash block size), it stays empty and
+        # a block's prefix length is not even watched.
+        self.extra: dict[int, int] = {}
+        self.per_block_tokens = per_block_tokens
+        self.sampled: set[int] = set()  # ids of blocks whose current key is sampled
+        self.by_id: set[int] = set()  # ids sampled as ids (how a popped block is keyed)
+        self.threshold = -1
+        self.blocks = self.tokens = 0
+        for block in pool.blocks:
+            self.refresh(block)
+            counted, tokens = self.contribution(block)
+            self.blocks += counted
+            self.tokens += tokens
+
+    # ---------------------------------------------------------------- one block (rare)
+
+    def contribution(self, block: Any) -> tuple[int, int]:
+        if self.prev_get(block) is None or self.null_get(block):
+            return 0, 0
+        if self.hash_get(block) is None:
+            return 0, 0
+        return 1, self.size + self.extra.get(self.id_get(block), 0)
+
+    def refresh(self, block: Any) -> None:
+        """Recompute what is kept per block after its hash or prefix length changed."""
+        block_id, key = self.id_get(block), self.hash_get(block)
+        self.extra.pop(block_id, None)
+        if key is not None:
+            extra = self.cached_tokens(key, self.tokens_get(block)) - self.size
+            if extra:
+                self.extra[block_id] = extra
+        if self.recency is not None:
+            self.sync_threshold()
+            if sample_hash(block_id if key is None else key) < self.threshold:
+                self.sampled.add(block_id)
+            else:
+                self.sampled.discard(block_id)
+
+    def sync_threshold(self) -> None:
+        """The tracker only ever lowers its threshold (fewer blocks tracked): the sampled sets
+        shrink by filtering, never by scanning the pool."""
+        recency = self.recency
+        assert recency is not None
+        threshold = recency.threshold
+        if threshold == self.threshold:
+            return
+        blocks, hash_get = self.pool.blocks, self.hash_get
+        if threshold > self.threshold >= 0 or self.threshold < 0:  # first use: build
+            self.by_id = {i for i in range(len(blocks)) if (i * SCRAMBLE) & MASK < threshold}
+            candidates: Any = range(len(blocks))
+        else:
+            self.by_id = {i for i in self.by_id if (i * SCRAMBLE) & MASK < threshold}
+            candidates = self.sampled
+        self.threshold = threshold
+        sampled = set()
+        for i in candidates:
+            key = hash_get(blocks[i])
+            if sample_hash(i if key is None else key) < threshold:
+                sampled.add(i)
+        self.sampled = sampled
+
+    def changed(self, block: Any, before: tuple[int, int]) -> None:
+        after = self.contribution(block)
+        self.blocks += after[0] - before[0]
+        self.tokens += after[1] - before[1]
+
+    def hash_changed(self, block: Any, old: Any, before: tuple[int, int]) -> None:
+        """The slow path of a hash change (block in the queue, or per-block tokens kept)."""
+        self.refresh(block)
+        self.changed(block, before)
+        key = self.hash_get(block)
+        held = self.prev_get(block) is None
+        if old is None and key is not None and self.recency is not None and held:
+            try:  # a held block got its hash: its id's entry goes, its hash is held
+                block_id = self.id_get(block)
+                if block_id in self.by_id:
+                    self.recency.forget(block_id)
+                if block_id in self.sampled:
+                    self.recency.pinned_sampled(key)
+            except Exception as exc:
+                self.stop_recency(exc)
+
+    def stop_recency(self, exc: BaseException) -> None:
+        """Monitoring never takes serving down: the curve stops, the counts go on."""
+        self.recency = None
+        self.failure = f"reuse-distance tracking stopped: {exc!r}"[:300]
+
+    # ------------------------------------------------------------ queue calls (hot path)
+
+    def _tokens(self, ids: list[int] | None, blocks: list[Any], cached: int) -> int:
+        tokens = cached * self.size
+        extra = self.extra
+        if extra:
+            if ids is None:
+                ids = list(map(self.id_get, blocks))
+            tokens += sum(map(extra.__getitem__, extra.keys() & ids))
+        return tokens
+
+    def entered(self, blocks: list[Any]) -> None:
+        hashes = list(map(self.hash_get, blocks))
+        cached = len(hashes) - hashes.count(None)
+        ids = None
+        if cached:
+            ids = list(map(self.id_get, blocks)) if self.extra else None
+            self.blocks += cached
+            self.tokens += self._tokens(ids, blocks, cached)
+        if self.recency is not None:
+            self._recency(blocks, hashes, ids, idle=True, by_id=False)
+
+    def left(self, blocks: list[Any], allocated: bool) -> None:
+        hashes = list(map(self.hash_get, blocks))
+        cached = len(hashes) - hashes.count(None)
+        ids = None
+        if cached:
+            ids = list(map(self.id_get, blocks)) if self.extra else None
+            self.blocks -= cached
+            self.tokens -= self._tokens(ids, blocks, cached)
+        if self.recency is not None:
+            self._recency(blocks, hashes, ids, idle=False, by_id=allocated)
+
+    def _recency(
+        self, blocks: list[Any], hashes: list[Any], ids: list[int] | None, idle: bool, by_id: bool
+    ) -> None:
+        recency = self.recency
+        assert recency is not None
+        try:
+            if recency.threshold != self.threshold:
+                self.sync_threshold()
+            if ids is None:
+                ids = list(map(self.id_get, blocks))
+            # A block popped for allocation is held under its id, whatever it held before.
+            hit = (self.by_id if by_id else self.sampled).intersection(ids)
+            if not hit:
+                return
+            order = sorted(map(ids.index, hit))
+            if by_id:
+                keys = [ids[k] for k in order]
+            else:
+                keys = [ids[k] if hashes[k] is None else hashes[k] for k in order]
+            (recency.released_all if idle else recency.pinned_all)(keys)
+        except Exception as exc:
+            self.stop_recency(exc)
+
+    def hook(self, queue: Any) -> None:
+        """Wrap the queue's mutators on this instance (vLLM's pool holds one queue)."""
+        popleft_n, popleft, remove = queue.popleft_n, queue.popleft, queue.remove
+        append, append_n, prepend_n = queue.append, queue.append_n, queue.prepend_n
+        entered, left = self.entered, self.left
+
+        hash_get, id_get, counter = self.hash_get, self.id_get, self
+
+        def counted_popleft_n(n: int) -> list[Any]:
+            blocks: list[Any] = popleft_n(n)
+            if n == 1 and not counter.extra:  # a decode step's new block: the common call
+                if hash_get(blocks[0]) is not None:
+                    counter.blocks -= 1
+                    counter.tokens -= counter.size
+                if counter.recency is not None and id_get(blocks[0]) in counter.by_id:
+                    counter._recency(blocks, [None], None, idle=False, by_id=True)
+            else:
+                left(blocks, True)
+            return blocks
+
+        def counted_popleft() -> Any:
+            block = popleft()
+            left([block], True)
+            return block
+
+        def counted_remove(block: Any) -> None:
+            remove(block)
+            left([block], False)
+
+        def counted_append(block: Any) -> None:
+            append(block)
+            entered([block])
+
+        def counted_append_n(blocks: list[Any]) -> None:
+            append_n(blocks)
+            entered(blocks)
+
+        def counted_prepend_n(blocks: list[Any]) -> None:
+            prepend_n(blocks)
+            entered(blocks)
+
+        queue.popleft_n, queue.popleft, queue.remove = (
+            counted_popleft_n,
+            counted_popleft,
+            counted_remove,
+        )
+        queue.append, queue.append_n, queue.prepend_n = (
+            counted_append,
+            counted_append_n,
+            counted_prepend_n,
+        )
 
 
 def cached_tokens_function(
@@ -87,110 +338,73 @@ def cached_tokens_function(
     return cached_tokens
 
 
-def tracked_block_class(
-    base: type, layout: BlockLayout, counts: PoolCounts, cached_tokens: Callable[..., int]
-) -> type:
-    """A subclass of vLLM's KVCacheBlock whose state setters maintain ``counts`` and tell
-    ``counts.recency`` when a cached block becomes held or idle (its key: vLLM's block hash
-    with group id, as stored on the block)."""
-    ref_slot, null_slot = base.__dict__["ref_cnt"], base.__dict__["is_null"]
+def tracked_block_class(base: type, layout: BlockLayout, counter: FreeQueueCounter) -> type:
+    """A subclass of vLLM's KVCacheBlock whose hash (and, where partial entries can occur,
+    prefix-length) setters keep ``counter`` right for a block in the free queue and
+    tell the reuse tracker when a held block gets its hash. ``ref_cnt`` stays vLLM's own slot:
+    the allocator's hot path is untouched. Getters are the slots' own C-level ``__get__``.
+
+    vLLM sets a hash on every block it fills and clears it on every eviction, so the setter
+    has a fast path: a block outside the free queue (held, or just popped for reuse) changes
+    no count, and only the curve's bookkeeping (if on) runs."""
     hash_slot = base.__dict__[layout.hash_field]
-    ref_get, ref_set = ref_slot.__get__, ref_slot.__set__
     hash_get, hash_set = hash_slot.__get__, hash_slot.__set__
-    null_get, null_set = null_slot.__get__, null_slot.__set__
-    if layout.tokens_field is not None:
-        tokens_slot = base.__dict__[layout.tokens_field]
-        tokens_get, tokens_set = tokens_slot.__get__, tokens_slot.__set__
-    else:
-
-        def tokens_get(block: Any) -> None:
-            return None
-
-        tokens_set = None
-
-    def recency_failed(exc: BaseException) -> None:
-        # Monitoring never takes serving down: the curve stops, the counts go on.
-        counts.recency = None
-        counts.failure = f"reuse-distance tracking stopped: {exc!r}"[:300]
-
-    # Hot path of vLLM's allocator: only a 0 <-> non-0 ref_cnt change, or a hash appearing or
-    # going, can change evictability, and only then are the other fields read.
-    def set_ref(self: Any, value: int) -> None:
-        old = ref_get(self)
-        ref_set(self, value)
-        if (old == 0) is not (value == 0) and not null_get(self):
-            key = hash_get(self)
-            if key is not None:
-                if value == 0:
-                    counts.blocks += 1
-                    counts.tokens += cached_tokens(key, tokens_get(self))
-                else:
-                    counts.blocks -= 1
-                    counts.tokens -= cached_tokens(key, tokens_get(self))
-            recency = counts.recency
-            if recency is not None:
-                # vLLM's free queue is one LRU of every free block, cached or empty: an
-                # empty block takes part under its id, a cached one under its hash. The
-                # sampling test is inlined: most blocks are not sampled, and this is hot.
-                if key is None:
-                    key = self.block_id
-                    sampled = (key * SCRAMBLE) & MASK < recency.threshold
-                else:
-                    sampled = int.from_bytes(key[:4], "little") < recency.threshold
-                if sampled:
-                    try:
-                        (recency.released_sampled if value == 0 else recency.pinned_sampled)(key)
-                    except Exception as exc:
-                        recency_failed(exc)
+    contribution, changed = counter.contribution, counter.changed
+    hash_changed = counter.hash_changed
+    prev_get, id_get = counter.prev_get, counter.id_get
+    slow = counter.per_block_tokens
 
     def set_hash(self: Any, value: Any) -> None:
         old = hash_get(self)
+        if slow or prev_get(self) is not None:
+            before = contribution(self)
+            hash_set(self, value)
+            hash_changed(self, old, before)
+            return
         hash_set(self, value)
-        if (old is None) is not (value is None) and not null_get(self):
-            if ref_get(self) == 0:
-                if old is None:
-                    counts.blocks += 1
-                    counts.tokens += cached_tokens(value, tokens_get(self))
-                else:
-                    counts.blocks -= 1
-                    counts.tokens -= cached_tokens(old, tokens_get(self))
-            elif value is not None and counts.recency is not None:
-                recency = counts.recency
-                # Held while its writer filled it, cached from now on: known by its hash.
-                try:
-                    if (self.block_id * SCRAMBLE) & MASK < recency.threshold:
-                        recency.forget(self.block_id)
-                    if int.from_bytes(value[:4], "little") < recency.threshold:
-                        recency.pinned_sampled(value)
-                except Exception as exc:
-                    recency_failed(exc)
+        recency = counter.recency
+        if recency is None or (old is None) is (value is None):
+            return
+        # A held block got its hash (filled and cached), or a popped one lost it (evicted):
+        # from now on it is known by its hash, or by its id again. Inlined: vLLM sets a hash
+        # on every block it fills.
+        try:
+            threshold = recency.threshold
+            if threshold != counter.threshold:
+                counter.sync_threshold()
+            block_id = id_get(self)
+            if value is None:
+                sampled = block_id in counter.by_id
+            else:
+                if block_id in counter.by_id:
+                    recency.forget(block_id)
+                sampled = int.from_bytes(value[:4], "little") < threshold
+                if sampled:
+                    recency.pinned_sampled(value)
+            if sampled:
+                counter.sampled.add(block_id)
+            else:
+                counter.sampled.discard(block_id)
+        except Exception as exc:
+            counter.stop_recency(exc)
 
-    def set_tokens(self: Any, value: int | None) -> None:
-        # vLLM sets the hash, then its prefix length (and clears them in that order too).
-        old = tokens_get(self)
-        tokens_set(self, value)
-        if old != value and ref_get(self) == 0 and not null_get(self):
-            key = hash_get(self)
-            if key is not None:
-                counts.tokens += cached_tokens(key, value) - cached_tokens(key, old)
-
-    def set_null(self: Any, value: bool) -> None:
-        key = hash_get(self)
-        was = ref_get(self) == 0 and key is not None and not null_get(self)
-        null_set(self, value)
-        now = ref_get(self) == 0 and key is not None and not value
-        if was is not now:
-            sign = 1 if now else -1
-            counts.blocks += sign
-            counts.tokens += sign * cached_tokens(key, tokens_get(self))
-
+    # ``is_null`` stays vLLM's slot: vLLM sets it once, on the null block, in the pool's
+    # constructor (before the shim attaches), and reads it in its hot loops.
     members: dict[str, Any] = {
         "__slots__": (),
-        "ref_cnt": property(ref_get, set_ref),
         layout.hash_field: property(hash_get, set_hash),
-        "is_null": property(null_get, set_null),
     }
-    if layout.tokens_field is not None:
+    if layout.tokens_field is not None and slow:
+        tokens_slot = base.__dict__[layout.tokens_field]
+        tokens_get, tokens_set = tokens_slot.__get__, tokens_slot.__set__
+        refresh = counter.refresh
+
+        def set_tokens(self: Any, value: int | None) -> None:
+            before = contribution(self)
+            tokens_set(self, value)
+            refresh(self)
+            changed(self, before)
+
         members[layout.tokens_field] = property(tokens_get, set_tokens)
     return type(f"Tracked{base.__name__}", (base,), members)
 

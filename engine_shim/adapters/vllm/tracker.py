@@ -24,11 +24,9 @@ from kvstats.snapshot import (
 
 from ...reuse_distance import Observation, ReuseDistanceTracker
 from .blocks import (
-    PoolCounts,
+    FreeQueueCounter,
     UnsupportedVllm,
     block_layout,
-    brute_force_evictable,
-    brute_force_evictable_tokens,
     cached_tokens_function,
     tracked_block_class,
 )
@@ -248,14 +246,25 @@ class BlockPoolTracker(_Base):
         self.cached_tokens = cached_tokens_function(
             {i: int(s.block_size) for i, s in enumerate(specs)}, self.block_size
         )
-        self._counts = PoolCounts(self.reuse)
-        self._counts.blocks = brute_force_evictable(pool)
-        self._counts.tokens = brute_force_evictable_tokens(pool, self.cached_tokens)
+        # Every check (block slots, queue methods) passes before anything of vLLM's changes.
+        # Partial entries need a group whose block size differs from the pool's hash block
+        # size; groups of several sizes need each block's own: then tokens are kept per block.
+        sizes = {int(s.block_size) for s in specs}
+        hash_block = getattr(pool, "hash_block_size", None)
+        self._counts = FreeQueueCounter(
+            pool,
+            self.layout,
+            self.cached_tokens,
+            self.block_size,
+            self.reuse,
+            per_block_tokens=len(sizes) > 1 or sizes != {hash_block},
+        )
         # Lookups' distances from get_computed_blocks until the stats record the admission.
         self._lookups: dict[str, Observation] = {}
-        tracked = tracked_block_class(block_class, self.layout, self._counts, self.cached_tokens)
+        tracked = tracked_block_class(block_class, self.layout, self._counts)
         for block in pool.blocks:
             block.__class__ = tracked
+        self._counts.hook(pool.free_block_queue)
         self._wrap_prefix_stats()
         if self.reuse is not None:
             self._wrap_lookups(self.reuse)
