@@ -59,6 +59,9 @@ def parse_exposition(text: str) -> tuple[dict[EngineKey, EngineSample], dict[str
                 sample.hits[labels["tier"]] = s.value
             elif s.name == "kvcache_requests":
                 sample.values[f"requests:{labels['state']}"] = s.value
+            elif s.name == "kvcache_shim_status":
+                if s.value == 1:
+                    sample.values[f"status:{labels['state']}"] = 1
             elif s.name == f"{REUSE}_bucket":
                 if labels["le"] != "+Inf":
                     sample.reuse[float(labels["le"])] = s.value
@@ -93,7 +96,14 @@ def format_engine_line(key: EngineKey, now: EngineSample, before: EngineSample |
                 f" evictable {_pct(pool.get('kvcache_evictable_ratio'))})"
                 f" {used + evictable:.0f}/{cap:.0f} slots"
             )
+        peak = pool.get("kvcache_pool_peak_slots:used")
+        if peak is not None and cap > 0:
+            parts[-1] += f" peak {_pct(peak / cap)}"
     v = now.values
+    if "status:warming_up" in v:
+        parts.append("WARMING UP (capacity not sized yet)")
+    if "status:unsupported" in v:
+        parts.append("UNSUPPORTED engine release (exact counts only: see the exporter log)")
     if "kvcache_capacity_tokens" in v:
         parts.append(f"cap {v['kvcache_capacity_tokens']:.0f} tok")
     if "kvcache_max_concurrency" in v:

@@ -341,6 +341,26 @@ kvcache_exporter_target_up{engine="b"} 0
     assert up == {"a": 1.0, "b": 0.0}
 
 
+def test_watch_says_when_an_engine_is_warming_up_unsupported_or_bursting() -> None:
+    text = """
+kvcache_pool_capacity_slots{engine="a",dp_rank="0",model="m",pool="full"} 1000
+kvcache_pool_slots{engine="a",dp_rank="0",model="m",pool="full",state="used"} 100
+kvcache_active_usage_ratio{engine="a",dp_rank="0",model="m",pool="full"} 0.1
+kvcache_pool_peak_slots{engine="a",dp_rank="0",model="m",pool="full",state="used"} 950
+kvcache_shim_status{engine="a",dp_rank="0",model="m",state="ok"} 0
+kvcache_shim_status{engine="a",dp_rank="0",model="m",state="warming_up"} 0
+kvcache_shim_status{engine="a",dp_rank="0",model="m",state="unsupported"} 1
+kvcache_shim_status{engine="b",dp_rank="0",model="m",state="warming_up"} 1
+"""
+    engines, _ = parse_exposition(text)
+    lines = {key[0]: format_engine_line(key, engines[key], None) for key in engines}
+    assert lines["a"] == (
+        "a/0 m  active 10.0% (evictable unknown) 100/1000 slots peak 95.0%"
+        " | UNSUPPORTED engine release (exact counts only: see the exporter log)"
+    )
+    assert lines["b"] == "b/0 m  WARMING UP (capacity not sized yet)"
+
+
 def test_demo_runs_and_prints_live_numbers() -> None:
     result = subprocess.run(
         [

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-from engine_shim.adapters.vllm import KVCacheShimScheduler
+from engine_shim.adapters.vllm import KVCacheShimScheduler, brute_force_evictable_tokens
 
 
 def pool_truth(block_pool: Any) -> tuple[int, int, int]:
@@ -70,6 +70,13 @@ class CheckingScheduler(KVCacheShimScheduler):  # type: ignore[misc,valid-type]
             "evictable_by_group": evictable_by_group(manager.block_pool, self._group_kinds),
             "vllm_usage": manager.usage,
             "preemptions": snap.counters.preemptions,
+            "tokens": [
+                pool.evictable_prefix_tokens,
+                brute_force_evictable_tokens(
+                    manager.block_pool, self.kvcache_tracker.cached_tokens
+                ),
+            ],
+            "status": None if snap.status is None else snap.status.state,
         }
         self._check_log.write(json.dumps(line) + "\n")
 

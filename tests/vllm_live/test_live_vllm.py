@@ -66,6 +66,9 @@ def assert_every_step_counted_exactly(server: VllmServer) -> list[dict[str, Any]
     assert checks, "the checking scheduler wrote nothing"
     wrong = [c for c in checks if c["served"] != c["truth"]]
     assert not wrong, f"{len(wrong)} of {len(checks)} steps differ from the pool, e.g. {wrong[:3]}"
+    wrong = [c for c in checks if c["tokens"][0] != c["tokens"][1]]
+    assert not wrong, f"evictable prefix tokens differ from the pool's: {wrong[:3]}"
+    assert {c["status"] for c in checks} == {"ok"}  # a supported release, sized before serving
     for c in checks:  # vLLM's own usage sees only the pinned blocks
         used, evictable, available = c["truth"]
         assert c["vllm_usage"] == pytest.approx(used / (used + evictable + available))
