@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -30,34 +31,48 @@ from devtools.vllm_pool import MAX_LEN, Driver, new_manager
 from engine_shim.adapters.vllm import BlockPoolTracker, EngineFacts, LiveView, brute_force_evictable
 
 
-def run(
-    num_blocks: int, tracked: bool, steps: int, batch: int, seed: int, reuse: bool = True
-) -> tuple[float, float, float]:
-    """(CPU seconds per step, an O(N) scan's seconds, a snapshot read's seconds)."""
-    m, config = new_manager(num_blocks)
-    facts = EngineFacts(model="bench", max_model_len=MAX_LEN)
-    tracker = BlockPoolTracker(m, config, facts, reuse_distances=reuse) if tracked else None
-    driver = Driver(m, tracker)  # type: ignore[arg-type]
-    view = None if tracker is None else LiveView(tracker, lambda: (len(driver.running), 0))
-    rng = random.Random(seed)
-    shared = [rng.randrange(30000) for _ in range(512)]
+class Lane:
+    """One pool driven by the seeded workload: plain vLLM, or with the adapter attached."""
 
-    def new_request() -> None:
-        driver.admit(shared + [rng.randrange(30000) for _ in range(rng.randint(16, 256))])
+    def __init__(
+        self, num_blocks: int, batch: int, seed: int, tracked: bool, reuse: bool = True
+    ) -> None:
+        self.manager, config = new_manager(num_blocks)
+        facts = EngineFacts(model="bench", max_model_len=MAX_LEN)
+        self.tracker = (
+            BlockPoolTracker(self.manager, config, facts, reuse_distances=reuse)
+            if tracked
+            else None
+        )
+        self.driver = Driver(self.manager, self.tracker)  # type: ignore[arg-type]
+        driver = self.driver
+        self.view = (
+            None
+            if self.tracker is None
+            else LiveView(self.tracker, lambda: (len(driver.running), 0))
+        )
+        self.rng = random.Random(seed)
+        self.shared = [self.rng.randrange(30000) for _ in range(512)]
+        for _ in range(batch):
+            self.new_request()
+        self.times: list[float] = []
 
-    for _ in range(batch):
-        new_request()
-    gc.collect()
-    gc.disable()  # as vLLM's engine core does after start-up (it freezes the heap)
-    start = time.process_time()  # this process's CPU: another process's load is not counted
-    for _ in range(steps):
+    def new_request(self) -> None:
+        rng = self.rng
+        self.driver.admit(self.shared + [rng.randrange(30000) for _ in range(rng.randint(16, 256))])
+
+    def step(self) -> None:
+        """One scheduler step, timed: every running request decodes a token, about 2 % finish
+        and are replaced; then what KVCacheShimScheduler adds around its two calls."""
+        driver, rng, view = self.driver, self.rng, self.view
+        start = time.perf_counter()
         for request in list(driver.running.values()):
             if request.num_tokens >= MAX_LEN - 2 or rng.random() < 0.02:
                 driver.free(request)
-                new_request()
+                self.new_request()
             elif not driver.decode(request, rng.randrange(30000)):
                 driver.free(request)
-        if view is not None:  # what KVCacheShimScheduler adds around the two calls of a step
+        if view is not None:
             with view.lock:  # schedule()
                 view.steps_in_flight += 1
                 view.tracker.note_step()
@@ -67,55 +82,72 @@ def run(
                 view.tracker.iterations += 1
                 view.tracker.note_step()
                 view.touched()
-    per_step = (time.process_time() - start) / steps
+        self.times.append(time.perf_counter() - start)
+
+
+def run(num_blocks: int, steps: int, batch: int, seed: int) -> dict[str, Any]:
+    """Plain vLLM, the adapter, and the adapter without reuse distances, in lockstep on the same
+    seeded steps (each lane's state stays identical), the order rotating every step, so that
+    drift, cache warmth and other load fall on all three alike; per-step paired differences."""
+    lanes = {
+        "plain": Lane(num_blocks, batch, seed, tracked=False),
+        "shim": Lane(num_blocks, batch, seed, tracked=True),
+        "counts": Lane(num_blocks, batch, seed, tracked=True, reuse=False),
+    }
+    order = list(lanes.values())
+    gc.collect()
+    gc.disable()  # as vLLM's engine core does after start-up (it freezes the heap)
+    for i in range(steps):
+        for lane in order[i % 3 :] + order[: i % 3]:
+            lane.step()
     gc.enable()
-    scan = read = 0.0
-    if tracker is not None and view is not None:
-        t0 = time.perf_counter()
-        assert brute_force_evictable(m.block_pool) == tracker.evictable_blocks
-        scan = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(200):
-            view.snapshot()
-        read = (time.perf_counter() - t0) / 200
-    return per_step, scan, read
+    plain = lanes["plain"].times
+    result: dict[str, Any] = {"plain": statistics.mean(plain)}
+    for name in ("shim", "counts"):
+        diffs = [t - p for t, p in zip(lanes[name].times, plain, strict=True)]
+        result[name] = (statistics.mean(diffs), statistics.median(diffs))
+    shim = lanes["shim"]
+    assert shim.tracker is not None and shim.view is not None
+    t0 = time.perf_counter()
+    assert brute_force_evictable(shim.manager.block_pool) == shim.tracker.evictable_blocks
+    result["scan"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(200):
+        shim.view.snapshot()
+    result["read"] = (time.perf_counter() - t0) / 200
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="10000,100000,1000000")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batches", default="64,256")
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     from vllm import __version__ as vllm_version
 
     print(
-        f"vLLM {vllm_version}: the adapter's CPU per scheduler step, {args.steps} steps per run;"
-        f" {args.reps} alternating triples on the same seeded steps (plain, adapter, adapter"
-        " with KVCACHE_SHIM_REUSE_DISTANCE=off); medians of the paired differences"
+        f"vLLM {vllm_version}: the adapter's cost per scheduler step; plain vLLM, the adapter and"
+        f" the adapter with KVCACHE_SHIM_REUSE_DISTANCE=off in lockstep on the same seeded steps"
+        f" ({args.steps} steps x {args.reps} seeds); mean (median) of the per-step differences"
     )
     for batch in (int(b) for b in args.batches.split(",")):
         for size in (int(s) for s in args.sizes.split(",")):
-            plain, shim, bare, reads, scans = [], [], [], [], []
-            for rep in range(args.reps):
-                p, _, _ = run(size, False, args.steps, batch, seed=rep)
-                s, scan, read = run(size, True, args.steps, batch, seed=rep)
-                b, _, _ = run(size, True, args.steps, batch, seed=rep, reuse=False)
-                plain.append(p)
-                shim.append(s - p)
-                bare.append(b - p)
-                reads.append(read)
-                scans.append(scan)
-            q = statistics.quantiles(shim, n=4) if len(shim) > 1 else [shim[0]] * 3
+            runs = [run(size, args.steps, batch, seed) for seed in range(args.reps)]
+            shim = [r["shim"] for r in runs]
+            counts = [r["counts"] for r in runs]
             print(
                 f"  {batch:>3} running, {size:>9,} blocks: plain vLLM"
-                f" {statistics.median(plain) * 1e6:7.1f} us/step; adapter"
-                f" {statistics.median(shim) * 1e6:+6.1f} us (IQR {q[0] * 1e6:+.1f} to"
-                f" {q[2] * 1e6:+.1f}), with reuse distances off"
-                f" {statistics.median(bare) * 1e6:+6.1f} us; a snapshot read"
-                f" {statistics.median(reads) * 1e6:5.1f} us; an O(N) scan"
-                f" {statistics.median(scans) * 1e3:6.1f} ms"
+                f" {statistics.mean(r['plain'] for r in runs) * 1e6:7.1f} us/step; adapter"
+                f" {statistics.mean(m for m, _ in shim) * 1e6:+6.1f}"
+                f" ({statistics.mean(m for _, m in shim) * 1e6:+.1f}) us, counts only"
+                f" {statistics.mean(m for m, _ in counts) * 1e6:+6.1f}"
+                f" ({statistics.mean(m for _, m in counts) * 1e6:+.1f}) us; a snapshot read"
+                f" {statistics.median(r['read'] for r in runs) * 1e6:4.1f} us; an O(N) scan"
+                f" {statistics.median(r['scan'] for r in runs) * 1e3:5.1f} ms"
+                f" (per-seed adapter means:"
+                f" {', '.join(f'{m * 1e6:+.0f}' for m, _ in shim)} us)"
             )
 
 

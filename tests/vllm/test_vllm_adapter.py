@@ -8,10 +8,12 @@ brute-force count over the pool's blocks.
 
 from __future__ import annotations
 
+import ast
 import logging
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -127,10 +129,8 @@ def test_reuse_distances_off_leaves_out_the_curve_and_nothing_else() -> None:
             d.check()
         snap = tracker.snapshot(0, 0)
         assert (snap.reuse_distance is not None) is on
-        # Still counted: the hash setter and the free queue's wrapped mutators stay installed.
-        assert isinstance(
-            getattr(type(m.block_pool.blocks[1]), tracker.layout.hash_field), property
-        )
+        # Still counted: the hash writers and the free queue's mutators stay wrapped.
+        assert "set_block_hash" in vars(type(m.block_pool.blocks[1]))
         assert "append_n" in vars(m.block_pool.free_block_queue)
         counts[on] = (
             tracker.counts(),
@@ -499,9 +499,81 @@ def test_a_free_queue_with_a_new_mutator_is_refused_not_miscounted(
 
 
 def test_the_allocators_hot_path_is_vllms_own() -> None:
-    """ref_cnt changes on every allocation, touch and free: it stays vLLM's C-level slot."""
+    """ref_cnt changes on every allocation, touch and free, and vLLM reads the hash and null
+    flag in its hot loops: every slot stays vLLM's own C-level slot."""
     from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
-    m, _ = manager(32)
+    m, tracker = manager(32)
     tracked = type(m.block_pool.blocks[1])
-    assert tracked is not KVCacheBlock and tracked.ref_cnt is KVCacheBlock.ref_cnt
+    assert tracked is not KVCacheBlock
+    for name in ("ref_cnt", "is_null", tracker.layout.hash_field, "prev_free_block"):
+        assert getattr(tracked, name) is getattr(KVCacheBlock, name), name
+
+
+HASH_FIELDS = {"_block_hash", "block_hash", "_block_hash_num_tokens", "block_hash_num_tokens"}
+
+
+def hash_writes(root: Path) -> list[tuple[str, str, int]]:
+    """(file, function, line) of every assignment to a block's hash field under ``root``."""
+
+    def written(target: ast.expr) -> list[ast.Attribute]:
+        """Attributes an assignment target writes (``a.x = ``, ``a.x, b.y = ``), not ones it
+        only reads (``d[a.x] = ``)."""
+        if isinstance(target, ast.Attribute):
+            return [target] if target.attr in HASH_FIELDS else []
+        if isinstance(target, ast.Tuple | ast.List):
+            return [a for element in target.elts for a in written(element)]
+        if isinstance(target, ast.Starred):
+            return written(target.value)
+        return []
+
+    def scan(node: ast.AST, where: str, path: str, out: list[tuple[str, str, int]]) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = where
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                inner = child.name
+            targets: list[ast.expr] = []
+            if isinstance(child, ast.Assign):
+                targets = child.targets
+            elif isinstance(child, ast.AugAssign | ast.AnnAssign):
+                targets = [child.target]
+            out += [(path, inner, a.lineno) for t in targets for a in written(t)]
+            scan(child, inner, path, out)
+
+    writes: list[tuple[str, str, int]] = []
+    for path in sorted(root.rglob("*.py")):
+        source = path.read_bytes()
+        if b"block_hash" in source:  # only these files can name the fields
+            scan(ast.parse(source, str(path)), "<module>", str(path.relative_to(root)), writes)
+    return writes
+
+
+def test_the_hash_write_scan_finds_writes_and_ignores_reads(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text(
+        "class B:\n"
+        "    def set_block_hash(self, h):\n"
+        "        self._block_hash = h\n"
+        "def elsewhere(b, d):\n"
+        "    d[b.block_hash] = 1\n"  # a read
+        "    b.block_hash_num_tokens += 1\n"
+        "    x, b.block_hash = 1, None\n"
+    )
+    assert hash_writes(tmp_path) == [
+        ("a.py", "set_block_hash", 3),
+        ("a.py", "elsewhere", 6),
+        ("a.py", "elsewhere", 7),
+    ]
+
+
+def test_only_the_two_hash_writers_write_a_blocks_hash() -> None:
+    """The counts follow set_block_hash / reset_hash: this release's whole source is read for
+    any other write to a block's hash or its prefix length (a new one must fail here, in CI,
+    before a user's counts drift)."""
+    import vllm
+
+    from engine_shim.adapters.vllm.blocks import HASH_WRITERS
+
+    writes = hash_writes(Path(vllm.__file__).parent)
+    allowed = {("v1/core/kv_cache_utils.py", name) for name in HASH_WRITERS}
+    strays = sorted(w for w in writes if (w[0], w[1]) not in allowed)
+    assert writes and not strays, f"other writes to a block's hash: {strays[:10]}"

@@ -105,8 +105,9 @@ class FreeQueueCounter:
     ) -> None:
         base = type(pool.blocks[0])
         missing = [n for n in BLOCK_SLOTS if _slot(base, n) is None]
+        missing += [f"{n}()" for n in HASH_WRITERS if not callable(getattr(base, n, None))]
         if missing:
-            raise UnsupportedVllm(f"{base.__qualname__} has no slot {', '.join(missing)}")
+            raise UnsupportedVllm(f"{base.__qualname__} has no {', '.join(missing)}")
         check_free_queue(type(pool.free_block_queue))
         self.pool = pool
         self.layout = layout
@@ -338,41 +339,36 @@ def cached_tokens_function(
     return cached_tokens
 
 
-def tracked_block_class(base: type, layout: BlockLayout, counter: FreeQueueCounter) -> type:
-    """A subclass of vLLM's KVCacheBlock whose hash (and, where partial entries can occur,
-    prefix-length) setters keep ``counter`` right for a block in the free queue and
-    tell the reuse tracker when a held block gets its hash. ``ref_cnt`` stays vLLM's own slot:
-    the allocator's hot path is untouched. Getters are the slots' own C-level ``__get__``.
+# The only code that writes a block's hash and its prefix length, in every supported release
+# (tests/vllm checks each release's source for any other write).
+HASH_WRITERS = ("set_block_hash", "reset_hash")
 
-    vLLM sets a hash on every block it fills and clears it on every eviction, so the setter
-    has a fast path: a block outside the free queue (held, or just popped for reuse) changes
-    no count, and only the curve's bookkeeping (if on) runs."""
-    hash_slot = base.__dict__[layout.hash_field]
-    hash_get, hash_set = hash_slot.__get__, hash_slot.__set__
-    contribution, changed = counter.contribution, counter.changed
-    hash_changed = counter.hash_changed
+
+def tracked_block_class(base: type, layout: BlockLayout, counter: FreeQueueCounter) -> type:
+    """A subclass of vLLM's KVCacheBlock whose ``set_block_hash`` / ``reset_hash`` run vLLM's
+    own and then keep ``counter`` right for a block in the free queue, and tell the reuse
+    tracker when a held block gets its hash or an evicted one loses it. Every slot stays
+    vLLM's own C-level slot: reads and ``ref_cnt`` writes on the allocator's hot path cost
+    what they did.
+
+    vLLM hashes every block it fills and clears it on every eviction, so both have a fast
+    path: a block outside the free queue (held, or just popped for reuse) changes no count."""
+    set_original, reset_original = (getattr(base, name) for name in HASH_WRITERS)
+    hash_get = counter.hash_get
+    contribution, hash_changed = counter.contribution, counter.hash_changed
     prev_get, id_get = counter.prev_get, counter.id_get
     slow = counter.per_block_tokens
 
-    def set_hash(self: Any, value: Any) -> None:
-        old = hash_get(self)
-        if slow or prev_get(self) is not None:
-            before = contribution(self)
-            hash_set(self, value)
-            hash_changed(self, old, before)
-            return
-        hash_set(self, value)
+    def recency_changed(block: Any, value: Any) -> None:
+        """Known by its hash from now on (filled), or by its id again (evicted). Inlined."""
         recency = counter.recency
-        if recency is None or (old is None) is (value is None):
+        if recency is None:
             return
-        # A held block got its hash (filled and cached), or a popped one lost it (evicted):
-        # from now on it is known by its hash, or by its id again. Inlined: vLLM sets a hash
-        # on every block it fills.
         try:
             threshold = recency.threshold
             if threshold != counter.threshold:
                 counter.sync_threshold()
-            block_id = id_get(self)
+            block_id = id_get(block)
             if value is None:
                 sampled = block_id in counter.by_id
             else:
@@ -388,25 +384,33 @@ def tracked_block_class(base: type, layout: BlockLayout, counter: FreeQueueCount
         except Exception as exc:
             counter.stop_recency(exc)
 
-    # ``is_null`` stays vLLM's slot: vLLM sets it once, on the null block, in the pool's
-    # constructor (before the shim attaches), and reads it in its hot loops.
-    members: dict[str, Any] = {
-        "__slots__": (),
-        layout.hash_field: property(hash_get, set_hash),
-    }
-    if layout.tokens_field is not None and slow:
-        tokens_slot = base.__dict__[layout.tokens_field]
-        tokens_get, tokens_set = tokens_slot.__get__, tokens_slot.__set__
-        refresh = counter.refresh
+    def set_block_hash(self: Any, block_hash: Any, num_tokens: int | None = None) -> None:
+        if slow or prev_get(self) is not None:
+            old, before = hash_get(self), contribution(self)
+            set_original(self, block_hash, num_tokens)
+            hash_changed(self, old, before)
+            return
+        old = hash_get(self)
+        set_original(self, block_hash, num_tokens)
+        if old is None:
+            recency_changed(self, block_hash)
 
-        def set_tokens(self: Any, value: int | None) -> None:
+    def reset_hash(self: Any) -> None:
+        old = hash_get(self)
+        if slow or prev_get(self) is not None:
             before = contribution(self)
-            tokens_set(self, value)
-            refresh(self)
-            changed(self, before)
+            reset_original(self)
+            hash_changed(self, old, before)
+            return
+        reset_original(self)
+        if old is not None:
+            recency_changed(self, None)
 
-        members[layout.tokens_field] = property(tokens_get, set_tokens)
-    return type(f"Tracked{base.__name__}", (base,), members)
+    return type(
+        f"Tracked{base.__name__}",
+        (base,),
+        {"__slots__": (), "set_block_hash": set_block_hash, "reset_hash": reset_hash},
+    )
 
 
 def brute_force_evictable(block_pool: Any) -> int:
