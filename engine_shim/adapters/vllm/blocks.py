@@ -5,9 +5,10 @@ equivalently (vLLM keeps every unreferenced non-null block in its free queue), w
 cached block in the free queue. The counts follow the queue: blocks enter it (``append``,
 ``append_n``, ``prepend_n``) and leave it (``popleft``, ``popleft_n``, ``remove``) a request at
 a time, and each call is counted over its blocks at C speed. The one other change that matters,
-a hash appearing or going (a block filled and cached, or evicted), goes through a setter on the
-hash slot; so does a cached entry's prefix length where partial entries can occur. vLLM's
-``ref_cnt`` and ``is_null`` stay its own C-level slots: the allocator's hot path is untouched.
+a hash (and its prefix length) appearing or going, goes through ``KVCacheBlock.set_block_hash``
+and ``reset_hash``, the only code that writes them in every supported release (the tests read
+each release's source for any other write). Every slot stays vLLM's own: reads and ``ref_cnt``
+writes on the allocator's hot path cost what they did.
 
 Layouts: vLLM 0.31-0.33 keep the hash in ``_block_hash`` (``block_hash`` is a read-only
 property) and its prefix length in ``_block_hash_num_tokens``; 0.34 made both plain fields,
@@ -83,8 +84,8 @@ def check_free_queue(queue_class: type) -> None:
 class FreeQueueCounter:
     """Evictable = cached (hashed), non-null blocks in vLLM's free queue, counted where blocks
     enter and leave the queue: once per call, over the call's blocks at C speed (``map``,
-    ``list.count``, set intersections), not once per block in Python. A block's hash or prefix
-    length changes through a setter, which adjusts the counts only for a block that is in the
+    ``list.count``, set intersections), not once per block in Python. A block's hash changes
+    through ``set_block_hash`` / ``reset_hash``, which adjust the counts only for a block in the
     queue at the time (``reset_prefix_cache``, an eviction of a free block by a connector).
 
     The same calls feed the reuse tracker: a block entering the queue becomes idle, one taken
