@@ -188,12 +188,17 @@ def alerts(c: MixinConfig) -> list[Rule]:
     fleet = c.fleet_by()
     return [
         # Page: the pool keeps filling with pinned requests and the engine is already
-        # preempting. max_over_time: preemption frees its victim's blocks, so usage oscillates
+        # preempting. Where the shim publishes the per-step peak, that is the usage (a burst
+        # between two scrapes counts); elsewhere the usage sampled at the scrape.
+        # max_over_time: preemption frees its victim's blocks, so usage oscillates
         # below and above the line while the engine is out of KV; a plain threshold never holds.
         _alert(
             c,
             "KVCacheExhausted",
-            f"max_over_time(kvcache_active_usage_ratio{{{full}}}[5m]) > {c.exhausted_usage}\n"
+            "max_over_time(\n  (\n"
+            f'    kvcache_pool_peak_slots{{state="used", {full}}}\n'
+            f"      / ignoring (state)\n    kvcache_pool_capacity_slots{{{full}}}\n"
+            f"  or\n    kvcache_active_usage_ratio{{{full}}}\n  )[5m:]\n) > {c.exhausted_usage}\n"
             "  and ignoring (pool)\nengine:kvcache_preemptions:rate5m > 0\n",
             c.exhausted_for,
             "critical",
