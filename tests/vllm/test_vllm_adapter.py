@@ -577,3 +577,23 @@ def test_only_the_two_hash_writers_write_a_blocks_hash() -> None:
     allowed = {("v1/core/kv_cache_utils.py", name) for name in HASH_WRITERS}
     strays = sorted(w for w in writes if (w[0], w[1]) not in allowed)
     assert writes and not strays, f"other writes to a block's hash: {strays[:10]}"
+
+
+def test_blocks_of_another_pool_freed_through_this_one_are_not_counted_here() -> None:
+    """Deferred frees may carry blocks of several pools (0.34: each block holds a weak
+    reference to its own): vLLM hands them to their own pool, and this pool's counts stay
+    its own, each pool counted once."""
+    from vllm.v1.core.block_pool import BlockPool
+
+    m, tracker = manager(32)
+    d = Driver(m, tracker)
+    request = d.admit(list(range(64)))
+    assert request is not None
+    d.free(request)
+    before = tracker.counts(), tracker.evictable_tokens
+    other = BlockPool(16, True, BLOCK)
+    foreign = other.get_new_blocks(3)
+    m.block_pool.free_blocks(foreign)  # vLLM forwards them to `other`
+    assert other.get_num_free_blocks() == 15  # back in their own pool (16 minus its null block)
+    assert (tracker.counts(), tracker.evictable_tokens) == before
+    d.check()
