@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
+import os
 import random
 import statistics
 import sys
@@ -115,6 +117,19 @@ def run(num_blocks: int, steps: int, batch: int, seed: int) -> dict[str, Any]:
     for _ in range(200):
         shim.view.snapshot()
     result["read"] = (time.perf_counter() - t0) / 200
+    # KVCACHE_SHIM_LOG_ITERATIONS=1: one line per step through a stream handler, as vLLM's.
+    logger = logging.getLogger("bench.kv_steps")
+    with open(os.devnull, "w") as sink:
+        handler = logging.StreamHandler(sink)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        t0 = time.perf_counter()
+        for _ in range(1000):
+            logger.info(shim.tracker.step_line(batch, 0))
+        result["log_line"] = (time.perf_counter() - t0) / 1000
+        logger.removeHandler(handler)
     return result
 
 
@@ -144,7 +159,9 @@ def main() -> None:
                 f" ({statistics.mean(m for _, m in shim) * 1e6:+.1f}) us, counts only"
                 f" {statistics.mean(m for m, _ in counts) * 1e6:+6.1f}"
                 f" ({statistics.mean(m for _, m in counts) * 1e6:+.1f}) us; a snapshot read"
-                f" {statistics.median(r['read'] for r in runs) * 1e6:4.1f} us; an O(N) scan"
+                f" {statistics.median(r['read'] for r in runs) * 1e6:4.1f} us; the iteration log"
+                f" {statistics.median(r['log_line'] for r in runs) * 1e6:4.1f} us per step;"
+                f" an O(N) scan"
                 f" {statistics.median(r['scan'] for r in runs) * 1e3:5.1f} ms"
                 f" (per-seed adapter means:"
                 f" {', '.join(f'{m * 1e6:+.0f}' for m, _ in shim)} us)"
