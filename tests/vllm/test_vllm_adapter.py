@@ -597,3 +597,24 @@ def test_blocks_of_another_pool_freed_through_this_one_are_not_counted_here() ->
     assert other.get_num_free_blocks() == 15  # back in their own pool (16 minus its null block)
     assert (tracker.counts(), tracker.evictable_tokens) == before
     d.check()
+
+
+def test_a_failure_of_the_shims_own_step_work_is_said_in_every_snapshot(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """vLLM's step goes on; the numbers the failed work keeps (iterations, peaks) may be behind,
+    so the snapshot stops saying ok, and the log says it once."""
+    from engine_shim.adapters.vllm.scheduler import _bookkeeping_failed
+
+    _, tracker = manager(32)
+    scheduler = SimpleNamespace(kvcache_tracker=tracker)
+    with caplog.at_level(logging.ERROR, logger="vllm"):
+        _bookkeeping_failed(scheduler, RuntimeError("boom"))
+        _bookkeeping_failed(scheduler, RuntimeError("again"))
+    assert [r.getMessage() for r in caplog.records].count(
+        "kvcache shim: per-step bookkeeping failed (RuntimeError('boom')); vLLM keeps serving"
+    ) == 1 and len(caplog.records) == 1
+    for _ in range(2):
+        status = parse_snapshot(tracker.snapshot(0, 0).to_json()).status
+        assert status is not None and status.state == "unsupported"
+        assert "RuntimeError('boom')" in (status.reason or "")

@@ -191,10 +191,12 @@ def _request_counts(scheduler: Any) -> Callable[[], tuple[int, int]]:
 
 
 def _bookkeeping_failed(scheduler: Any, exc: BaseException) -> None:
-    """The shim's own per-step work raised: stop it (once), keep vLLM's step."""
-    if not getattr(scheduler, "_kvcache_failed", False):
-        scheduler._kvcache_failed = True
-        log.error("kvcache shim: per-step bookkeeping stopped (%r); vLLM keeps serving", exc)
+    """The shim's own per-step work raised: vLLM's step goes on; the snapshot says so from now
+    on (its iterations or peaks may be behind), and the log says it once."""
+    tracker = scheduler.kvcache_tracker
+    if tracker is not None and tracker.problem is None:
+        tracker.problem = f"per-step bookkeeping failed: {exc!r}"[:300]
+        log.error("kvcache shim: per-step bookkeeping failed (%r); vLLM keeps serving", exc)
 
 
 def _scheduler_class() -> type:

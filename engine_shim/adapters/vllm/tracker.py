@@ -108,6 +108,7 @@ class _Base:
         self.iterations = 0
         self._sequence = 0
         self.capacity: LiveCapacity | None = None
+        self.problem: str | None = None  # the shim's own failure, said in every snapshot
         used = self._used_blocks()
         self._peak_used = used
         self._peak_physical = used
@@ -147,6 +148,8 @@ class _Base:
         groups: tuple[KVGroup, ...],
         reuse: Any = None,
     ) -> Snapshot:
+        if self.problem is not None and status.state == "ok":
+            status = ProducerStatus("unsupported", self.problem)
         if self.capacity is not None:
             live = self.capacity.read()
             if live is None:
