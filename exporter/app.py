@@ -94,12 +94,17 @@ class Exporter:
                     if config.web_config_file is not None
                     else WebConfig()
                 )
-            except ConfigError as exc:
+            except Exception as exc:  # a bad file never takes the running exporter down
+                message = (
+                    str(exc)
+                    if isinstance(exc, ConfigError)
+                    else f"unexpected {type(exc).__name__} while reading the configuration"
+                )
                 self.reloads.failures += 1
                 self.reloads.last_ok = False
                 self.exposition.invalidate()
-                log.error("reload failed, the running configuration stays: %s", exc)
-                return False, str(exc)
+                log.error("reload failed, the running configuration stays: %s", message)
+                return False, message
             needs_restart = [
                 what
                 for what, running, wanted in (

@@ -308,19 +308,36 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | Path) -> Config:
+def read_yaml(path: str | Path, loader: type[Any] = yaml.SafeLoader) -> Any:
+    """A YAML file's data, or ``ConfigError`` with the file, the position and the problem and
+    nothing of the file's content (it may hold secrets: bcrypt hashes, tokens)."""
     source = str(path)
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(source, "(file)", f"cannot read: {exc.strerror or exc}") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            source, f"line {line}, column {column}", "not UTF-8 text (save the file as UTF-8)"
+        ) from None
+    try:
+        return yaml.load(text, Loader=loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = getattr(exc, "problem", None) or type(exc).__name__
         raise ConfigError(source, where, f"invalid YAML: {problem}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. nesting too deep for the parser
+        raise ConfigError(source, "(file)", f"invalid YAML: {type(exc).__name__}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    source = str(path)
+    data = read_yaml(path, _UniqueKeyLoader)  # a SafeLoader subclass
     config = parse_config(data, source)
     if config.web_config_file is not None:
         web = Path(config.web_config_file)

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import bcrypt
-import yaml
 
-from .config import ConfigError
+from .config import ConfigError, read_yaml
 
 REALM = "kvcache-exporter"
 
@@ -50,12 +49,7 @@ class WebConfig:
 
 def load_web_config(path: str | Path) -> WebConfig:
     source = str(path)
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(source, "(file)", f"cannot read: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, "(file)", f"invalid YAML: {exc}") from None
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(source, "(top level)", "expected a mapping")
     unknown = set(data) - {"tls_server_config", "basic_auth_users"}

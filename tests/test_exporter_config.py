@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exporter.config import ConfigError, load_config, parse_config
+from exporter.webconfig import load_web_config
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "exporter.yaml"
 
@@ -182,3 +186,67 @@ def test_check_config_never_prints_a_password() -> None:
     assert result.returncode == 2
     assert "credentials in a URL are refused" in result.stderr
     assert "hunter2" not in result.stdout + result.stderr
+
+
+# A config file can hold anything: every byte sequence either loads or fails with a ConfigError
+# that names the file, never another exception (a traceback, a dead exporter on SIGHUP).
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.one_of(
+        st.binary(max_size=400),
+        st.builds(
+            lambda text, at, junk: text[:at] + junk + text[at:],
+            st.just(EXAMPLE.read_bytes()),
+            st.integers(0, len(EXAMPLE.read_bytes())),
+            st.binary(min_size=1, max_size=8),
+        ),
+        st.text(max_size=200).map(lambda t: t.encode("utf-16")),
+    )
+)
+def test_any_bytes_load_or_fail_with_a_config_error(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "fuzz.yaml"
+        path.write_bytes(data)
+        try:
+            load_config(path)
+        except ConfigError as exc:
+            assert str(exc).startswith(f"{path}: ")
+
+
+BCRYPT = "$2b$12$Yb9u3Yf5bMRtXbGQ0qAjPOxq2Jx4u3Jzw9Wq9W1k7o5rDk8bQf3YW"
+
+
+@pytest.mark.parametrize(
+    ("content", "where", "problem"),
+    [
+        (b"listen: 127.0.0.1:8322\ntargets:\xff []\n", "line 2, column 9", "not UTF-8"),
+        ("targets: []\n".encode("utf-16"), "line 1, column 1", "not UTF-8"),
+        (b"targets: " + b"[" * 5000 + b"]" * 5000 + b"\n", "(file)", "invalid YAML"),
+        (
+            f"basic_auth_users:\n  admin: {BCRYPT}\n  bob: [{BCRYPT}\n".encode(),
+            "line ",
+            "invalid YAML",
+        ),
+    ],
+    ids=["non-utf8-byte", "utf16", "nested-too-deep", "yaml-error-beside-a-hash"],
+)
+def test_hostile_files_name_the_place_and_never_echo_content(
+    tmp_path: Path, content: bytes, where: str, problem: str
+) -> None:
+    for load in (load_config, load_web_config):
+        path = tmp_path / "hostile.yaml"
+        path.write_bytes(content)
+        with pytest.raises(ConfigError) as info:
+            load(path)
+        assert info.value.key.startswith(where) and problem in info.value.problem
+        assert "$2b$" not in str(info.value) and "Yb9u3" not in str(info.value)
+
+
+def test_check_config_on_a_non_utf8_file_exits_2_with_the_place(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("targets:\n  - name: caf\xe9\n".encode("latin-1"))
+    for args in (("check-config", str(bad)), ("--config", str(bad))):
+        result = run_cli(*args)
+        assert result.returncode == 2, result.stderr
+        assert f"{bad}: line 2, column 14: not UTF-8 text" in result.stderr
+        assert "Traceback" not in result.stderr

@@ -121,10 +121,21 @@ def test_sighup_applies_a_good_file_and_keeps_running_on_a_bad_one(
         assert value(port, "kvcache_exporter_config_last_reload_successful") == 0
         assert up(port, "a") and up(port, "b")
         assert proc.poll() is None
+
+        config.write_bytes(b"targets:\n  - name: caf\xe9\n")  # one byte that is not UTF-8
+        proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: value(port, "kvcache_exporter_config_reloads_total", result="failure") == 2,
+            10,
+            "the second failed reload counted",
+        )
+        assert up(port, "a") and up(port, "b")
+        assert proc.poll() is None
     finally:
         log = stop(proc)
     assert "configuration reloaded: 2 targets (added: b; removed: none)" in log
     assert "reload failed, the running configuration stays" in log and "invalid YAML" in log
+    assert "line 2, column 14: not UTF-8 text" in log and "Traceback" not in log
     assert proc.returncode == 0
 
 
