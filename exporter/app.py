@@ -217,6 +217,10 @@ def accepts_gzip(header: str) -> bool:
     return weights.get("gzip", weights.get("*", 0.0)) > 0
 
 
+# Paths the exporter serves with GET (and HEAD); another method there is 405, not 404.
+GET_PATHS = ("/metrics", "/healthz", "/")
+
+
 def _handler(exporter: Exporter, tls: ssl.SSLContext | None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "kvcache-exporter"
@@ -288,11 +292,31 @@ def _handler(exporter: Exporter, tls: ssl.SSLContext | None) -> type[BaseHTTPReq
 
         do_HEAD = do_GET
 
+        def _refuse_method(self) -> None:
+            """405 on a path served by GET, 404 elsewhere; the connection is closed either way
+            (a body left unread must never be read as the next request)."""
+            path = self.path.split("?", 1)[0]
+            allowed = path in GET_PATHS
+            body = (
+                f"{self.command} {path}: method not allowed\n".encode()
+                if allowed
+                else b"not found\n"
+            )
+            self.send_response(HTTPStatus.METHOD_NOT_ALLOWED if allowed else HTTPStatus.NOT_FOUND)
+            if allowed:
+                self.send_header("Allow", "GET, HEAD")
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")  # also sets close_connection
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse_method
+
         def do_POST(self) -> None:
             path = self.path.split("?", 1)[0]
             if path != "/-/reload" or not exporter.lifecycle:
-                self.close_connection = True
-                self._reply(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+                self._refuse_method()
                 return
             if not exporter.auth.check(self.headers.get("Authorization")):
                 self.close_connection = True

@@ -210,3 +210,44 @@ def test_sigterm_ends_the_exporter_within_5_s_while_nvml_hangs(tmp_path: Path) -
         proc.wait()
     assert took < 5
     assert code == 0, proc.stderr.read().decode() if proc.stderr else ""
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+@pytest.mark.parametrize(("path", "status"), [("/metrics", 405), ("/healthz", 405), ("/x", 404)])
+def test_other_methods_are_405_on_served_paths_and_404_elsewhere(
+    method: str, path: str, status: int
+) -> None:
+    exporter = start([("t", "http://127.0.0.1:9")])
+    try:
+        response = httpx.request(method, f"http://127.0.0.1:{exporter.port}{path}", content=b"x")
+        assert response.status_code == status
+        if status == 405:
+            assert response.headers["Allow"] == "GET, HEAD"
+        assert response.headers.get("Connection") == "close"
+    finally:
+        exporter.stop()
+
+
+def test_a_request_hidden_in_a_refused_body_is_never_answered() -> None:
+    """A refused POST's body is not read: the connection closes instead of parsing it as a
+    second request (request desync)."""
+    import socket
+
+    exporter = start([("t", "http://127.0.0.1:9")])
+    try:
+        hidden = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        request = (
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: "
+            + str(len(hidden)).encode()
+            + b"\r\n\r\n"
+            + hidden
+        )
+        with socket.create_connection(("127.0.0.1", exporter.port), timeout=5) as conn:
+            conn.sendall(request)
+            received = b""
+            while chunk := conn.recv(65536):
+                received += chunk
+        assert received.startswith(b"HTTP/1.0 405") or received.startswith(b"HTTP/1.1 405")
+        assert received.count(b"HTTP/1.") == 1, received[:300]
+    finally:
+        exporter.stop()
