@@ -11,6 +11,7 @@ the pool, and the working set (90 % of the hits at 64x) as a multiple of the poo
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -44,32 +45,43 @@ def parse_exposition(text: str) -> tuple[dict[EngineKey, EngineSample], dict[str
     up: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            labels = s.labels
-            if s.name == "kvcache_exporter_target_up":
-                up[labels["engine"]] = s.value
+            try:
+                _add_sample(engines, up, s.name, s.labels, s.value)
+            except (KeyError, ValueError):  # a label missing or not a number: skipped
                 continue
-            if not s.name.startswith("kvcache_") or "dp_rank" not in labels:
-                continue
-            key = (labels["engine"], labels["dp_rank"], labels.get("model", ""))
-            sample = engines[key]
-            if "pool" in labels:
-                name = s.name + (f":{labels['state']}" if "state" in labels else "")
-                sample.pools[labels["pool"]][name] = s.value
-            elif s.name == "kvcache_prefix_hit_tokens_total":
-                sample.hits[labels["tier"]] = s.value
-            elif s.name == "kvcache_requests":
-                sample.values[f"requests:{labels['state']}"] = s.value
-            elif s.name == "kvcache_shim_status":
-                if s.value == 1:
-                    sample.values[f"status:{labels['state']}"] = 1
-            elif s.name == f"{REUSE}_bucket":
-                if labels["le"] != "+Inf":
-                    sample.reuse[float(labels["le"])] = s.value
-            elif s.name == "kvcache_prefix_reuse_bucket_info":
-                sample.marks[labels["mark"]] = float(labels["bound"])
-            else:
-                sample.values[s.name] = s.value
     return dict(engines), up
+
+
+def _add_sample(
+    engines: dict[EngineKey, EngineSample],
+    up: dict[str, float],
+    name: str,
+    labels: dict[str, str],
+    value: float,
+) -> None:
+    if name == "kvcache_exporter_target_up":
+        up[labels["engine"]] = value
+        return
+    if not name.startswith("kvcache_") or "dp_rank" not in labels:
+        return
+    sample = engines[(labels["engine"], labels["dp_rank"], labels.get("model", ""))]
+    if "pool" in labels:
+        key = name + (f":{labels['state']}" if "state" in labels else "")
+        sample.pools[labels["pool"]][key] = value
+    elif name == "kvcache_prefix_hit_tokens_total":
+        sample.hits[labels["tier"]] = value
+    elif name == "kvcache_requests":
+        sample.values[f"requests:{labels['state']}"] = value
+    elif name == "kvcache_shim_status":
+        if value == 1:
+            sample.values[f"status:{labels['state']}"] = 1
+    elif name == f"{REUSE}_bucket":
+        if labels["le"] != "+Inf":
+            sample.reuse[float(labels["le"])] = value
+    elif name == "kvcache_prefix_reuse_bucket_info":
+        sample.marks[labels["mark"]] = float(labels["bound"])
+    else:
+        sample.values[name] = value
 
 
 def _pct(value: float | None) -> str:
@@ -183,19 +195,60 @@ class LiveView:
         self.before = engines
 
 
+# Terminal control characters (C0 but tab, DEL, C1): a label value could move the cursor,
+# retitle the window or start a fake line; shown escaped instead.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+def printable(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class ScrapeError(Exception):
+    """The exporter's answer could not be used (status, size, time)."""
+
+
+def fetch(client: httpx.Client, url: str, deadline: float) -> str:
+    """The body of one scrape within ``deadline`` seconds in all (a server that drips one byte
+    at a time never trips a per-read timeout) and ``MAX_BODY_BYTES``."""
+    started = time.monotonic()
+    with client.stream("GET", url) as response:
+        if response.status_code != 200:
+            raise ScrapeError(f"HTTP {response.status_code}")
+        chunks, size = [], 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise ScrapeError(f"body over {MAX_BODY_BYTES // 2**20} MiB")
+            if time.monotonic() - started > deadline:
+                raise ScrapeError(f"no complete answer within {deadline:g} s")
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
 def watch(
-    url: str, interval: float, iterations: int | None = None, out: Callable[[str], None] = print
+    url: str,
+    interval: float,
+    iterations: int | None = None,
+    out: Callable[[str], None] = print,
+    deadline: float = 5.0,
 ) -> int:
-    view = LiveView(out)
+    view = LiveView(lambda line: out(printable(line)))
     count = 0
-    with httpx.Client(timeout=5.0) as client:
+    with httpx.Client(timeout=deadline) as client:
         while iterations is None or count < iterations:
+            stamp = time.strftime("%H:%M:%S")
             try:
-                text = client.get(url).text
-            except httpx.HTTPError as exc:
-                out(f"{time.strftime('%H:%M:%S')} cannot scrape {url}: {exc}")
+                text = fetch(client, url, deadline)
+            except (httpx.HTTPError, ScrapeError) as exc:
+                out(printable(f"{stamp} cannot scrape {url}: {exc}"))
             else:
-                view.show(text)
+                try:
+                    view.show(text)
+                except Exception as exc:  # not the Prometheus text format: say so, go on
+                    problem = f"{type(exc).__name__}: {exc}"[:300]
+                    out(printable(f"{stamp} unreadable /metrics from {url}: {problem}"))
             count += 1
             if iterations is None or count < iterations:
                 time.sleep(interval)
