@@ -3,10 +3,20 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Any]]:
+    """Canned HTTP servers (``tests.helpers.CannedServer``) a test starts; closed after it."""
+    made: list[Any] = []
+    yield made
+    for server in made:
+        server.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -32,14 +31,6 @@ def snapshot_json(**changes: Any) -> bytes:
     data["pools"][0]["gpu_uuid"] = GPU
     data.update(changes)
     return json.dumps(data).encode()
-
-
-@pytest.fixture
-def servers() -> Iterator[list[CannedServer]]:
-    made: list[CannedServer] = []
-    yield made
-    for s in made:
-        s.close()
 
 
 def serve(servers: list[CannedServer], respond: Any) -> CannedServer:

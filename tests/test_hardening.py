@@ -231,22 +231,12 @@ def test_other_methods_are_405_on_served_paths_and_404_elsewhere(
 def test_a_request_hidden_in_a_refused_body_is_never_answered() -> None:
     """A refused POST's body is not read: the connection closes instead of parsing it as a
     second request (request desync)."""
-    import socket
+    from tests.test_exporter_security import raw_exchange, smuggling
 
     exporter = start([("t", "http://127.0.0.1:9")])
     try:
         hidden = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
-        request = (
-            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: "
-            + str(len(hidden)).encode()
-            + b"\r\n\r\n"
-            + hidden
-        )
-        with socket.create_connection(("127.0.0.1", exporter.port), timeout=5) as conn:
-            conn.sendall(request)
-            received = b""
-            while chunk := conn.recv(65536):
-                received += chunk
+        received = raw_exchange(exporter.port, smuggling(b"POST /metrics", hidden))
         assert received.startswith(b"HTTP/1.0 405") or received.startswith(b"HTTP/1.1 405")
         assert received.count(b"HTTP/1.") == 1, received[:300]
     finally:

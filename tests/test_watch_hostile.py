@@ -4,7 +4,7 @@ goes on, never hangs, and never writes a terminal control sequence it was sent."
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 
 import pytest
@@ -56,14 +56,6 @@ HOSTILE: dict[str, tuple[Callable[[BaseHTTPRequestHandler], None], str]] = {
         "100/1000 slots",
     ),
 }
-
-
-@pytest.fixture
-def servers() -> Iterator[list[CannedServer]]:
-    made: list[CannedServer] = []
-    yield made
-    for server in made:
-        server.close()
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
