@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -34,14 +33,6 @@ from tests.test_fuzz import TARGET
 from tests.test_snapshot import valid
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def canned() -> Iterator[list[CannedServer]]:
-    made: list[CannedServer] = []
-    yield made
-    for s in made:
-        s.close()
 
 
 def counted(exp: Exporter, name: str, **labels: str) -> float:
@@ -88,10 +79,10 @@ def test_one_unrenderable_target_costs_only_itself(caplog: pytest.LogCaptureFixt
 
 
 def test_an_exception_while_deriving_is_counted_and_the_loop_goes_on(
-    canned: list[CannedServer], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    servers: list[CannedServer], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = CannedServer(body(snapshot_json()))
-    canned.append(server)
+    servers.append(server)
     exp = start([("a", server.url)])
     try:
         wait_for(lambda: get(exp, "kvcache_exporter_target_up", engine="a") == [1], 5, "up")
@@ -127,9 +118,9 @@ def test_an_exception_while_deriving_is_counted_and_the_loop_goes_on(
         exp.stop()
 
 
-def test_healthz_reports_a_polling_task_that_ended(canned: list[CannedServer]) -> None:
+def test_healthz_reports_a_polling_task_that_ended(servers: list[CannedServer]) -> None:
     server = CannedServer(body(snapshot_json()))
-    canned.append(server)
+    servers.append(server)
     exp = start([("a", server.url), ("b", server.url.replace("127.0.0.1", "localhost"))])
     try:
         url = f"http://127.0.0.1:{exp.port}/healthz"
@@ -142,9 +133,9 @@ def test_healthz_reports_a_polling_task_that_ended(canned: list[CannedServer]) -
         exp.stop()
 
 
-def test_a_hung_gpu_library_is_counted_and_its_series_go(canned: list[CannedServer]) -> None:
+def test_a_hung_gpu_library_is_counted_and_its_series_go(servers: list[CannedServer]) -> None:
     server = CannedServer(body(snapshot_json()))
-    canned.append(server)
+    servers.append(server)
     device = FakeDevice(uuid="GPU-a", used=2**30)
     exp = start([("a", server.url)], FakeNvml([device]))
     try:
