@@ -111,7 +111,6 @@ class FreeQueueCounter:
             raise UnsupportedVllm(f"{base.__qualname__} has no {', '.join(missing)}")
         check_free_queue(type(pool.free_block_queue))
         self.pool = pool
-        self.layout = layout
         self.cached_tokens = cached_tokens
         self.size = block_size
         self.recency = recency
@@ -197,17 +196,34 @@ class FreeQueueCounter:
         """The slow path of a hash change (block in the queue, or per-block tokens kept)."""
         self.refresh(block)
         self.changed(block, before)
-        key = self.hash_get(block)
-        held = self.prev_get(block) is None
-        if old is None and key is not None and self.recency is not None and held:
-            try:  # a held block got its hash: its id's entry goes, its hash is held
-                block_id = self.id_get(block)
+        if self.prev_get(block) is None:
+            self.held_block_rekeyed(block, old, self.hash_get(block))
+
+    def held_block_rekeyed(self, block: Any, old: Any, new: Any) -> None:
+        """A block outside the queue got its hash (filled and cached: held under the hash from
+        now on) or lost it (evicted, about to be reused: known by its id again)."""
+        recency = self.recency
+        if recency is None or (old is None) is (new is None):
+            return
+        try:
+            threshold = recency.threshold
+            if threshold != self.threshold:
+                self.sync_threshold()
+            block_id = self.id_get(block)
+            if new is None:
+                sampled = block_id in self.by_id
+            else:
                 if block_id in self.by_id:
-                    self.recency.forget(block_id)
-                if block_id in self.sampled:
-                    self.recency.pinned_sampled(key)
-            except Exception as exc:
-                self.stop_recency(exc)
+                    recency.forget(block_id)
+                sampled = int.from_bytes(new[:4], "little") < threshold
+                if sampled:
+                    recency.pinned_sampled(new)
+            if sampled:
+                self.sampled.add(block_id)
+            else:
+                self.sampled.discard(block_id)
+        except Exception as exc:
+            self.stop_recency(exc)
 
     def stop_recency(self, exc: BaseException) -> None:
         """Monitoring never takes serving down: the curve stops, the counts go on."""
@@ -225,27 +241,19 @@ class FreeQueueCounter:
             tokens += sum(map(extra.__getitem__, extra.keys() & ids))
         return tokens
 
-    def entered(self, blocks: list[Any]) -> None:
+    def moved(self, blocks: list[Any], entered: bool, allocated: bool = False) -> None:
+        """Blocks that entered the queue (idle from now on) or left it (held: by a prefix hit,
+        under their hash; ``allocated``, under their id)."""
         hashes = list(map(self.hash_get, blocks))
         cached = len(hashes) - hashes.count(None)
         ids = None
         if cached:
             ids = list(map(self.id_get, blocks)) if self.extra else None
-            self.blocks += cached
-            self.tokens += self._tokens(ids, blocks, cached)
+            tokens = self._tokens(ids, blocks, cached)
+            self.blocks += cached if entered else -cached
+            self.tokens += tokens if entered else -tokens
         if self.recency is not None:
-            self._recency(blocks, hashes, ids, idle=True, by_id=False)
-
-    def left(self, blocks: list[Any], allocated: bool) -> None:
-        hashes = list(map(self.hash_get, blocks))
-        cached = len(hashes) - hashes.count(None)
-        ids = None
-        if cached:
-            ids = list(map(self.id_get, blocks)) if self.extra else None
-            self.blocks -= cached
-            self.tokens -= self._tokens(ids, blocks, cached)
-        if self.recency is not None:
-            self._recency(blocks, hashes, ids, idle=False, by_id=allocated)
+            self._recency(blocks, hashes, ids, idle=entered, by_id=allocated)
 
     def _recency(
         self, blocks: list[Any], hashes: list[Any], ids: list[int] | None, idle: bool, by_id: bool
@@ -274,9 +282,7 @@ class FreeQueueCounter:
         """Wrap the queue's mutators on this instance (vLLM's pool holds one queue)."""
         popleft_n, popleft, remove = queue.popleft_n, queue.popleft, queue.remove
         append, append_n, prepend_n = queue.append, queue.append_n, queue.prepend_n
-        entered, left = self.entered, self.left
-
-        hash_get, id_get, counter = self.hash_get, self.id_get, self
+        moved, hash_get, id_get, counter = self.moved, self.hash_get, self.id_get, self
 
         def counted_popleft_n(n: int) -> list[Any]:
             blocks: list[Any] = popleft_n(n)
@@ -287,29 +293,29 @@ class FreeQueueCounter:
                 if counter.recency is not None and id_get(blocks[0]) in counter.by_id:
                     counter._recency(blocks, [None], None, idle=False, by_id=True)
             else:
-                left(blocks, True)
+                moved(blocks, False, allocated=True)
             return blocks
 
         def counted_popleft() -> Any:
             block = popleft()
-            left([block], True)
+            moved([block], False, allocated=True)
             return block
 
         def counted_remove(block: Any) -> None:
             remove(block)
-            left([block], False)
+            moved([block], False)
 
         def counted_append(block: Any) -> None:
             append(block)
-            entered([block])
+            moved([block], True)
 
         def counted_append_n(blocks: list[Any]) -> None:
             append_n(blocks)
-            entered(blocks)
+            moved(blocks, True)
 
         def counted_prepend_n(blocks: list[Any]) -> None:
             prepend_n(blocks)
-            entered(blocks)
+            moved(blocks, True)
 
         queue.popleft_n, queue.popleft, queue.remove = (
             counted_popleft_n,
@@ -357,33 +363,8 @@ def tracked_block_class(base: type, layout: BlockLayout, counter: FreeQueueCount
     set_original, reset_original = (getattr(base, name) for name in HASH_WRITERS)
     hash_get = counter.hash_get
     contribution, hash_changed = counter.contribution, counter.hash_changed
-    prev_get, id_get = counter.prev_get, counter.id_get
+    prev_get, rekeyed = counter.prev_get, counter.held_block_rekeyed
     slow = counter.per_block_tokens
-
-    def recency_changed(block: Any, value: Any) -> None:
-        """Known by its hash from now on (filled), or by its id again (evicted). Inlined."""
-        recency = counter.recency
-        if recency is None:
-            return
-        try:
-            threshold = recency.threshold
-            if threshold != counter.threshold:
-                counter.sync_threshold()
-            block_id = id_get(block)
-            if value is None:
-                sampled = block_id in counter.by_id
-            else:
-                if block_id in counter.by_id:
-                    recency.forget(block_id)
-                sampled = int.from_bytes(value[:4], "little") < threshold
-                if sampled:
-                    recency.pinned_sampled(value)
-            if sampled:
-                counter.sampled.add(block_id)
-            else:
-                counter.sampled.discard(block_id)
-        except Exception as exc:
-            counter.stop_recency(exc)
 
     def set_block_hash(self: Any, block_hash: Any, num_tokens: int | None = None) -> None:
         if slow or prev_get(self) is not None:
@@ -393,8 +374,7 @@ def tracked_block_class(base: type, layout: BlockLayout, counter: FreeQueueCount
             return
         old = hash_get(self)
         set_original(self, block_hash, num_tokens)
-        if old is None:
-            recency_changed(self, block_hash)
+        rekeyed(self, old, block_hash)
 
     def reset_hash(self: Any) -> None:
         old = hash_get(self)
@@ -404,8 +384,7 @@ def tracked_block_class(base: type, layout: BlockLayout, counter: FreeQueueCount
             hash_changed(self, old, before)
             return
         reset_original(self)
-        if old is not None:
-            recency_changed(self, None)
+        rekeyed(self, old, None)
 
     return type(
         f"Tracked{base.__name__}",

@@ -107,7 +107,7 @@ def facts_from_config(vllm_config: Any, kv_cache_config: Any) -> EngineFacts:
     )
 
 
-def fallback_facts(vllm_config: Any, block_pool: Any) -> tuple[EngineFacts, int]:
+def fallback_facts(vllm_config: Any) -> EngineFacts:
     """The facts an unrecognised vLLM still gives, each read on its own (any may be gone)."""
 
     def read(get: Any, default: Any) -> Any:
@@ -121,7 +121,7 @@ def fallback_facts(vllm_config: Any, block_pool: Any) -> tuple[EngineFacts, int]
     model = served[0] if isinstance(served, list | tuple) and served else served
     model = model or read(lambda: vllm_config.model_config.model, "unknown")
     block_size = int(read(lambda: vllm_config.cache_config.block_size, 16))
-    facts = EngineFacts(
+    return EngineFacts(
         model=str(model),
         max_model_len=int(read(lambda: vllm_config.model_config.max_model_len, 0)),
         dp_rank=int(read(lambda: vllm_config.parallel_config.data_parallel_rank, 0)),
@@ -129,4 +129,3 @@ def fallback_facts(vllm_config: Any, block_pool: Any) -> tuple[EngineFacts, int]
         device=str(read(lambda: vllm_config.device_config.device_type, "")) or None,
         version=f"vllm {vllm_version()}, shim {__version__}",
     )
-    return facts, block_size

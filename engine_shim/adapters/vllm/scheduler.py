@@ -163,8 +163,7 @@ def attach_tracker(scheduler: Any, missing: list[str], reuse_distances: bool) ->
         reason = f"vLLM {vllm_version()} is not supported by kvcache shim {__version__}: {exc}"
         try:
             pool = scheduler.kv_cache_manager.block_pool
-            facts, block_size = fallback_facts(getattr(scheduler, "vllm_config", None), pool)
-            tracker = PublicPoolView(pool, facts, block_size, reason)
+            tracker = PublicPoolView(pool, fallback_facts(scheduler.vllm_config), reason)
         except Exception as inner:
             log.error(
                 "kvcache shim: %s; vLLM's public block-pool API is gone too (%s): no KV stats"

@@ -392,11 +392,11 @@ class PublicPoolView(_Base):
     used and free blocks, exact; evictable and available left out (``null``), as the bridge
     does; the snapshot says ``unsupported`` and why."""
 
-    def __init__(self, pool: Any, facts: EngineFacts, block_size: int, reason: str) -> None:
+    def __init__(self, pool: Any, facts: EngineFacts, reason: str) -> None:
         missing = [a for a in POOL_API if not hasattr(pool, a)]
         if missing:
             raise UnsupportedVllm(f"BlockPool has no {', '.join(missing)}")
-        super().__init__(pool, facts, block_size)
+        super().__init__(pool, facts, facts.block_size or 16)
         self.reason = reason[:1000]
 
     def snapshot(self, running: int, waiting: int, at: float | None = None) -> Snapshot:
