@@ -35,6 +35,22 @@ _BEARER_TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 
 
 @dataclass(frozen=True, slots=True)
+class EventsConfig:
+    """A target's KV event stream (vLLM / SGLang ``--kv-events-config`` with the zmq
+    publisher): rank r publishes on the endpoint's port + r, its replay socket likewise."""
+
+    endpoint: str
+    replay_endpoint: str | None = None
+    dp_ranks: int = 1
+    topic: str = ""
+    max_batch_bytes: int = 16 << 20
+    replay_timeout: float = 2.0
+
+
+_ZMQ_TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+@dataclass(frozen=True, slots=True)
 class Target:
     name: str
     kind: str
@@ -43,6 +59,7 @@ class Target:
     bearer_token_env: str | None = None
     # Label to use when the engine reports no model name (bridges of old engines).
     model: str | None = None
+    events: EventsConfig | None = None
 
     def bearer_token(self) -> str | None:
         """Read when needed, never stored: a secret has no place in a repr or a log."""
@@ -144,8 +161,49 @@ class _Section:
         return value
 
 
+def _zmq_endpoint(value: str, source: str, key: str, ranks: int) -> str:
+    found = _ZMQ_TCP.match(value)
+    if not found:
+        raise ConfigError(source, key, f"expected tcp://HOST:PORT, got {value!r}")
+    if "*" in value or found.group(1) in ("0.0.0.0", "[::]"):
+        raise ConfigError(source, key, "name the engine's host (the engine binds *, we connect)")
+    port = int(found.group(2))
+    if not 0 < port <= 65535 - (ranks - 1):
+        raise ConfigError(source, key, f"port {port} (+ {ranks - 1} ranks) is not a TCP port")
+    return value
+
+
+def _events(data: Any, source: str, key: str) -> EventsConfig:
+    s = _Section(
+        data,
+        source,
+        key,
+        {"endpoint", "replay_endpoint", "dp_ranks", "topic", "max_batch_bytes", "replay_timeout"},
+    )
+    ranks = s.integer("dp_ranks", 1)
+    if ranks > 256:
+        raise ConfigError(source, s.path("dp_ranks"), "at most 256 ranks")
+    replay = s.string("replay_endpoint")
+    return EventsConfig(
+        endpoint=_zmq_endpoint(s.required_string("endpoint"), source, s.path("endpoint"), ranks),
+        replay_endpoint=None
+        if replay is None
+        else _zmq_endpoint(replay, source, s.path("replay_endpoint"), ranks),
+        dp_ranks=ranks,
+        topic=s.string("topic", "") or "",
+        max_batch_bytes=parse_size(
+            s.data.get("max_batch_bytes", "16MiB"), source, s.path("max_batch_bytes")
+        ),
+        replay_timeout=parse_duration(
+            s.data.get("replay_timeout", "2s"), source, s.path("replay_timeout")
+        ),
+    )
+
+
 def _target(data: Any, source: str, key: str, default_timeout: float) -> Target:
-    s = _Section(data, source, key, {"name", "kind", "url", "timeout", "bearer_token_env", "model"})
+    s = _Section(
+        data, source, key, {"name", "kind", "url", "timeout", "bearer_token_env", "model", "events"}
+    )
     name = s.required_string("name")
     if not _NAME.match(name):
         raise ConfigError(source, s.path("name"), "use 1-63 letters, digits, '_', '.', ':' or '-'")
@@ -182,6 +240,9 @@ def _target(data: Any, source: str, key: str, default_timeout: float) -> Target:
         timeout=timeout,
         bearer_token_env=token_env,
         model=s.string("model"),
+        events=None
+        if s.data.get("events") is None
+        else _events(s.data["events"], source, s.path("events")),
     )
 
 

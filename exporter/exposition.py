@@ -32,12 +32,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
 
-from kvstats.snapshot import STATUS_STATES, ReuseDistances, reuse_marks
+from kvstats.snapshot import RESIDENT_TIERS, STATUS_STATES, ReuseDistances, reuse_marks
 
 from . import __version__
 from .families import (
     ALL,
     ENGINE_SCOPED,
+    EVENT_FAMILIES,
     EXPORTER_FAMILIES,
     GPU_FAMILIES,
     TARGET_FAMILIES,
@@ -107,6 +108,10 @@ def engine_rows(name: str, rank: int, view: EngineView, rows: dict[str, list[Row
             rows["kvcache_pool_peak_slots"].append(
                 ((*labels, "physical"), pool.peak_physical_slots)
             )
+        if pool.evictable_slots_lower is not None and pool.evictable_slots_upper is not None:
+            bounds = rows["kvcache_pool_evictable_slots_bound"]
+            bounds.append(((*labels, "lower"), pool.evictable_slots_lower))
+            bounds.append(((*labels, "upper"), pool.evictable_slots_upper))
     optional = (
         ("kvcache_max_concurrency", view.max_concurrency),
         ("kvcache_concurrency_headroom", view.headroom),
@@ -127,6 +132,11 @@ def engine_rows(name: str, rank: int, view: EngineView, rows: dict[str, list[Row
             tier_labels = (*engine, tier_name)
             rows["kvcache_tier_capacity_tokens"].append((tier_labels, tier.capacity_tokens))
             rows["kvcache_tier_used_tokens"].append((tier_labels, tier.used_tokens))
+    for resident_tier in RESIDENT_TIERS:
+        if resident_tier in snap.prefix_resident_slots:
+            rows["kvcache_prefix_resident_slots"].append(
+                ((*engine, resident_tier), snap.prefix_resident_slots[resident_tier])
+            )
     rows["kvcache_engine_info"].append(((*engine, snap.engine.kind, snap.engine.version), 1))
     if snap.status is not None:  # producers that say nothing (bridges, older shims) get none
         for state in STATUS_STATES:
@@ -163,6 +173,25 @@ def target_rows(report: TargetReport, up: bool, render_errors: int) -> dict[str,
         "kvcache_exporter_engine_restarts": [(name, report.restarts)],
         "kvcache_exporter_render_errors": [(name, render_errors)],
     }
+    rows.update(stream_rows(report))
+    return rows
+
+
+def stream_rows(report: TargetReport) -> dict[str, list[Row]]:
+    """The target's KV event streams, one set of series per DP rank."""
+    rows: dict[str, list[Row]] = {f.name: [] for f in EVENT_FAMILIES}
+    for stream in report.streams:
+        labels = (report.target.name, str(stream.dp_rank))
+        rows["kvcache_events_batches"].append((labels, stream.batches))
+        rows["kvcache_events"].append((labels, stream.events))
+        rows["kvcache_events_batches_lost"].append((labels, stream.lost_batches))
+        rows["kvcache_events_replayed_batches"].append((labels, stream.replayed_batches))
+        for reason, count in stream.errors.items():
+            rows["kvcache_events_errors"].append(((*labels, reason), count))
+        if stream.last_batch_time is not None and report.read_at is not None:
+            age = max(0.0, report.read_at - stream.last_batch_time)
+            rows["kvcache_events_last_batch_age_seconds"].append((labels, age))
+        rows["kvcache_events_resident_whole"].append((labels, 1 if stream.whole else 0))
     return rows
 
 
@@ -328,7 +357,7 @@ class TargetRenderer:
                     exc,
                 )
         own = target_rows(report, report.up and rendered, self.render_errors)
-        for family in TARGET_FAMILIES:
+        for family in TARGET_FAMILIES + EVENT_FAMILIES:
             if family.type == "histogram":
                 lines[family.name] = self.writer.histogram(family, (report.target.name,), report)
             else:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from kvstats.snapshot import HIT_TIERS, STATUS_STATES
+from engine_shim.events.stream import STREAM_ERRORS
+from kvstats.snapshot import HIT_TIERS, RESIDENT_TIERS, STATUS_STATES
 
 from .errors import ERROR_REASONS
 
@@ -89,6 +90,14 @@ POOL_FAMILIES = (
         (*POOL, "state"),
         fanout=2,
     ),
+    _gauge(
+        "kvcache_pool_evictable_slots_bound",
+        "Bounds on the evictable slots where the exact count is unknown (vLLM without the"
+        " shim, with its KV events): bound=lower and bound=upper. Never the exact count: that"
+        " is kvcache_pool_slots{state=evictable}, from the shim.",
+        (*POOL, "bound"),
+        fanout=2,
+    ),
 )
 
 # One series per engine (DP rank).
@@ -133,6 +142,13 @@ ENGINE_FAMILIES = (
         "kvcache_engine_info",
         "Engine identity; value 1.",
         (*ENGINE, "engine_kind", "engine_version"),
+    ),
+    _gauge(
+        "kvcache_prefix_resident_slots",
+        "Slots holding prefix-cache blocks (referenced or not), by tier (device, host, storage,"
+        " external): from the vLLM shim, or from a KV event stream while it is whole.",
+        (*ENGINE, "tier"),
+        fanout=len(RESIDENT_TIERS),
     ),
     _gauge(
         "kvcache_shim_status",
@@ -240,6 +256,37 @@ TARGET_FAMILIES = (
     ),
 )
 
+# One series per KV event stream (a target's DP rank, see exporter/event_streams.py).
+STREAM = (*TARGET, "dp_rank")
+EVENT_FAMILIES = (
+    _counter("kvcache_events_batches", "KV event batches received (live and replayed).", STREAM),
+    _counter("kvcache_events", "KV events received (BlockStored, BlockRemoved, ...).", STREAM),
+    _counter(
+        "kvcache_events_batches_lost",
+        "KV event batches missed (sequence gaps the replay socket could not fill).",
+        STREAM,
+    ),
+    _counter("kvcache_events_replayed_batches", "KV event batches recovered by replay.", STREAM),
+    _counter(
+        "kvcache_events_errors",
+        "KV event frames, batches or events not applied, by reason.",
+        (*STREAM, "reason"),
+        fanout=len(STREAM_ERRORS),
+    ),
+    _gauge(
+        "kvcache_events_last_batch_age_seconds",
+        "Seconds since the stream's last batch (or since subscribing, if none came), at the"
+        " last poll: a silent stream on a busy engine is broken.",
+        STREAM,
+    ),
+    _gauge(
+        "kvcache_events_resident_whole",
+        "1 while every batch since a known-empty cache was applied, so resident counts are"
+        " exact; 0 after a loss until AllBlocksCleared or an engine restart.",
+        STREAM,
+    ),
+)
+
 # The exporter as a whole.
 EXPORTER_FAMILIES = (
     _gauge("kvcache_exporter_nvml_up", "1 when NVML is in use.", ()),
@@ -266,17 +313,21 @@ EXPORTER_FAMILIES = (
 )
 
 ENGINE_SCOPED = POOL_FAMILIES + ENGINE_FAMILIES + COUNTER_FAMILIES + REUSE_FAMILIES
-ALL = ENGINE_SCOPED + GPU_FAMILIES + TARGET_FAMILIES + EXPORTER_FAMILIES
+ALL = ENGINE_SCOPED + GPU_FAMILIES + TARGET_FAMILIES + EVENT_FAMILIES + EXPORTER_FAMILIES
 BY_NAME = {family.name: family for family in ALL}
 assert len(BY_NAME) == len(ALL), "a metric family is declared twice"
 
 
-def series_estimate(pools_per_engine: list[int], reuse_bounds: list[int] | None = None) -> int:
+def series_estimate(
+    pools_per_engine: list[int], reuse_bounds: list[int] | None = None, streams: int = 0
+) -> int:
     """An upper bound on one target's series: its engines' (one count of pools per engine, and
-    the reuse histogram's bucket bounds of those that publish one) and its own series."""
+    the reuse histogram's bucket bounds of those that publish one), its event streams' and its
+    own series."""
     per_pool = sum(f.fanout for f in POOL_FAMILIES)
     per_engine = sum(f.fanout for f in ENGINE_FAMILIES + COUNTER_FAMILIES)
     per_target = sum(f.fanout for f in TARGET_FAMILIES)
+    per_target += streams * sum(f.fanout for f in EVENT_FAMILIES)
     # Per bound one bucket; then +Inf, _count and _sum, the marks and the sampling ratio.
     reuse = sum(bounds + 3 + len(REUSE_MARKS) + 1 for bounds in reuse_bounds or [])
     return per_target + reuse + sum(per_engine + per_pool * pools for pools in pools_per_engine)

@@ -15,10 +15,13 @@ import threading
 import time
 from collections.abc import Callable
 
+import zmq.asyncio
+
 from kvstats.snapshot import Snapshot
 
 from .config import Config
 from .errors import PollError
+from .event_streams import EventSubscriber
 from .nvml import GpuReading, NvmlReader
 from .sources import Client, body_parser, fetch, new_connection, series_estimate
 from .state import TargetReport, TargetState
@@ -126,6 +129,13 @@ class Poller:
         ]
         if self.nvml.available:
             tasks.append(asyncio.create_task(self._poll_nvml()))
+        context = zmq.asyncio.Context()
+        for state in self.states:
+            events = state.target.events
+            if events is not None:
+                for stream in state.streams.values():
+                    subscriber = EventSubscriber(events, stream, context)
+                    tasks.append(asyncio.create_task(subscriber.run()))
         self._tasks = tasks
         waiter = asyncio.create_task(self._await_first_round(first))
         await self._stopping.wait()
@@ -134,6 +144,7 @@ class Poller:
         await asyncio.gather(*tasks, waiter, return_exceptions=True)
         for client in clients:
             client.close()
+        context.destroy(linger=0)
 
     async def _await_first_round(self, first: list[asyncio.Event]) -> None:
         await asyncio.gather(*(e.wait() for e in first))
@@ -172,7 +183,7 @@ class Poller:
         try:
             body = await fetch(client, state.target, self.config.max_response_bytes)
             snapshots = parse(body)
-            estimate = series_estimate(snapshots)
+            estimate = series_estimate(snapshots, len(state.streams))
             cap = self.config.max_series_per_target
             if estimate > cap:
                 raise PollError(
@@ -251,6 +262,7 @@ class Poller:
     def _record(self, state: TargetState, update: Callable[[], None]) -> None:
         """Apply a poll's result and hand the target's new state to ``on_change``."""
         with self.lock:
+            state.read_streams()
             update()
             report = state.report()
         self.on_change(report)

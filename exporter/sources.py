@@ -89,9 +89,11 @@ def body_parser(kind: str) -> Callable[[bytes], list[Snapshot]]:
     return parse_shim_body if KINDS[kind].bridge is None else _bridge_parser(kind)
 
 
-def series_estimate(snapshots: list[Snapshot]) -> int:
-    """An upper bound on the series these snapshots become (for the per-target cap)."""
+def series_estimate(snapshots: list[Snapshot], streams: int = 0) -> int:
+    """An upper bound on the series these snapshots (and ``streams`` KV event streams) become
+    (for the per-target cap)."""
     return families.series_estimate(
         [len(s.pools) for s in snapshots],
         [len(s.reuse_distance.bounds_tokens) for s in snapshots if s.reuse_distance],
+        streams,
     )

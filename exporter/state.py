@@ -12,6 +12,8 @@ import time
 import unicodedata
 from dataclasses import dataclass, field
 
+from engine_shim.events.merge import with_stream
+from engine_shim.events.stream import EventStreamState, StreamReport
 from kvstats.snapshot import Snapshot
 
 from .config import Target
@@ -90,6 +92,9 @@ class TargetReport:
     last_success: float | None
     restarts: int
     durations: Histogram
+    # The target's KV event streams (one per DP rank), as of the last poll.
+    streams: tuple[StreamReport, ...] = ()
+    read_at: float | None = None  # when ``streams`` were read (Unix time)
 
 
 @dataclass(slots=True)
@@ -114,6 +119,17 @@ class TargetState:
         self.restarts = 0
         self.durations = Histogram()
         self._ranks: dict[int, _RankMemory] = {}
+        events = target.events
+        self.streams = (
+            {}
+            if events is None
+            else {
+                rank: EventStreamState(dp_rank=rank, max_batch_bytes=events.max_batch_bytes)
+                for rank in range(events.dp_ranks)
+            }
+        )
+        self.stream_reports: tuple[StreamReport, ...] = ()
+        self.streams_read_at: float | None = None
 
     def report(self) -> TargetReport:
         return TargetReport(
@@ -127,7 +143,14 @@ class TargetState:
             durations=Histogram(
                 self.durations.buckets, list(self.durations.counts), self.durations.total
             ),
+            streams=self.stream_reports,
+            read_at=self.streams_read_at,
         )
+
+    def read_streams(self, now: float | None = None) -> None:
+        """Take the event streams' state for this poll (they run between polls)."""
+        self.stream_reports = tuple(self.streams[r].report() for r in sorted(self.streams))
+        self.streams_read_at = time.time() if now is None else now
 
     def record_failure(self, reason: str, duration: float) -> bool:
         """Count a failed poll; True when this is news (a new streak, or a new reason)."""
@@ -147,8 +170,10 @@ class TargetState:
         # Derive everything before touching the state: if deriving raises, the caller counts
         # an internal failure and this target's last numbers are not left standing.
         engines = {}
+        streams = {r.dp_rank: r for r in self.stream_reports}
         for snapshot in snapshots:
-            engines[snapshot.engine.dp_rank] = self._view(snapshot, now)
+            rank = snapshot.engine.dp_rank
+            engines[rank] = self._view(with_stream(snapshot, streams.get(rank)), now)
         self.polls += 1
         unsupported = [
             s.status.reason or "no reason given"

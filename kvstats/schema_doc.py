@@ -58,7 +58,17 @@ DESCRIPTIONS: dict[str, str] = {
         "highest used + evictable slots at any scheduler step since the previous stats read;"
         " null if not tracked"
     ),
+    "Pool.evictable_slots_lower": (
+        "where evictable_slots is null but bounded (vLLM's KV events with its usage gauge): the"
+        " fewest evictable slots there can be; null otherwise"
+    ),
+    "Pool.evictable_slots_upper": "the most evictable slots there can be; null with the lower bound",
     "Snapshot.status": "what the producer says of its own numbers; absent means `ok`",
+    "Snapshot.prefix_resident_slots": (
+        f"object: slots holding prefix-cache blocks, referenced or not, by tier"
+        f" ({', '.join(f'`{t}`' for t in s.RESIDENT_TIERS)}); a tier not known exactly is absent"
+        " (the vLLM shim: device; a whole KV event stream: every tier it carries)"
+    ),
     "ProducerStatus.state": (
         f"one of {', '.join(f'`{k}`' for k in s.STATUS_STATES)}: `warming_up` = the engine has"
         " not sized its KV cache yet (capacity and max concurrency null, not 0); `unsupported`"

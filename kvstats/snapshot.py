@@ -27,6 +27,9 @@ ENGINE_KINDS: tuple[str, ...] = ("reference", "vllm", "sglang")
 # tier, another instance over a KV connector (vLLM's ``p2p``: NIXL, Mooncake, ...), or a KV
 # connector that does not say (vLLM's ``external_unspecified``: LMCache, ...).
 HIT_TIERS: tuple[str, ...] = ("device", "host", "storage", "p2p", "external")
+# Where resident prefix-cache blocks live (KV events' media: vLLM GPU / CPU / STORAGE, SGLang
+# GPU / CPU_PINNED / DISK / EXTERNAL).
+RESIDENT_TIERS: tuple[str, ...] = ("device", "host", "storage", "external")
 GROUP_KINDS: tuple[str, ...] = ("full_attention", "sliding_window", "mamba", "other")
 MAX_NAME_LEN = 256
 # The largest integer a Prometheus sample (a float64) holds exactly; larger counts are refused
@@ -89,6 +92,11 @@ class Pool:
     # previous stats read: a burst between two polls still shows. ``None`` where not tracked.
     peak_used_slots: int | None = None
     peak_physical_slots: int | None = None
+    # Where the exact evictable count is unknown but bounded (vLLM's KV events with its
+    # usage gauge): evictable_slots_lower <= evictable <= evictable_slots_upper. ``None`` where
+    # evictable is known exactly, or not even bounded.
+    evictable_slots_lower: int | None = None
+    evictable_slots_upper: int | None = None
 
     @property
     def free_slots(self) -> int:
@@ -248,6 +256,9 @@ class Snapshot:
     reuse_distance: ReuseDistances | None = None
     # Absent in older snapshots and from bridges: read as ``ok``.
     status: ProducerStatus | None = None
+    # Slots holding prefix-cache blocks (referenced by a request or not), by tier; a tier not
+    # known exactly is absent. From the vLLM shim (device) or a whole KV event stream.
+    prefix_resident_slots: Mapping[str, int] = field(default_factory=dict)
     schema: str = SCHEMA_VERSION
 
     def pool(self, name: str) -> Pool | None:
@@ -406,6 +417,8 @@ def _parse_pool(data: Any, path: str) -> Pool:
         evictable_prefix_tokens=r.count("evictable_prefix_tokens", required=False),
         peak_used_slots=r.count("peak_used_slots", required=False),
         peak_physical_slots=r.count("peak_physical_slots", required=False),
+        evictable_slots_lower=r.count("evictable_slots_lower", required=False),
+        evictable_slots_upper=r.count("evictable_slots_upper", required=False),
     )
     if pool.block_size == 0:
         raise SnapshotError(f"{path}.block_size", "must be positive")
@@ -435,6 +448,18 @@ def _parse_pool(data: Any, path: str) -> Pool:
         )
     if pool.peak_physical_slots is not None and pool.available_slots is None:
         raise SnapshotError(f"{path}.peak_physical_slots", "needs available_slots")
+    lower, upper = pool.evictable_slots_lower, pool.evictable_slots_upper
+    if (lower is None) != (upper is None):
+        raise SnapshotError(
+            path, "evictable_slots_lower and _upper must be both known or both null"
+        )
+    if lower is not None and upper is not None:
+        if pool.evictable_slots is not None:
+            raise SnapshotError(path, "evictable bounds are for an unknown evictable_slots")
+        if not lower <= upper <= pool.capacity_slots - pool.used_slots:
+            raise SnapshotError(
+                path, f"evictable bounds {lower}..{upper} must rise and fit in capacity - used"
+            )
     physical_now = pool.capacity_slots - (pool.available_slots or 0)
     for key, peak, now in (
         ("peak_used_slots", pool.peak_used_slots, pool.used_slots),
@@ -463,16 +488,19 @@ def _parse_group(data: Any, path: str, pool_names: set[str]) -> KVGroup:
     return group
 
 
+def _parse_tiered(r: _Reader | None, tiers: tuple[str, ...]) -> dict[str, int]:
+    """An object of counts by tier; an absent tier is unknown."""
+    found: dict[str, int] = {}
+    if r is not None:
+        for tier, value in r.data.items():
+            if tier not in tiers:
+                raise SnapshotError(f"{r.path}.{tier}", f"tier must be one of {', '.join(tiers)}")
+            found[tier] = _as_count(value, f"{r.path}.{tier}")
+    return found
+
+
 def _parse_counters(r: _Reader) -> Counters:
-    hits: dict[str, int] = {}
-    hits_reader = r.obj("prefix_hit_tokens", required=False)
-    if hits_reader is not None:
-        for tier, value in hits_reader.data.items():
-            if tier not in HIT_TIERS:
-                raise SnapshotError(
-                    f"{hits_reader.path}.{tier}", f"tier must be one of {', '.join(HIT_TIERS)}"
-                )
-            hits[tier] = _as_count(value, f"{hits_reader.path}.{tier}")
+    hits = _parse_tiered(r.obj("prefix_hit_tokens", required=False), HIT_TIERS)
     return Counters(
         prefix_query_tokens=r.count("prefix_query_tokens", required=False),
         prefix_hit_tokens=hits,
@@ -603,4 +631,7 @@ def parse_snapshot(data: Any) -> Snapshot:
         capacity_tokens=None if legacy else root.count("capacity_tokens", required=False),
         reuse_distance=None if legacy else _parse_reuse(root.obj("reuse_distance", required=False)),
         status=_parse_status(root.obj("status", required=False)),
+        prefix_resident_slots=_parse_tiered(
+            root.obj("prefix_resident_slots", required=False), RESIDENT_TIERS
+        ),
     )

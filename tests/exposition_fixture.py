@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
+
 from engine_shim.bridges import convert
 from engine_shim.reuse_distance import bucket_bounds
 from exporter.config import parse_config
@@ -92,7 +94,41 @@ def reference_snapshot(instance: str, used: int, sequence: int) -> dict:
         "storage_tier": {"capacity_tokens": 1_048_576, "used_tokens": 8192},
         "reuse_distance": reuse_section(),
         "status": {"state": "ok", "reason": None},
+        "prefix_resident_slots": {"device": 20_480},
     }
+
+
+def event_batch(events: list[dict]) -> bytes:
+    """One KV event batch as vLLM publishes it (tagged maps)."""
+    return msgspec.msgpack.encode([NOW - 1, events, 0])
+
+
+def feed_vllm_stream(state: TargetState) -> None:
+    """The vLLM target's event stream: 40 device blocks and 8 host blocks stored, 4 removed,
+    a batch lost and replayed, one event of a type from the future."""
+    stream = state.streams[0]
+    stream.started_at = NOW - 100
+    stored = {"type": "BlockStored", "block_size": 16, "group_idx": 0}
+    stream.take(
+        0, event_batch([{**stored, "block_hashes": list(range(40)), "medium": "GPU"}]), NOW - 30
+    )
+    stream.take(
+        1,
+        event_batch([{**stored, "block_hashes": list(range(8)), "medium": "CPU"}]),
+        NOW - 20,
+        replayed=True,
+    )
+    stream.take(
+        2,
+        event_batch(
+            [
+                {"type": "BlockRemoved", "block_hashes": [0, 1, 2, 3], "medium": "GPU"},
+                {"type": "Future"},
+            ]
+        ),
+        NOW - 5,
+    )
+    stream.settle(2)
 
 
 def reuse_section() -> dict:
@@ -114,7 +150,15 @@ def fleet_states(copies: int = 1) -> list[TargetState]:
         {"name": f"ref{i}" if i else "ref", "kind": "shim", "url": f"http://127.0.0.1:{9000 + i}"}
         for i in range(copies)
     ] + [
-        {"name": "vllm", "kind": "vllm", "url": "http://127.0.0.1:8000"},
+        {
+            "name": "vllm",
+            "kind": "vllm",
+            "url": "http://127.0.0.1:8000",
+            "events": {
+                "endpoint": "tcp://127.0.0.1:5557",
+                "replay_endpoint": "tcp://127.0.0.1:5558",
+            },
+        },
         {"name": "sglang", "kind": "sglang", "url": "http://127.0.0.1:30000"},
         {"name": "down", "kind": "shim", "url": "http://127.0.0.1:1"},
     ]
@@ -125,6 +169,8 @@ def fleet_states(copies: int = 1) -> list[TargetState]:
             snap = parse_snapshot(reference_snapshot(f"ref-{i}", 1000 + 400 * step, step + 1))
             state.record_success([snap], now=NOW - 50 + 10 * step, duration=0.002 * (step + 1))
     vllm_text = (FIXTURES / "vllm-0.33.0-dp1.prom").read_text()
+    feed_vllm_stream(states[copies])
+    states[copies].read_streams(now=NOW)
     states[copies].record_success(convert("vllm", vllm_text, NOW).snapshots, NOW, 0.004)
     sglang_text = (FIXTURES / "sglang-0.5.23-hicache.prom").read_text()
     states[copies + 1].record_success(convert("sglang", sglang_text, NOW).snapshots, NOW, 0.006)

@@ -28,8 +28,15 @@ def test_round_trip_is_exact() -> None:
     expected = valid()
     expected["groups"][0]["sliding_window"] = None
     for pool in expected["pools"]:  # optional fields a v2 producer may leave out
-        pool.update(evictable_prefix_tokens=None, peak_used_slots=None, peak_physical_slots=None)
+        pool.update(
+            evictable_prefix_tokens=None,
+            peak_used_slots=None,
+            peak_physical_slots=None,
+            evictable_slots_lower=None,
+            evictable_slots_upper=None,
+        )
     expected["status"] = None
+    expected["prefix_resident_slots"] = {}
     assert wire == expected
 
 

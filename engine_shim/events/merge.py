@@ -1,0 +1,47 @@
+"""What a whole KV event stream adds to an engine's snapshot: resident prefix slots per tier
+and, where the engine cannot tell evictable blocks apart (vLLM's ``/metrics``), bounds on them.
+
+With C the cached device blocks (the stream's resident count), U the blocks pinned by running
+requests (vLLM's usage gauge) and N - 1 the usable blocks: every cached block in use is one of
+the U, and every evictable block is cached and free, so
+
+    max(0, C - U) <= evictable <= min(C, N - 1 - U).
+
+This holds where a block carries one cache entry (vLLM's default; partial-block caching can
+give a block a second entry, which only makes C an over-count: the upper bound still holds
+through N - 1 - U, the lower one is then loose). The exact count stays the shim's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kvstats.snapshot import Pool, Snapshot
+
+from .stream import StreamReport
+
+
+def evictable_bounds(cached_blocks: int, pool: Pool) -> tuple[int, int]:
+    """(lower, upper) evictable slots of ``pool`` given its cached blocks."""
+    used_blocks = pool.used_slots // pool.block_size
+    free_blocks = (pool.capacity_slots - pool.used_slots) // pool.block_size
+    lower = max(0, cached_blocks - used_blocks)
+    upper = min(cached_blocks, free_blocks)
+    return min(lower, upper) * pool.block_size, upper * pool.block_size
+
+
+def with_stream(snapshot: Snapshot, report: StreamReport | None) -> Snapshot:
+    """``snapshot`` with what ``report`` proves; unchanged unless the stream is whole. The
+    producer's own resident counts (the shim's, exact) win over the stream's."""
+    if report is None or not report.whole:
+        return snapshot
+    resident = {**report.resident_slots, **snapshot.prefix_resident_slots}
+    pools = snapshot.pools
+    device_blocks = report.resident_blocks_by_tier.get("device", 0)
+    if len(pools) == 1 and pools[0].evictable_slots is None:
+        # One pool that cannot split its free space (a bridge): every group's blocks are its.
+        lower, upper = evictable_bounds(device_blocks, pools[0])
+        pools = (
+            dataclasses.replace(pools[0], evictable_slots_lower=lower, evictable_slots_upper=upper),
+        )
+    return dataclasses.replace(snapshot, pools=pools, prefix_resident_slots=resident)

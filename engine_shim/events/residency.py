@@ -1,0 +1,181 @@
+"""The prefix blocks a KV event stream says are resident, and whether that count is whole.
+
+Per KV group and tier a multiset of 64-bit block fingerprints: a block hash stored twice (two
+blocks computed for one prefix, as a hybrid model's miss does) is resident until removed
+twice, exactly as the engine's hash-to-blocks map counts it. A fingerprint costs 8 bytes (in
+``bytearray`` buckets, found with ``bytes.find``) instead of the ~70 a Python ``set`` of ints
+takes: a sidecar watching a fleet of 1M-block engines holds ~9 MB per engine, not ~70.
+
+*Whole* means every batch since a known-empty cache was applied: the stream was read from its
+first batch (sequence 0, replayed if need be), or an ``AllBlocksCleared`` came since a loss.
+A lost batch, a refused one, or a removal of a block never stored makes it not whole, until
+the next ``AllBlocksCleared`` or a restart (sequence 0 again). Counts are published only
+while whole: never a number that only looks exact.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .decode import Batch, Cleared, Removed, Stored, Unknown
+
+MAX_GROUPS = 64  # KV cache groups per stream (vLLM models have a handful)
+MAX_BLOCK_SIZE = 1 << 20
+_MASK64 = (1 << 64) - 1
+_BUCKET_TARGET = 128  # fingerprints per bucket before the table doubles (a 1 KiB find)
+
+
+class BlockMultiset:
+    """64-bit fingerprints with multiplicity, 8 bytes each. ``collections.Counter`` does the
+    same job in ~100 bytes an entry; ``tests/test_kv_events.py`` proves the two agree."""
+
+    __slots__ = ("_buckets", "_mix", "_shift", "size")
+
+    def __init__(self) -> None:
+        self._buckets = [bytearray() for _ in range(16)]
+        self._shift = 60  # 64 - log2(buckets)
+        # A per-process odd multiplier spreads the buckets: a publisher cannot choose hashes
+        # that all land in one bucket (which would make every find linear in the stream).
+        self._mix = random.getrandbits(64) | 1
+        self.size = 0
+
+    def _bucket(self, fp: int) -> bytearray:
+        return self._buckets[((fp * self._mix) & _MASK64) >> self._shift]
+
+    def add(self, fp: int) -> None:
+        self._bucket(fp).extend(fp.to_bytes(8, "little"))
+        self.size += 1
+        if self.size > _BUCKET_TARGET * len(self._buckets):
+            self._grow()
+
+    def remove(self, fp: int) -> bool:
+        """Remove one copy; False if there was none."""
+        bucket = self._bucket(fp)
+        key = fp.to_bytes(8, "little")
+        at = bucket.find(key)
+        while at % 8:  # a match across two entries; -1 % 8 == 7, so -1 loops once more
+            if at == -1:
+                return False
+            at = bucket.find(key, at + 1)
+        last = len(bucket) - 8
+        bucket[at : at + 8] = bucket[last:]
+        del bucket[last:]
+        self.size -= 1
+        return True
+
+    def count(self, fp: int) -> int:
+        bucket = self._bucket(fp)
+        key = fp.to_bytes(8, "little")
+        return sum(1 for i in range(0, len(bucket), 8) if bucket[i : i + 8] == key)
+
+    def clear(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def items(self) -> Counter[int]:
+        """Every fingerprint with its count (for tests and debugging: O(size))."""
+        found: Counter[int] = Counter()
+        for bucket in self._buckets:
+            for i in range(0, len(bucket), 8):
+                found[int.from_bytes(bucket[i : i + 8], "little")] += 1
+        return found
+
+    def nbytes(self) -> int:
+        """Bytes of fingerprint storage (bytearrays over-allocate up to ~1/8 more)."""
+        return 8 * self.size
+
+    def _grow(self) -> None:
+        old = self._buckets
+        self._buckets = [bytearray() for _ in range(2 * len(old))]
+        self._shift -= 1
+        for bucket in old:
+            for i in range(0, len(bucket), 8):
+                entry = bucket[i : i + 8]
+                self._bucket(int.from_bytes(entry, "little")).extend(entry)
+
+
+@dataclass(slots=True)
+class Residency:
+    """One stream's (one engine DP rank's) resident blocks, applied batch by batch."""
+
+    blocks: dict[tuple[int, str], BlockMultiset] = field(default_factory=dict)
+    block_size: dict[tuple[int, str], int] = field(default_factory=dict)
+    whole: bool = False
+    why_not_whole: str = "no batch read yet"
+    # Events refused or not understood, by reason (published as the stream's error counter).
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def start_over(self, whole: bool, why: str = "") -> None:
+        """The engine's cache is empty (a restart, AllBlocksCleared), or unknown from here."""
+        self.blocks.clear()
+        self.block_size.clear()
+        self.whole = whole
+        self.why_not_whole = "" if whole else why
+
+    def lose(self, why: str) -> None:
+        """Batches were lost: what is resident is no longer known."""
+        if self.whole:
+            self.whole = False
+            self.why_not_whole = why
+
+    def apply(self, batch: Batch) -> None:
+        for event in batch.events:
+            if isinstance(event, Stored):
+                self._stored(event)
+            elif isinstance(event, Removed):
+                self._removed(event)
+            elif isinstance(event, Cleared):
+                self.start_over(whole=True)
+            elif isinstance(event, Unknown):
+                self.skipped["unknown_event"] += 1
+
+    def _set(self, group: int, tier: str | None) -> BlockMultiset | None:
+        if tier is None:
+            self.skipped["unknown_medium"] += 1
+            return None
+        key = (group, tier)
+        found = self.blocks.get(key)
+        if found is None:
+            if len(self.blocks) >= MAX_GROUPS * 4 or not 0 <= group < MAX_GROUPS:
+                self.skipped["too_many_groups"] += 1
+                self.lose(f"KV group {group} is past the {MAX_GROUPS} groups kept")
+                return None
+            found = self.blocks[key] = BlockMultiset()
+        return found
+
+    def _stored(self, event: Stored) -> None:
+        if not 0 < event.block_size <= MAX_BLOCK_SIZE:
+            self.skipped["invalid_event"] += 1
+            self.lose(f"a BlockStored event with block_size {event.block_size}")
+            return
+        found = self._set(event.group, event.tier)
+        if found is None:
+            return
+        assert event.tier is not None
+        self.block_size[(event.group, event.tier)] = event.block_size
+        for fp in event.fingerprints:
+            found.add(fp)
+
+    def _removed(self, event: Removed) -> None:
+        found = self._set(event.group, event.tier)
+        if found is None:
+            return
+        for fp in event.fingerprints:
+            if not found.remove(fp) and self.whole:
+                self.skipped["unknown_block"] += 1
+                self.lose("a block was removed that the stream never stored")
+
+    def resident_slots(self) -> dict[str, int]:
+        """Slots (blocks x block size) holding resident prefix blocks, by tier."""
+        slots: dict[str, int] = {}
+        for (group, tier), found in self.blocks.items():
+            size = self.block_size.get((group, tier), 0)
+            slots[tier] = slots.get(tier, 0) + found.size * size
+        return slots
+
+    def resident_blocks(self) -> int:
+        return sum(found.size for found in self.blocks.values())
+
+    def nbytes(self) -> int:
+        return sum(found.nbytes() for found in self.blocks.values())

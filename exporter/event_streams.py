@@ -1,0 +1,134 @@
+"""Subscribers to engines' KV event streams (ZMQ PUB, one per DP rank), on the poller's loop.
+
+Each stream is one asyncio task: a SUB socket on the rank's endpoint and, when batches are
+missing (on joining, after a reconnect, a gap), a DEALER to the engine's replay ROUTER that
+asks for them from the first missing sequence number. What the batches mean is
+``engine_shim.events``; this module only moves frames and keeps time. A stream that floods,
+sends garbage or stops costs its own target and shows in its counters, never the poller: the
+task yields after every few batches, and every failure is caught, counted and retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import zmq
+import zmq.asyncio
+
+from engine_shim.events.stream import EventStreamState
+
+from .config import EventsConfig
+
+log = logging.getLogger(__name__)
+
+END_SEQ = (-1).to_bytes(8, "big", signed=True)
+BATCHES_PER_YIELD = 32
+RECONNECT_DELAY = 1.0
+
+
+def rank_endpoint(endpoint: str, rank: int) -> str:
+    """Rank ``rank``'s endpoint: the engines bind port + rank (vLLM, SGLang)."""
+    if rank == 0:
+        return endpoint
+    base, _, port = endpoint.rpartition(":")
+    return f"{base}:{int(port) + rank}"
+
+
+class EventSubscriber:
+    def __init__(
+        self,
+        config: EventsConfig,
+        state: EventStreamState,
+        context: zmq.asyncio.Context,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.context = context
+        self.clock = clock
+        self.endpoint = rank_endpoint(config.endpoint, state.dp_rank)
+        self.replay_endpoint = (
+            rank_endpoint(config.replay_endpoint, state.dp_rank) if config.replay_endpoint else None
+        )
+
+    async def run(self) -> None:
+        if self.state.started_at is None:
+            self.state.started_at = self.clock()
+        while True:
+            sub = self._socket(zmq.SUB)
+            sub.setsockopt(zmq.SUBSCRIBE, self.config.topic.encode())
+            sub.setsockopt(zmq.RCVHWM, 10_000)
+            sub.connect(self.endpoint)
+            try:
+                await self._read(sub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a socket error or a bug: counted, reconnected
+                self.state.refuse("invalid_frame")
+                log.warning("KV events %s: %r; reconnecting", self.endpoint, exc)
+                await asyncio.sleep(RECONNECT_DELAY)
+            finally:
+                sub.close(linger=0)
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        sock = self.context.socket(kind)
+        # Past this ZMQ drops the peer instead of buffering a hostile frame; batches between
+        # max_batch_bytes and this are read and refused ("oversize").
+        sock.setsockopt(zmq.MAXMSGSIZE, 4 * self.config.max_batch_bytes + 4096)
+        sock.setsockopt(zmq.LINGER, 0)
+        return sock
+
+    async def _read(self, sub: zmq.asyncio.Socket) -> None:
+        handled = 0
+        while True:
+            frames = await sub.recv_multipart()
+            seq = _sequence(frames)
+            if seq is None:
+                self.state.refuse("invalid_frame")
+                continue
+            missing = self.state.before_live(seq)
+            if missing is not None and self.replay_endpoint is not None:
+                await self.replay(missing, seq)
+            self.state.settle(seq)
+            self.state.take(seq, frames[2], self.clock())
+            handled += 1
+            if handled % BATCHES_PER_YIELD == 0:
+                await asyncio.sleep(0)  # a flooding stream must not starve the other targets
+
+    async def replay(self, start: int, until: int) -> None:
+        """Ask the replay socket for batches ``start`` .. ``until - 1`` and apply them."""
+        assert self.replay_endpoint is not None
+        dealer = self._socket(zmq.DEALER)
+        dealer.connect(self.replay_endpoint)
+        deadline = asyncio.get_running_loop().time() + self.config.replay_timeout
+        try:
+            await dealer.send_multipart([b"", start.to_bytes(8, "big")])
+            while True:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0 or not await dealer.poll(int(left * 1000)):
+                    self.state.errors["replay_failed"] += 1
+                    return
+                frames = await dealer.recv_multipart()
+                if len(frames) != 4 or frames[0] != b"":
+                    self.state.errors["replay_failed"] += 1
+                    return
+                if frames[2] == END_SEQ:
+                    return
+                seq = _sequence(frames[1:])
+                if seq is None:
+                    self.state.errors["replay_failed"] += 1
+                    return
+                if seq < until:
+                    self.state.take(seq, frames[3], self.clock(), replayed=True)
+        finally:
+            dealer.close(linger=0)
+
+
+def _sequence(frames: list[bytes]) -> int | None:
+    """The sequence number of ``(topic, seq, payload)``, or None for another shape."""
+    if len(frames) != 3 or len(frames[1]) != 8:
+        return None
+    return int.from_bytes(frames[1], "big")
