@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 import torch
 from vllm.config import DeviceConfig, VllmConfig
+from vllm.distributed.kv_events import KVEventBatch
 from vllm.sampling_params import SamplingParams
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_manager import KVCacheManager
@@ -35,6 +37,7 @@ from engine_shim.adapters.vllm import (
     brute_force_evictable,
     brute_force_evictable_tokens,
 )
+from engine_shim.events.stream import EventStreamState
 from kvstats.snapshot import parse_snapshot
 
 BLOCK = 16
@@ -72,9 +75,10 @@ def kv_config(num_blocks: int, sliding_window: int | None = None) -> KVCacheConf
 
 
 def new_manager(
-    num_blocks: int, sliding_window: int | None = None
+    num_blocks: int, sliding_window: int | None = None, kv_events: bool = False
 ) -> tuple[KVCacheManager, KVCacheConfig]:
-    """A real KVCacheManager over a hand-made config, as vLLM's scheduler builds it."""
+    """A real KVCacheManager over a hand-made config, as vLLM's scheduler builds it (with
+    ``kv_events``, as ``--kv-events-config`` sets it up: the Driver checks the events)."""
     config = kv_config(num_blocks, sliding_window)
     m = KVCacheManager(
         config,
@@ -83,14 +87,18 @@ def new_manager(
         hash_block_size=BLOCK,
         enable_caching=True,
         log_stats=True,
+        enable_kv_cache_events=kv_events,
     )
     return m, config
 
 
 def manager(
-    num_blocks: int, sliding_window: int | None = None, reuse_distances: bool = True
+    num_blocks: int,
+    sliding_window: int | None = None,
+    reuse_distances: bool = True,
+    kv_events: bool = False,
 ) -> tuple[KVCacheManager, BlockPoolTracker]:
-    m, config = new_manager(num_blocks, sliding_window)
+    m, config = new_manager(num_blocks, sliding_window, kv_events)
     facts = EngineFacts(model="tiny", max_model_len=MAX_LEN)
     return m, BlockPoolTracker(m, config, facts, reuse_distances=reuse_distances)
 
@@ -103,7 +111,7 @@ HYBRID_HASHER = get_request_block_hasher(HYBRID_HASH_BLOCK, sha256)
 
 
 def partial_caching_manager(
-    num_blocks: int, reuse_distances: bool = True
+    num_blocks: int, reuse_distances: bool = True, kv_events: bool = False
 ) -> tuple[KVCacheManager, BlockPoolTracker]:
     """A real manager of full-attention + Mamba (align) groups: partial-block caching on."""
     full = FullAttentionSpec(
@@ -127,6 +135,7 @@ def partial_caching_manager(
         hash_block_size=HYBRID_HASH_BLOCK,
         enable_caching=True,
         log_stats=True,
+        enable_kv_cache_events=kv_events,
     )
     facts = EngineFacts(model="tiny-hybrid", max_model_len=MAX_LEN)
     return m, BlockPoolTracker(m, config, facts, reuse_distances=reuse_distances)
@@ -144,6 +153,25 @@ class Driver:
         # (a re-admitted preempted request is vLLM's "preempted" bucket, not a new query).
         self.first_queries = 0
         self.first_hits = 0
+        # With KV events on: vLLM's own events, encoded as its publisher does, read by the
+        # exporter's stream bookkeeping, one batch per check.
+        self.stream = EventStreamState()
+        self.batches = 0
+
+    def check_events(self) -> None:
+        """The blocks vLLM's events say are cached are the ones its pool holds with a hash, and
+        the shim's count of them."""
+        batch = KVEventBatch(ts=0.0, events=self.m.take_events())
+        self.stream.take(self.batches, msgspec.msgpack.encode(batch), 0.0)
+        self.batches += 1
+        report = self.stream.report()
+        assert report.whole, report.why_not_whole
+        assert sum(report.errors.values()) == 0, report.errors
+        hashed = sum(
+            1 for b in self.m.block_pool.blocks if b.block_hash is not None and not b.is_null
+        )
+        assert report.resident_blocks_by_tier.get("device", 0) == hashed
+        assert self.tracker.cached_blocks == hashed
 
     def check(self) -> None:
         pool = self.m.block_pool
@@ -161,6 +189,9 @@ class Driver:
         # vLLM's own figure only sees the pinned blocks.
         assert self.m.usage == pytest.approx(used / usable)
         snap = parse_snapshot(self.tracker.snapshot(len(self.running), 0).to_json())
+        assert snap.prefix_resident_slots == {"device": self.tracker.cached_blocks * block}
+        if self.m.enable_kv_cache_events:
+            self.check_events()
         assert snap.pools[0].evictable_slots == evictable * block
         assert snap.pools[0].evictable_prefix_tokens == self.tracker.evictable_tokens
         peak = snap.pools[0].peak_used_slots

@@ -162,11 +162,13 @@ class _Section:
 
 
 def _zmq_endpoint(value: str, source: str, key: str, ranks: int) -> str:
-    found = _ZMQ_TCP.match(value)
+    found = _ZMQ_TCP.match(value.replace("*", "0.0.0.0", 1))
     if not found:
         raise ConfigError(source, key, f"expected tcp://HOST:PORT, got {value!r}")
-    if "*" in value or found.group(1) in ("0.0.0.0", "[::]"):
-        raise ConfigError(source, key, "name the engine's host (the engine binds *, we connect)")
+    if found.group(1) in ("0.0.0.0", "[::]"):
+        raise ConfigError(
+            source, key, f"{value!r} is where the engine binds: name its host, e.g. tcp://vllm:5557"
+        )
     port = int(found.group(2))
     if not 0 < port <= 65535 - (ranks - 1):
         raise ConfigError(source, key, f"port {port} (+ {ranks - 1} ranks) is not a TCP port")

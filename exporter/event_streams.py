@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import zmq
 import zmq.asyncio
@@ -61,16 +61,31 @@ class EventSubscriber:
             sub = self._socket(zmq.SUB)
             sub.setsockopt(zmq.SUBSCRIBE, self.config.topic.encode())
             sub.setsockopt(zmq.RCVHWM, 10_000)
+            # A peer that breaks ZMQ's rules (a frame past MAXMSGSIZE) is dropped and never
+            # reconnected by ZMQ: the monitor says so, and a new socket takes its place.
+            monitor = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             sub.connect(self.endpoint)
             try:
-                await self._read(sub)
+                # Before the first live batch: what the engine published before we came.
+                if (
+                    self.replay_endpoint is not None
+                    and self.state.next_seq is None
+                    and await self.replay(0) == 0
+                ):
+                    self.state.nothing_published()
+                if await _first_done(self._read(sub), monitor.recv_multipart()) == 1:
+                    self.state.errors["disconnected"] += 1
+                    log.info("KV events %s: disconnected; reconnecting", self.endpoint)
+                    await asyncio.sleep(RECONNECT_DELAY)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a socket error or a bug: counted, reconnected
-                self.state.refuse("invalid_frame")
+                self.state.refuse("subscriber_error")
                 log.warning("KV events %s: %r; reconnecting", self.endpoint, exc)
                 await asyncio.sleep(RECONNECT_DELAY)
             finally:
+                sub.disable_monitor()
+                monitor.close(linger=0)
                 sub.close(linger=0)
 
     def _socket(self, kind: int) -> zmq.asyncio.Socket:
@@ -98,33 +113,56 @@ class EventSubscriber:
             if handled % BATCHES_PER_YIELD == 0:
                 await asyncio.sleep(0)  # a flooding stream must not starve the other targets
 
-    async def replay(self, start: int, until: int) -> None:
-        """Ask the replay socket for batches ``start`` .. ``until - 1`` and apply them."""
+    async def replay(self, start: int, until: int | None = None) -> int | None:
+        """Ask the replay socket for batches from ``start`` (up to ``until``, exclusive) and
+        apply them: how many it sent, None if it failed. vLLM's ``ZmqEventPublisher`` answers
+        ``(b"", topic, seq, payload)`` per buffered batch, then ``(b"", b"", END_SEQ, b"")``;
+        SGLang's copy likewise; vLLM's first releases left the topic out."""
         assert self.replay_endpoint is not None
         dealer = self._socket(zmq.DEALER)
         dealer.connect(self.replay_endpoint)
         deadline = asyncio.get_running_loop().time() + self.config.replay_timeout
+        sent = 0
         try:
             await dealer.send_multipart([b"", start.to_bytes(8, "big")])
             while True:
                 left = deadline - asyncio.get_running_loop().time()
-                if left <= 0 or not await dealer.poll(int(left * 1000)):
+                if left <= 0 or not await dealer.poll(max(1, int(left * 1000))):
                     self.state.errors["replay_failed"] += 1
-                    return
+                    return None
                 frames = await dealer.recv_multipart()
-                if len(frames) != 4 or frames[0] != b"":
+                if frames[:1] != [b""] or len(frames) not in (3, 4):
                     self.state.errors["replay_failed"] += 1
-                    return
-                if frames[2] == END_SEQ:
-                    return
-                seq = _sequence(frames[1:])
-                if seq is None:
+                    return None
+                seq_bytes, payload = frames[-2:]
+                if seq_bytes == END_SEQ:
+                    return sent
+                if len(seq_bytes) != 8:
                     self.state.errors["replay_failed"] += 1
-                    return
-                if seq < until:
-                    self.state.take(seq, frames[3], self.clock(), replayed=True)
+                    return None
+                seq = int.from_bytes(seq_bytes, "big")
+                sent += 1
+                if until is None or seq < until:
+                    self.state.take(seq, payload, self.clock(), replayed=True)
+                if sent % BATCHES_PER_YIELD == 0:
+                    await asyncio.sleep(0)
         finally:
             dealer.close(linger=0)
+
+
+async def _first_done(*awaitables: Awaitable[object]) -> int:
+    """Run ``awaitables`` until one finishes (re-raising its error); cancel the others.
+    Returns the index of the one that finished."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    first = next(i for i, t in enumerate(tasks) if t in done)
+    tasks[first].result()
+    return first
 
 
 def _sequence(frames: list[bytes]) -> int | None:

@@ -62,7 +62,9 @@ DESCRIPTIONS: dict[str, str] = {
         "where evictable_slots is null but bounded (vLLM's KV events with its usage gauge): the"
         " fewest evictable slots there can be; null otherwise"
     ),
-    "Pool.evictable_slots_upper": "the most evictable slots there can be; null with the lower bound",
+    "Pool.evictable_slots_upper": (
+        "the most evictable slots there can be; null with the lower bound"
+    ),
     "Snapshot.status": "what the producer says of its own numbers; absent means `ok`",
     "Snapshot.prefix_resident_slots": (
         f"object: slots holding prefix-cache blocks, referenced or not, by tier"

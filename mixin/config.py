@@ -79,6 +79,12 @@ class MixinConfig:
     working_set_min_gain: float = 0.1
     working_set_min_query_tokens_per_second: float = 100
     working_set_for: str = "1h"
+    # KV event streams (vLLM / SGLang --kv-events-config): a lost batch leaves the resident
+    # counts unknown; a stream silent this long while its engine runs requests is broken.
+    event_stream_lost_lookback: str = "10m"
+    event_stream_lost_for: str = "0m"
+    event_stream_silent_seconds: int = 120
+    event_stream_silent_for: str = "5m"
 
     def runbook_url(self, alert: str) -> str:
         return self.runbook_url_pattern.replace("%s", alert.lower())

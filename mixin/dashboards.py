@@ -537,6 +537,28 @@ def engine_detail(c: MixinConfig) -> Dashboard:
         )
     )
 
+    d = d.with_panel(
+        timeseries(
+            "Prefix-resident slots by tier",
+            "Slots holding prefix-cache blocks (in use or evictable) on each tier: from the vLLM shim, or from the "
+            "engine's KV events while the stream is whole (vLLM and SGLang without a plug-in; host, storage and "
+            "external are offloading connectors and HiCache tiers). Absent while a stream is not whole.",
+            "short",
+            query(f"kvcache_prefix_resident_slots{{{sel}}}", "{{tier}}"),
+            stacked=True,
+        )
+    )
+    d = d.with_panel(
+        timeseries(
+            "Evictable slots: exact, or bounds",
+            "The exact evictable count where the engine or the shim knows it; for vLLM without the shim, the "
+            "lower and upper bounds its KV events and usage gauge prove (never the exact count).",
+            "short",
+            query(f'kvcache_pool_slots{{state="evictable", {sel}}}', "exact {{pool}}"),
+            query(f"kvcache_pool_evictable_slots_bound{{{sel}}}", "{{bound}} bound {{pool}}"),
+        )
+    )
+
     d = what_if_panels(d, c, sel)
 
     d = d.with_row(Row("GPU memory"))
@@ -600,6 +622,42 @@ def engine_detail(c: MixinConfig) -> Dashboard:
             query(f"time() - kvcache_snapshot_timestamp_seconds{{{sel}}}", scope.legend),
             width=8,
             limits=thresholds((None, "green"), (c.stale_after_seconds, "red")),
+        )
+    )
+    ssel = f'{tsel}, dp_rank=~"$dp_rank"'
+    d = d.with_panel(
+        timeseries(
+            "KV event streams: batches, losses, replays, errors",
+            "Per DP rank of engines whose KV events the exporter reads: batches/s received, batches/s lost (sequence "
+            "gaps the replay socket could not fill: KVCacheEventStreamLost), replayed and refused by reason.",
+            "short",
+            query(
+                f"rate(kvcache_events_batches_total{{{ssel}}}[$__rate_interval])",
+                "batches {{dp_rank}}",
+            ),
+            query(
+                f"rate(kvcache_events_batches_lost_total{{{ssel}}}[$__rate_interval])",
+                "lost {{dp_rank}}",
+            ),
+            query(
+                f"rate(kvcache_events_replayed_batches_total{{{ssel}}}[$__rate_interval])",
+                "replayed {{dp_rank}}",
+            ),
+            query(
+                f"sum by (dp_rank, reason) (rate(kvcache_events_errors_total{{{ssel}}}[$__rate_interval])) > 0",
+                "{{reason}} {{dp_rank}}",
+            ),
+        )
+    )
+    d = d.with_panel(
+        timeseries(
+            "KV event streams: last batch age and wholeness",
+            "Seconds since each stream's last batch (a busy engine sends one with every block it fills: "
+            "KVCacheEventStreamSilent), and whether its resident counts are whole (1) or unknown after a loss (0).",
+            "s",
+            query(f"kvcache_events_last_batch_age_seconds{{{ssel}}}", "age {{dp_rank}}"),
+            query(f"kvcache_events_resident_whole{{{ssel}}}", "whole {{dp_rank}}"),
+            limits=thresholds((None, "green"), (c.event_stream_silent_seconds, "red")),
         )
     )
     return d

@@ -21,13 +21,17 @@ from kvstats.snapshot import Pool, Snapshot
 from .stream import StreamReport
 
 
-def evictable_bounds(cached_blocks: int, pool: Pool) -> tuple[int, int]:
-    """(lower, upper) evictable slots of ``pool`` given its cached blocks."""
+def evictable_bounds(cached_blocks: int, pool: Pool) -> tuple[int, int] | None:
+    """(lower, upper) evictable slots of ``pool`` given its cached blocks; None where the two
+    disagree (more cached blocks than the pool has: a stream that does not describe this pool,
+    and no bound is better than a wrong one)."""
     used_blocks = pool.used_slots // pool.block_size
     free_blocks = (pool.capacity_slots - pool.used_slots) // pool.block_size
     lower = max(0, cached_blocks - used_blocks)
     upper = min(cached_blocks, free_blocks)
-    return min(lower, upper) * pool.block_size, upper * pool.block_size
+    if lower > upper:
+        return None
+    return lower * pool.block_size, upper * pool.block_size
 
 
 def with_stream(snapshot: Snapshot, report: StreamReport | None) -> Snapshot:
@@ -38,9 +42,12 @@ def with_stream(snapshot: Snapshot, report: StreamReport | None) -> Snapshot:
     resident = {**report.resident_slots, **snapshot.prefix_resident_slots}
     pools = snapshot.pools
     device_blocks = report.resident_blocks_by_tier.get("device", 0)
+    bounds = None
     if len(pools) == 1 and pools[0].evictable_slots is None:
         # One pool that cannot split its free space (a bridge): every group's blocks are its.
-        lower, upper = evictable_bounds(device_blocks, pools[0])
+        bounds = evictable_bounds(device_blocks, pools[0])
+    if bounds is not None:
+        lower, upper = bounds
         pools = (
             dataclasses.replace(pools[0], evictable_slots_lower=lower, evictable_slots_upper=upper),
         )

@@ -128,7 +128,9 @@ class Residency:
             elif isinstance(event, Cleared):
                 self.start_over(whole=True)
             elif isinstance(event, Unknown):
+                # A newer engine's event may move blocks in or out: the count is not known.
                 self.skipped["unknown_event"] += 1
+                self.lose(f"an event this exporter does not know ({event.type!r})")
 
     def _set(self, group: int, tier: str | None) -> BlockMultiset | None:
         if tier is None:
@@ -167,8 +169,9 @@ class Residency:
                 self.lose("a block was removed that the stream never stored")
 
     def resident_slots(self) -> dict[str, int]:
-        """Slots (blocks x block size) holding resident prefix blocks, by tier."""
-        slots: dict[str, int] = {}
+        """Slots (blocks x block size) holding resident prefix blocks, by tier; the device tier
+        always (every engine has one: none resident there is an exact 0)."""
+        slots: dict[str, int] = {"device": 0}
         for (group, tier), found in self.blocks.items():
             size = self.block_size.get((group, tier), 0)
             slots[tier] = slots.get(tier, 0) + found.size * size

@@ -26,6 +26,8 @@ STREAM_ERRORS: tuple[str, ...] = (
     "unknown_block",  # a removal of a block the stream never stored
     "too_many_groups",  # more KV groups than are kept
     "replay_failed",  # the replay socket did not answer in time, or answered garbage
+    "disconnected",  # the connection dropped (the engine went away, or a frame past ZMQ's limit)
+    "subscriber_error",  # the subscriber failed (a socket error; logged), and reconnected
 )
 
 
@@ -54,6 +56,7 @@ class EventStreamState:
     max_batch_bytes: int = 16 << 20
     residency: Residency = field(default_factory=Residency)
     next_seq: int | None = None  # None: no batch read yet
+    live_seq: int | None = None  # the last batch that came live (not replayed)
     batches: int = 0
     events: int = 0
     lost_batches: int = 0
@@ -64,11 +67,13 @@ class EventStreamState:
 
     def before_live(self, seq: int) -> int | None:
         """Called before live batch ``seq``: the first sequence number to replay, or None."""
+        if self._replayed_already(seq):
+            return None
         if self.next_seq is not None and 0 < seq < self.next_seq:
             # Going back, but not to 0: the engine restarted and its first batches went by.
             self.errors["seq_backwards"] += 1
             self.residency.start_over(whole=False, why="")
-            self.next_seq = None
+            self.next_seq = self.live_seq = None
         if self.next_seq is None:
             return 0 if seq > 0 else None  # joined a running stream: try from its start
         if seq > self.next_seq:
@@ -79,6 +84,8 @@ class EventStreamState:
         """Apply batch ``seq`` if it is the next one (or a restart); count it either way."""
         if replayed and self.next_seq is not None and seq < self.next_seq:
             return  # the replay overlaps what was already applied
+        if not replayed and self._replayed_already(seq):
+            return  # queued on the socket while the replay brought it
         if self.next_seq is None:
             self.residency.start_over(
                 whole=seq == 0,
@@ -97,7 +104,24 @@ class EventStreamState:
         self.last_batch_time = now
         if replayed:
             self.replayed_batches += 1
+        else:
+            self.live_seq = seq
         self._apply(payload)
+
+    def nothing_published(self) -> None:
+        """The replay socket, asked from batch 0 before any batch came, had none: the engine
+        has published nothing yet, so its prefix cache holds nothing the stream would say."""
+        if self.next_seq is None:
+            self.residency.start_over(whole=True)
+
+    def _replayed_already(self, seq: int) -> bool:
+        """A live batch below the next one but past the last live one: the replay brought it
+        while it waited on the socket. (At or below the last live one it is going back.)"""
+        return (
+            self.next_seq is not None
+            and seq < self.next_seq
+            and (self.live_seq is None or seq > self.live_seq)
+        )
 
     def settle(self, seq: int) -> None:
         """Live batch ``seq`` is next: what is still missing before it is lost."""

@@ -88,7 +88,8 @@ ops = st.lists(
 def test_counts_equal_a_brute_force_count_after_every_step(
     ops: list[Any], sliding: int | None
 ) -> None:
-    m, tracker = manager(48, sliding)  # small: eviction under pressure is routine
+    # Small: eviction under pressure is routine. KV events on: vLLM's own events agree.
+    m, tracker = manager(48, sliding, kv_events=True)
     d = Driver(m, tracker)
     prefixes = [[(p * 1000 + i) % 30000 for i in range(200)] for p in range(4)]
     for op, prefix, length, seed in ops:
@@ -170,7 +171,7 @@ def test_a_preempted_request_readmitted_is_not_a_new_prefix_query() -> None:
 
 
 def test_eviction_under_pressure_is_counted() -> None:
-    m, tracker = manager(32)
+    m, tracker = manager(32, kv_events=True)
     d = Driver(m, tracker)
     for i in range(20):  # each request leaves ~6 cached blocks; the pool holds 31
         r = d.admit([i * 1000 + j for j in range(100)])
@@ -179,10 +180,11 @@ def test_eviction_under_pressure_is_counted() -> None:
         d.check()
     used, evictable, available = tracker.counts()
     assert used == 0 and evictable + available == 31 and evictable >= 25
+    assert d.stream.report().resident_blocks_by_tier["device"] == tracker.cached_blocks >= 25
 
 
 def test_prefix_cache_reset_is_seen() -> None:
-    m, tracker = manager(64)
+    m, tracker = manager(64, kv_events=True)
     d = Driver(m, tracker)
     r = d.admit(list(range(200)))
     assert r is not None
@@ -300,7 +302,7 @@ def test_reuse_distances_predict_vllms_own_pool_at_every_size() -> None:
 def test_partial_cached_blocks_count_only_the_tokens_they_hold() -> None:
     """vLLM caches a prompt's tail as a partial entry ending inside a block (hybrid Mamba
     models in align mode): its slots are evictable, but only its cached tokens are reusable."""
-    m, tracker = partial_caching_manager(64)
+    m, tracker = partial_caching_manager(64, kv_events=True)
     d = Driver(m, tracker, hasher=HYBRID_HASHER)
     request = d.admit(list(range(100)), max_tokens=4)  # 100 tokens: a hash unit every 16
     assert request is not None
@@ -320,7 +322,7 @@ def test_partial_cached_blocks_count_only_the_tokens_they_hold() -> None:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops)
 def test_partial_caching_counts_equal_a_brute_force_count(ops: list[Any]) -> None:
-    m, tracker = partial_caching_manager(24)
+    m, tracker = partial_caching_manager(24, kv_events=True)
     d = Driver(m, tracker, hasher=HYBRID_HASHER)
     prefixes = [[(p * 1000 + i) % 30000 for i in range(300)] for p in range(4)]
     for op, prefix, length, seed in ops:

@@ -134,7 +134,12 @@ class FreeQueueCounter:
         self.by_id: set[int] = set()  # ids sampled as ids (how a popped block is keyed)
         self.threshold = -1
         self.blocks = self.tokens = 0
+        # Blocks with a hash (prefix-cache resident, in use or evictable): what vLLM's KV
+        # events count as stored and not removed, so the two can be checked against each other.
+        self.hashed = 0
         for block in pool.blocks:
+            if self.hash_get(block) is not None and not self.null_get(block):
+                self.hashed += 1
             self.refresh(block)
             counted, tokens = self.contribution(block)
             self.blocks += counted
@@ -367,17 +372,21 @@ def tracked_block_class(base: type, layout: BlockLayout, counter: FreeQueueCount
     slow = counter.per_block_tokens
 
     def set_block_hash(self: Any, block_hash: Any, num_tokens: int | None = None) -> None:
+        old = hash_get(self)
+        if old is None:
+            counter.hashed += 1
         if slow or prev_get(self) is not None:
-            old, before = hash_get(self), contribution(self)
+            before = contribution(self)
             set_original(self, block_hash, num_tokens)
             hash_changed(self, old, before)
             return
-        old = hash_get(self)
         set_original(self, block_hash, num_tokens)
         rekeyed(self, old, block_hash)
 
     def reset_hash(self: Any) -> None:
         old = hash_get(self)
+        if old is not None:
+            counter.hashed -= 1
         if slow or prev_get(self) is not None:
             before = contribution(self)
             reset_original(self)

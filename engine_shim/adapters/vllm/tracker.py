@@ -147,6 +147,7 @@ class _Base:
         status: ProducerStatus,
         groups: tuple[KVGroup, ...],
         reuse: Any = None,
+        resident: dict[str, int] | None = None,
     ) -> Snapshot:
         if self.problem is not None and status.state == "ok":
             status = ProducerStatus("unsupported", self.problem)
@@ -185,6 +186,7 @@ class _Base:
             ),
             reuse_distance=reuse,
             status=status,
+            prefix_resident_slots=resident or {},
         )
 
 
@@ -333,6 +335,11 @@ class BlockPoolTracker(_Base):
     def evictable_tokens(self) -> int:
         return self._counts.tokens
 
+    @property
+    def cached_blocks(self) -> int:
+        """Blocks holding a prefix-cache entry, in use or evictable (what KV events count)."""
+        return self._counts.hashed
+
     def _physical_blocks(self) -> int:
         return self._used_blocks() + self._counts.blocks
 
@@ -374,6 +381,7 @@ class BlockPoolTracker(_Base):
             ProducerStatus() if failure is None else ProducerStatus("unsupported", failure),
             self.groups,
             None if reuse is None else reuse.histogram(),
+            {"device": self.cached_blocks * bs},
         )
 
     def step_line(self, running: int, waiting: int) -> str:
