@@ -38,8 +38,10 @@ class VllmServer:
         scheduler: str | None = CHECKING_SCHEDULER,
         shim_port: int | None = None,
         extra_args: tuple[str, ...] = (),
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.model = model
+        self.extra_env = extra_env or {}
         self.workdir = workdir
         self.scheduler = scheduler
         # Both ports are bound by vLLM (port 0) and read back once it is ready; a shim port
@@ -69,6 +71,7 @@ class VllmServer:
             "PYTHONPATH": str(ROOT),
             "KVCACHE_SHIM_LISTEN": f"127.0.0.1:{self.shim_port}",
             "KVCACHE_CHECK_LOG": str(self.check_log),
+            **self.extra_env,
         }
         cmd = [
             sys.executable,
@@ -140,6 +143,12 @@ class VllmServer:
         )
         response.raise_for_status()
         result: dict[str, Any] = response.json()
+        return result
+
+    def kv_event_sources(self) -> dict[str, Any]:
+        """vLLM's own account of its KV event publishers, by DP rank (``GET /kv_event_sources``):
+        the endpoints it bound, ``tcp://*:0`` resolved to a port."""
+        result: dict[str, Any] = httpx.get(f"{self.url}/kv_event_sources", timeout=5).json()
         return result
 
     def stats(self) -> dict[str, Any]:

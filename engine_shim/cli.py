@@ -70,6 +70,18 @@ def _reference_parser(sub: Any) -> None:
         help="file holding a bearer token that clients must send",
     )
     p.add_argument("--log-iterations", action="store_true", help="one log line per iteration")
+    p.add_argument(
+        "--kv-events",
+        metavar="ENDPOINT",
+        default=None,
+        help="publish KV events on vLLM's wire protocol: bind a ZMQ PUB here (tcp://*:5557)",
+    )
+    p.add_argument(
+        "--kv-events-replay",
+        metavar="ENDPOINT",
+        default=None,
+        help="and the replay socket here (tcp://*:5558; needs --kv-events)",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -119,6 +131,8 @@ def run_convert(engine: str, source: str) -> int:
 
 def run_reference(args: argparse.Namespace) -> int:
     # Imported here: only this command needs torch.
+    import zmq
+
     from .reference import EngineConfig, ModelShape, ReferenceEngine
     from .reference.api import completions
     from .reference.workload import Workload
@@ -150,8 +164,13 @@ def run_reference(args: argparse.Namespace) -> int:
             dp_rank=args.dp_rank,
             log_iterations=args.log_iterations,
             seed=args.seed,
+            kv_events_endpoint=args.kv_events,
+            kv_events_replay_endpoint=args.kv_events_replay,
         )
         engine = ReferenceEngine(config)
+    except zmq.ZMQError as exc:
+        print(f"kvcache-shim: cannot bind the KV event sockets: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"kvcache-shim: invalid engine settings: {exc}", file=sys.stderr)
         return 2
@@ -161,6 +180,7 @@ def run_reference(args: argparse.Namespace) -> int:
         healthy=engine.alive,
         completions=lambda body: completions(engine, body),
         bearer_token=token,
+        kv_event_sources=engine.kv_event_sources,
     )
     host, port = args.listen
     try:
@@ -181,6 +201,12 @@ def run_reference(args: argparse.Namespace) -> int:
         f" stats at http://{server.host}:{server.port}/v1/kv/stats",
         flush=True,
     )
+    if engine.kv_events is not None:
+        print(
+            f"KV events at {engine.kv_events.endpoint}"
+            f" (replay {engine.kv_events.replay_endpoint or 'off'}); where: GET /kv_event_sources",
+            flush=True,
+        )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

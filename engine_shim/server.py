@@ -40,6 +40,8 @@ class ShimApp:
     # POST /v1/completions: decoded JSON body in, JSON response out; raises HTTPError.
     completions: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     bearer_token: str | None = None
+    # GET /kv_event_sources, as vLLM serves it: where the engine publishes its KV events.
+    kv_event_sources: Callable[[], dict[str, Any]] | None = None
 
 
 def _handler(app: ShimApp) -> type[BaseHTTPRequestHandler]:
@@ -89,6 +91,8 @@ def _handler(app: ShimApp) -> type[BaseHTTPRequestHandler]:
                 snaps = app.snapshots()
                 body: Any = snaps[0].to_json() if len(snaps) == 1 else [s.to_json() for s in snaps]
                 self._send(HTTPStatus.OK, body)
+            elif path == "/kv_event_sources" and app.kv_event_sources is not None:
+                self._send(HTTPStatus.OK, app.kv_event_sources())
             else:
                 self._error(HTTPStatus.NOT_FOUND, f"no such path: {path}")
 

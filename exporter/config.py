@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from engine_shim.events.discovery import EventSource
 from kvstats.kinds import KINDS, TARGET_KINDS
 
 from .errors import ConfigError
@@ -36,15 +37,39 @@ _BEARER_TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 
 @dataclass(frozen=True, slots=True)
 class EventsConfig:
-    """A target's KV event stream (vLLM / SGLang ``--kv-events-config`` with the zmq
-    publisher): rank r publishes on the endpoint's port + r, its replay socket likewise."""
+    """A target's KV event streams (vLLM / SGLang ``--kv-events-config`` with the zmq
+    publisher): rank r publishes on the endpoint's port + r, its replay socket likewise. With
+    ``discover``, the engine says where (vLLM's /kv_event_sources, SGLang's /server_info)."""
 
-    endpoint: str
+    endpoint: str | None = None
     replay_endpoint: str | None = None
     dp_ranks: int = 1
     topic: str = ""
     max_batch_bytes: int = 16 << 20
     replay_timeout: float = 2.0
+    discover: bool = False
+
+    def sources(self) -> tuple[EventSource, ...]:
+        """The configured publishers, one per DP rank (none where they are discovered)."""
+        if self.endpoint is None:
+            return ()
+        return tuple(
+            EventSource(
+                dp_rank=rank,
+                endpoint=_rank_endpoint(self.endpoint, rank),
+                replay_endpoint=None
+                if self.replay_endpoint is None
+                else _rank_endpoint(self.replay_endpoint, rank),
+                topic=self.topic,
+            )
+            for rank in range(self.dp_ranks)
+        )
+
+
+def _rank_endpoint(endpoint: str, rank: int) -> str:
+    """Rank ``rank``'s endpoint: the engines bind port + rank (vLLM, SGLang)."""
+    base, _, port = endpoint.rpartition(":")
+    return f"{base}:{int(port) + rank}"
 
 
 _ZMQ_TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
@@ -176,12 +201,28 @@ def _zmq_endpoint(value: str, source: str, key: str, ranks: int) -> str:
 
 
 def _events(data: Any, source: str, key: str) -> EventsConfig:
-    s = _Section(
-        data,
-        source,
-        key,
-        {"endpoint", "replay_endpoint", "dp_ranks", "topic", "max_batch_bytes", "replay_timeout"},
+    where = {"endpoint", "replay_endpoint", "dp_ranks", "topic"}
+    s = _Section(data, source, key, {*where, "max_batch_bytes", "replay_timeout", "discover"})
+    max_batch_bytes = parse_size(
+        s.data.get("max_batch_bytes", "16MiB"), source, s.path("max_batch_bytes")
     )
+    replay_timeout = parse_duration(
+        s.data.get("replay_timeout", "2s"), source, s.path("replay_timeout")
+    )
+    discover = s.data.get("discover", False)
+    if not isinstance(discover, bool):
+        raise ConfigError(source, s.path("discover"), f"expected true or false, got {discover!r}")
+    if discover:
+        given = sorted(where & set(s.data))
+        if given:
+            raise ConfigError(
+                source,
+                s.path(given[0]),
+                "comes from the engine with discover: true (leave it out, or discover out)",
+            )
+        return EventsConfig(
+            discover=True, max_batch_bytes=max_batch_bytes, replay_timeout=replay_timeout
+        )
     ranks = s.integer("dp_ranks", 1)
     if ranks > 256:
         raise ConfigError(source, s.path("dp_ranks"), "at most 256 ranks")
@@ -193,12 +234,8 @@ def _events(data: Any, source: str, key: str) -> EventsConfig:
         else _zmq_endpoint(replay, source, s.path("replay_endpoint"), ranks),
         dp_ranks=ranks,
         topic=s.string("topic", "") or "",
-        max_batch_bytes=parse_size(
-            s.data.get("max_batch_bytes", "16MiB"), source, s.path("max_batch_bytes")
-        ),
-        replay_timeout=parse_duration(
-            s.data.get("replay_timeout", "2s"), source, s.path("replay_timeout")
-        ),
+        max_batch_bytes=max_batch_bytes,
+        replay_timeout=replay_timeout,
     )
 
 

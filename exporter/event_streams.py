@@ -12,54 +12,61 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import zmq
 import zmq.asyncio
 
+from engine_shim.events.discovery import (
+    DISCOVERY_PATHS,
+    DiscoveryError,
+    EventSource,
+    discover_sources,
+)
 from engine_shim.events.stream import EventStreamState
 
 from .config import EventsConfig
+from .errors import PollError
+from .fetch import Connection
+from .sources import fetch
+from .state import TargetState
 
 log = logging.getLogger(__name__)
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
+DISCOVERY_INTERVAL = 30.0  # asking the engine again where its streams are
+DISCOVERY_RETRY = 5.0  # after a discovery that failed
+MAX_DISCOVERY_BYTES = 1 << 20
 BATCHES_PER_YIELD = 32
 RECONNECT_DELAY = 1.0
-
-
-def rank_endpoint(endpoint: str, rank: int) -> str:
-    """Rank ``rank``'s endpoint: the engines bind port + rank (vLLM, SGLang)."""
-    if rank == 0:
-        return endpoint
-    base, _, port = endpoint.rpartition(":")
-    return f"{base}:{int(port) + rank}"
 
 
 class EventSubscriber:
     def __init__(
         self,
+        source: EventSource,
         config: EventsConfig,
         state: EventStreamState,
         context: zmq.asyncio.Context,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.config = config
+        self.config = config  # its limits: batch size, replay timeout
         self.state = state
         self.context = context
         self.clock = clock
-        self.endpoint = rank_endpoint(config.endpoint, state.dp_rank)
-        self.replay_endpoint = (
-            rank_endpoint(config.replay_endpoint, state.dp_rank) if config.replay_endpoint else None
-        )
+        self.endpoint = source.endpoint
+        self.replay_endpoint = source.replay_endpoint
+        self.topic = source.topic.encode()
 
     async def run(self) -> None:
         if self.state.started_at is None:
             self.state.started_at = self.clock()
         while True:
             sub = self._socket(zmq.SUB)
-            sub.setsockopt(zmq.SUBSCRIBE, self.config.topic.encode())
+            sub.setsockopt(zmq.SUBSCRIBE, self.topic)
             sub.setsockopt(zmq.RCVHWM, 10_000)
             # A peer that breaks ZMQ's rules (a frame past MAXMSGSIZE) is dropped and never
             # reconnected by ZMQ: the monitor says so, and a new socket takes its place.
@@ -148,6 +155,69 @@ class EventSubscriber:
                     await asyncio.sleep(0)
         finally:
             dealer.close(linger=0)
+
+
+async def follow_streams(
+    state: TargetState, context: zmq.asyncio.Context, tls: ssl.SSLContext
+) -> None:
+    """Subscribe to the target's KV event streams for as long as the exporter runs: the
+    configured ones, or the ones the engine names, asked again every ``DISCOVERY_INTERVAL`` (a
+    restarted engine may publish on new ports: its streams start over)."""
+    events = state.target.events
+    assert events is not None
+    if not events.discover:
+        subscribers = [
+            EventSubscriber(source, events, state.streams[source.dp_rank], context).run()
+            for source in events.sources()
+        ]
+        await asyncio.gather(*subscribers)
+        return
+    parts = urlsplit(state.target.url)
+    path = DISCOVERY_PATHS[state.target.kind]
+    client = Connection(urlunsplit((parts.scheme, parts.netloc, path, "", "")), tls)
+    followed: tuple[EventSource, ...] = ()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        while True:
+            try:
+                body = await fetch(client, state.target, MAX_DISCOVERY_BYTES)
+                sources = discover_sources(state.target.kind, body, parts.hostname or "")
+            except (PollError, DiscoveryError) as exc:
+                problem = f"{path}: {exc}"
+                state.discovery_errors += 1
+                if problem != state.discovery_problem:
+                    log.warning("target %s: KV event streams: %s", state.target.name, problem)
+                state.discovery_problem = problem
+                await asyncio.sleep(DISCOVERY_RETRY)
+                continue
+            state.discovery_problem = None
+            if sources != followed:
+                log.info(
+                    "target %s: KV event streams at %s",
+                    state.target.name,
+                    ", ".join(f"rank {s.dp_rank}: {s.endpoint}" for s in sources),
+                )
+                await _cancel(tasks)
+                state.streams = {
+                    s.dp_rank: EventStreamState(s.dp_rank, events.max_batch_bytes) for s in sources
+                }
+                tasks = [
+                    asyncio.create_task(
+                        EventSubscriber(s, events, state.streams[s.dp_rank], context).run()
+                    )
+                    for s in sources
+                ]
+                followed = sources
+            await asyncio.sleep(DISCOVERY_INTERVAL)
+    finally:
+        await _cancel(tasks)
+        client.close()
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _first_done(*awaitables: Awaitable[object]) -> int:

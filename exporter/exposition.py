@@ -180,6 +180,12 @@ def target_rows(report: TargetReport, up: bool, render_errors: int) -> dict[str,
 def stream_rows(report: TargetReport) -> dict[str, list[Row]]:
     """The target's KV event streams, one set of series per DP rank."""
     rows: dict[str, list[Row]] = {f.name: [] for f in EVENT_FAMILIES}
+    events = report.target.events
+    rows["kvcache_events_discovery_errors"] = (
+        [((report.target.name,), report.discovery_errors)]
+        if events is not None and events.discover
+        else []
+    )
     for stream in report.streams:
         labels = (report.target.name, str(stream.dp_rank))
         rows["kvcache_events_batches"].append((labels, stream.batches))

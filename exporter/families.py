@@ -254,6 +254,12 @@ TARGET_FAMILIES = (
         "Renders of /metrics that left a target's series out (they could not be written).",
         TARGET,
     ),
+    _counter(
+        "kvcache_events_discovery_errors",
+        "Failed asks of the engine where its KV event streams are (events: discover): an"
+        " engine without --kv-events-config, unreachable, or an answer that names none.",
+        TARGET,
+    ),
 )
 
 # One series per KV event stream (a target's DP rank, see exporter/event_streams.py).

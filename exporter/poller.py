@@ -21,7 +21,7 @@ from kvstats.snapshot import Snapshot
 
 from .config import Config
 from .errors import PollError
-from .event_streams import EventSubscriber
+from .event_streams import follow_streams
 from .nvml import GpuReading, NvmlReader
 from .sources import Client, body_parser, fetch, new_connection, series_estimate
 from .state import TargetReport, TargetState
@@ -131,11 +131,8 @@ class Poller:
             tasks.append(asyncio.create_task(self._poll_nvml()))
         context = zmq.asyncio.Context()
         for state in self.states:
-            events = state.target.events
-            if events is not None:
-                for stream in state.streams.values():
-                    subscriber = EventSubscriber(events, stream, context)
-                    tasks.append(asyncio.create_task(subscriber.run()))
+            if state.target.events is not None:
+                tasks.append(asyncio.create_task(follow_streams(state, context, tls)))
         self._tasks = tasks
         waiter = asyncio.create_task(self._await_first_round(first))
         await self._stopping.wait()

@@ -95,6 +95,7 @@ class TargetReport:
     # The target's KV event streams (one per DP rank), as of the last poll.
     streams: tuple[StreamReport, ...] = ()
     read_at: float | None = None  # when ``streams`` were read (Unix time)
+    discovery_errors: int = 0  # failed asks where the streams are (events: discover)
 
 
 @dataclass(slots=True)
@@ -124,10 +125,13 @@ class TargetState:
             {}
             if events is None
             else {
-                rank: EventStreamState(dp_rank=rank, max_batch_bytes=events.max_batch_bytes)
-                for rank in range(events.dp_ranks)
+                source.dp_rank: EventStreamState(source.dp_rank, events.max_batch_bytes)
+                for source in events.sources()
             }
         )
+        # Where the engine says its streams are (events: discover): failed asks, and why.
+        self.discovery_errors = 0
+        self.discovery_problem: str | None = None
         self.stream_reports: tuple[StreamReport, ...] = ()
         self.streams_read_at: float | None = None
 
@@ -145,6 +149,7 @@ class TargetState:
             ),
             streams=self.stream_reports,
             read_at=self.streams_read_at,
+            discovery_errors=self.discovery_errors,
         )
 
     def read_streams(self, now: float | None = None) -> None:

@@ -554,8 +554,11 @@ def engine_detail(c: MixinConfig) -> Dashboard:
             "The exact evictable count where the engine or the shim knows it; for vLLM without the shim, the "
             "lower and upper bounds its KV events and usage gauge prove (never the exact count).",
             "short",
-            query(f'kvcache_pool_slots{{state="evictable", {sel}}}', "exact {{pool}}"),
-            query(f"kvcache_pool_evictable_slots_bound{{{sel}}}", "{{bound}} bound {{pool}}"),
+            query(
+                f"kvcache_pool_evictable_slots_bound{{{sel}}}\n  or\n"
+                f'label_replace(kvcache_pool_slots{{state="evictable", {sel}}}, "bound", "exact", "", "")',
+                "{{bound}} {{pool}}",
+            ),
         )
     )
 
@@ -644,7 +647,7 @@ def engine_detail(c: MixinConfig) -> Dashboard:
                 "replayed {{dp_rank}}",
             ),
             query(
-                f"sum by (dp_rank, reason) (rate(kvcache_events_errors_total{{{ssel}}}[$__rate_interval])) > 0",
+                f"sum by (dp_rank, reason) (rate(kvcache_events_errors_total{{{ssel}}}[$__rate_interval]))",
                 "{{reason}} {{dp_rank}}",
             ),
         )

@@ -40,13 +40,16 @@ bootstrap_python() {
 }
 
 VLLM_MATRIX="tests/vllm/matrix.txt"
+# SGLang's classes (its KV events), --no-deps in .venv-vllm/sglang: tests/engine_classes.
+SGLANG_RELEASE=0.5.23
 vllm_releases() { grep -v '^#' "$VLLM_MATRIX" | awk 'NF {print $1}'; }
 
 bootstrap_vllm() {
   # The adapter tests' environment: CPU torch and the pure-Python packages vLLM's imports need,
   # in its own venv (vLLM's pins must not touch .venv); then every release of the support
   # matrix --no-deps in .venv-vllm/matrix/RELEASE (put first on PYTHONPATH to test it), the
-  # newest also in the venv itself (for the benchmarks). pip keeps the downloaded wheels.
+  # newest also in the venv itself (for the benchmarks); SGLang's classes in .venv-vllm/sglang.
+  # pip keeps the downloaded wheels.
   local stamp=".venv-vllm/.installed"
   if [ ! -f "$stamp" ] || [ tests/vllm/requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
       || [ "$VLLM_MATRIX" -nt "$stamp" ]; then
@@ -69,6 +72,15 @@ bootstrap_vllm() {
         "import vllm, vllm.v1.core.kv_cache_manager, engine_shim; assert vllm.__version__ == '$release', vllm.__version__" \
         || { echo "vLLM $release test environment is broken" >&2; exit 1; }
     done
+    if [ ! -f ".venv-vllm/sglang/.installed-$SGLANG_RELEASE" ]; then
+      rm -rf .venv-vllm/sglang
+      "${vpip[@]}" --no-deps --target .venv-vllm/sglang "sglang==$SGLANG_RELEASE" 2>&1 \
+        | grep -v -e '^WARNING: Location' -e '^WARNING: Target directory' || true
+      touch ".venv-vllm/sglang/.installed-$SGLANG_RELEASE"
+    fi
+    PYTHONPATH=.venv-vllm/sglang .venv-vllm/bin/python -c \
+      "import sglang.srt.disaggregation.kv_events" \
+      || { echo "SGLang $SGLANG_RELEASE test environment is broken" >&2; exit 1; }
     touch "$stamp"
   fi
 }

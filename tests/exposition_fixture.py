@@ -159,7 +159,13 @@ def fleet_states(copies: int = 1) -> list[TargetState]:
                 "replay_endpoint": "tcp://127.0.0.1:5558",
             },
         },
-        {"name": "sglang", "kind": "sglang", "url": "http://127.0.0.1:30000"},
+        # Its KV event streams asked for and not found yet (an SGLang without the flag).
+        {
+            "name": "sglang",
+            "kind": "sglang",
+            "url": "http://127.0.0.1:30000",
+            "events": {"discover": True},
+        },
         {"name": "down", "kind": "shim", "url": "http://127.0.0.1:1"},
     ]
     config = parse_config({"targets": targets, "eta_window": "60s"})
@@ -174,6 +180,7 @@ def fleet_states(copies: int = 1) -> list[TargetState]:
     states[copies].record_success(convert("vllm", vllm_text, NOW).snapshots, NOW, 0.004)
     sglang_text = (FIXTURES / "sglang-0.5.23-hicache.prom").read_text()
     states[copies + 1].record_success(convert("sglang", sglang_text, NOW).snapshots, NOW, 0.006)
+    states[copies + 1].discovery_errors = 3
     down = states[copies + 2]
     down.record_failure("connect", 0.001)
     down.record_failure("timeout", 0.8)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -82,17 +83,34 @@ class Stack:
         self.ports: dict[str, int] = {}  # each bound by its process (port 0), read back
         self.webhook = Webhook()
 
-    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
-        """Start ``name`` listening on port 0; its port is in ``ports`` once it listens."""
+    def spawn(
+        self,
+        name: str,
+        cmd: list[str],
+        env: dict[str, str] | None = None,
+        sockets: int = 1,
+        port_in_log: str | None = None,
+    ) -> None:
+        """Start ``name`` listening on port 0; its port is in ``ports`` once it listens (the
+        one ``port_in_log`` finds in its output where it binds ``sockets`` of them)."""
         self.logs[name] = self.tmp / f"{name}.log"
         log = self.logs[name].open("wb")
         self.procs[name] = proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
         )
         try:
-            (self.ports[name],) = wait_listening(proc, timeout=120)
+            ports = wait_listening(proc, count=sockets, timeout=120)
         except RuntimeError as exc:
             raise AssertionError(f"{exc}\n{self.log_tail()}") from None
+        if port_in_log is None:
+            (self.ports[name],) = ports
+            return
+        deadline = time.monotonic() + 60
+        while not (found := re.search(port_in_log, self.logs[name].read_text(errors="replace"))):
+            assert time.monotonic() < deadline, f"{name} never logged its port\n{self.log_tail()}"
+            time.sleep(0.1)
+        self.ports[name] = int(found.group(1))
+        assert self.ports[name] in ports
 
     def spawn_server(self, name: str, binary: str, *flags: str) -> None:
         """Prometheus or Alertmanager with ``<name>.yml`` from the scratch dir, on port 0."""
@@ -120,6 +138,8 @@ class Stack:
             "--storage-dir": str(self.tmp / "kv"),
             "--kv-memory": "4MiB",
             "--host-tier": "4MiB",
+            "--kv-events": "tcp://127.0.0.1:0",
+            "--kv-events-replay": "tcp://127.0.0.1:0",
         }
         for i, arg in enumerate(cmd):
             if arg in values:
@@ -129,7 +149,11 @@ class Stack:
     def start(self) -> None:
         hook_port = self.webhook.start()
         hook = f"http://127.0.0.1:{hook_port}"
-        self.spawn("engine", self.engine_command())
+        # The shim's HTTP port, and the engine's two KV event sockets (found by the exporter at
+        # the shim's /kv_event_sources).
+        self.spawn(
+            "engine", self.engine_command(), sockets=3, port_in_log=r"stats at http://[^ ]+:(\d+)/"
+        )
 
         exporter = yaml.safe_load((ROOT / "deploy/exporter/exporter.yaml").read_text())
         exporter.update(

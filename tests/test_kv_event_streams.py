@@ -7,6 +7,7 @@ resident slots per tier and evictable bounds while it is whole, and its own heal
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter import event_streams
 from exporter.app import Exporter
 from exporter.config import parse_config
 from tests.helpers import CannedServer, body, wait_for
@@ -464,3 +466,111 @@ def test_a_silent_stream_ages_while_the_engine_is_polled(
         )
     finally:
         exporter.stop()
+
+
+# ------------------------------------------------------------------------------ discovery
+
+
+class VllmWithSources:
+    """A vLLM API server's two answers: its /metrics (the fixture) and /kv_event_sources
+    (naming ``publisher``'s sockets, as vLLM resolves ``tcp://*:0``), swappable live."""
+
+    def __init__(self, servers: list[CannedServer]) -> None:
+        self.sources: bytes = b"{}"
+        self.sources_status = 200
+        self.server = CannedServer(self.respond)
+        servers.append(self.server)
+
+    def respond(self, handler: Any) -> None:
+        if handler.path == "/kv_event_sources":
+            body(self.sources, self.sources_status)(handler)
+        else:
+            body(VLLM_METRICS, content_type="text/plain; version=0.0.4")(handler)
+
+    def publish_at(self, publisher: Publisher) -> None:
+        config = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": publisher.endpoint,
+            "replay_endpoint": publisher.replay_endpoint,
+            "topic": "",
+        }
+        self.sources = json.dumps({"0": config}).encode()
+
+
+@pytest.fixture
+def fast_discovery(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(event_streams, "DISCOVERY_INTERVAL", 0.3)
+    monkeypatch.setattr(event_streams, "DISCOVERY_RETRY", 0.2)
+
+
+def test_discovered_streams_follow_the_engine_to_its_new_ports(
+    servers: list[CannedServer], publishers: list[Publisher], fast_discovery: None
+) -> None:
+    engine = VllmWithSources(servers)
+    engine.sources_status = 404  # vLLM still starting, or too old to say
+    exporter = start(
+        {"name": "vllm-a", "kind": "vllm", "url": engine.server.url, "events": {"discover": True}}
+    )
+    try:
+        wait_for(
+            lambda: get(exporter, "kvcache_events_discovery_errors_total", engine="vllm-a") >= [2],
+            10,
+            "failed discoveries counted",
+        )
+        assert get(exporter, "kvcache_exporter_target_up", engine="vllm-a") == [1]
+        assert "kvcache_events_resident_whole" not in stream(exporter, "vllm-a")
+
+        first = Publisher()
+        publishers.append(first)
+        engine.sources_status = 200
+        engine.publish_at(first)
+        settled(exporter, "vllm-a", {"kvcache_events_resident_whole": 1})
+        first.wait_subscribed()
+        first.publish([stored([1, 2, 3])])
+        settled(exporter, "vllm-a", {**resident(device=3), "kvcache_events_batches_total": 1})
+
+        # The engine restarts on new ports (tcp://*:0): an empty cache, a new stream.
+        second = Publisher()
+        publishers.append(second)
+        engine.publish_at(second)
+        first.close()
+        publishers.remove(first)
+        second.wait_subscribed()
+        second.publish([stored([7])])
+        settled(exporter, "vllm-a", {**resident(device=1), "kvcache_events_batches_total": 1})
+        errors = get(exporter, "kvcache_events_discovery_errors_total", engine="vllm-a")[0]
+        time.sleep(1)  # several more discoveries, all fine
+        assert get(exporter, "kvcache_events_discovery_errors_total", engine="vllm-a") == [errors]
+    finally:
+        exporter.stop()
+
+
+def test_an_engine_that_names_no_stream_is_counted_and_says_why(
+    servers: list[CannedServer], fast_discovery: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = VllmWithSources(servers)
+    engine.sources = b'{"0": {"enable_kv_cache_events": false, "publisher": "null"}}'
+    with caplog.at_level("WARNING"):
+        exporter = start(
+            {
+                "name": "vllm-a",
+                "kind": "vllm",
+                "url": engine.server.url,
+                "events": {"discover": True},
+            }
+        )
+        try:
+            wait_for(
+                lambda: (
+                    get(exporter, "kvcache_events_discovery_errors_total", engine="vllm-a") >= [3]
+                ),
+                10,
+                "failed discoveries counted",
+            )
+            assert get(exporter, "kvcache_exporter_target_up", engine="vllm-a") == [1]
+        finally:
+            exporter.stop()
+    said = [r.getMessage() for r in caplog.records if "KV event streams" in r.getMessage()]
+    assert len(said) == 1, said  # once, not once per retry
+    assert "publishes no KV events" in said[0] and "--kv-events-config" in said[0]

@@ -24,6 +24,7 @@ from engine_shim.events.decode import (
     Stored,
     Unknown,
     decode_batch,
+    decode_batch_by_event,
     fingerprint,
 )
 from engine_shim.events.merge import evictable_bounds, with_stream
@@ -114,6 +115,36 @@ def test_hashes_become_64_bit_fingerprints() -> None:
     assert fingerprint(sha) == event.fingerprints[2]
 
 
+hashes = st.lists(
+    st.one_of(st.integers(-(2**63), 2**64 - 1), st.binary(min_size=8, max_size=40)),
+    min_size=1,
+    max_size=5,
+)
+events = st.one_of(
+    st.builds(
+        stored_map,
+        hashes,
+        st.sampled_from(["GPU", "CPU", "CPU_PINNED", "DISK", None, "HBM9"]),
+        st.integers(0, 3),
+        st.integers(1, 64),
+    ),
+    st.builds(stored_array, hashes, st.sampled_from(["GPU", "CPU", None]), st.integers(1, 64)),
+    st.builds(removed_map, hashes, st.sampled_from(["GPU", "STORAGE", None]), st.integers(0, 3)),
+    st.just({"type": "AllBlocksCleared"}),
+    st.just(["AllBlocksCleared"]),
+    st.just({"type": "BlockPinned", "block_hashes": [1]}),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(events, max_size=8), st.one_of(st.none(), st.integers(0, 7)))
+def test_the_one_pass_decoder_equals_the_event_by_event_one(
+    batch_events: list[Any], rank: int | None
+) -> None:
+    payload = batch(*batch_events, rank=rank)
+    assert decode_batch(payload) == decode_batch_by_event(payload)
+
+
 def test_an_event_type_from_the_future_is_skipped_not_fatal() -> None:
     decoded = decode_batch(
         batch({"type": "BlockPinned", "block_hashes": [1]}, ["BlockMoved", [2]], stored_map([3]))
@@ -160,15 +191,19 @@ def test_no_bytes_crash_the_decoder(payload: bytes) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.integers(0, 40)), max_size=400))
-def test_the_multiset_agrees_with_counter(ops: list[tuple[bool, int]]) -> None:
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40)), max_size=400))
+def test_the_multiset_agrees_with_counter(ops: list[tuple[int, int]]) -> None:
     """``BlockMultiset`` does ``collections.Counter``'s job in 8 bytes a block: same answers."""
     ours, library = BlockMultiset(), Counter[int]()
-    for add, small in ops:
+    for kind, small in ops:
         fp = (small * 0x9E3779B97F4A7C15) & (2**64 - 1)  # spread over 64 bits, some repeats
-        if add:
+        if kind == 1:
             ours.add(fp)
             library[fp] += 1
+        elif kind == 2:  # a batch: this one, and the next 199 (past a growth of the table)
+            batch = [(fp + i * 0x9E3779B97F4A7C15) & (2**64 - 1) for i in range(200)]
+            ours.add_many(batch)
+            library.update(batch)
         else:
             assert ours.remove(fp) == (library[fp] > 0)
             if library[fp]:

@@ -202,3 +202,80 @@ def test_rejects_requests_that_can_never_run() -> None:
     ]:
         with pytest.raises(RequestRejected, match=message):
             engine.submit(prompt, max_tokens)
+
+
+def cached_blocks(engine: ReferenceEngine) -> int:
+    """Nodes of the radix tree (blocks in the prefix cache), counted by walking it."""
+    todo, count = [engine.cache.root], -1
+    while todo:
+        node = todo.pop()
+        count += 1
+        todo.extend(node.children.values())
+    return count
+
+
+def test_kv_events_on_vllms_wire_protocol_track_the_prefix_cache() -> None:
+    """The engine publishes vLLM-shaped KV events; the exporter's own subscriber, joining
+    late (replay) and following a workload with evictions, ends with the cache's block count."""
+    import asyncio
+    import json
+    import threading
+
+    import zmq.asyncio
+
+    from engine_shim.events.discovery import discover_sources
+    from engine_shim.events.stream import EventStreamState
+    from exporter.config import EventsConfig
+    from exporter.event_streams import EventSubscriber
+
+    config = EngineConfig(
+        kv_memory_bytes=2 * 2**20,
+        max_model_len=512,
+        iteration_time=0.0,
+        kv_events_endpoint="tcp://127.0.0.1:0",
+        kv_events_replay_endpoint="tcp://127.0.0.1:0",
+    )
+    engine = running(config)
+    workload = Workload(engine, "burst", seed=2, pause=0.1)
+    workload.start()
+    state = EventStreamState()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    context = zmq.asyncio.Context()
+    following: asyncio.Task[None] | None = None
+
+    async def follow(subscriber: EventSubscriber) -> asyncio.Task[None]:
+        return asyncio.ensure_future(subscriber.run())
+
+    async def unfollow() -> None:
+        if following is not None:
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
+
+    try:
+        wait_rounds(workload, 1)  # events published before anyone listens: replayed
+        body = json.dumps(engine.kv_event_sources()).encode()
+        (source,) = discover_sources("shim", body, "127.0.0.1")
+        subscriber = EventSubscriber(source, EventsConfig(), state, context)
+        following = asyncio.run_coroutine_threadsafe(follow(subscriber), loop).result(5)
+        wait_rounds(workload, 3)
+        workload.stop()
+        deadline = time.monotonic() + 30
+        while True:
+            report = state.report()
+            idle = not engine.running and not engine.waiting
+            if idle and report.resident_blocks_by_tier.get("device") == cached_blocks(engine):
+                break
+            assert time.monotonic() < deadline, (report, cached_blocks(engine))
+            time.sleep(0.05)
+        assert report.whole and report.replayed_batches > 0 and report.lost_batches == 0
+        assert sum(report.errors.values()) == 0, report.errors
+        assert engine.cache.evicted_blocks > 0  # the small pool evicted: BlockRemoved came
+    finally:
+        workload.stop()
+        asyncio.run_coroutine_threadsafe(unfollow(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        context.destroy(linger=0)
+        engine.stop()

@@ -18,13 +18,15 @@ import queue
 import threading
 import time
 from collections import deque
+from typing import Any
 
 from kvstats.snapshot import KVGroup, Snapshot
 
+from ..events.publisher import EventPublisher, block_removed, block_stored
 from .kv_manager import KVManager, gpu_uuid, pick_device
 from .model import ToyModel
 from .pool import BlockPool
-from .prefix_cache import PrefixCache
+from .prefix_cache import Node, PrefixCache
 from .request import TIERS, EngineConfig, Request, RequestRejected
 from .scheduler import Scheduler
 from .telemetry import Telemetry
@@ -41,6 +43,16 @@ class ReferenceEngine:
         self.kv = KVManager(config, self.device)
         self.telemetry = Telemetry(config, self.kv, gpu_uuid(self.device))
         self.scheduler = Scheduler(config, self.kv, self.model, self.telemetry)
+        self.kv_events: EventPublisher | None = None
+        self._step_events: list[dict[str, Any]] = []
+        if config.kv_events_endpoint is not None:
+            self.kv_events = EventPublisher(
+                config.kv_events_endpoint,
+                config.kv_events_replay_endpoint,
+                dp_rank=config.dp_rank,
+            )
+            self.kv.cache.on_stored = self._stored
+            self.kv.cache.on_removed = self._removed
         self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._ids = itertools.count()
         self._snapshot = self._build_snapshot()
@@ -159,6 +171,8 @@ class ReferenceEngine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.kv_events is not None:
+            self.kv_events.close()
         self.kv.close()
 
     # ----------------------------------------------------------------------- loop
@@ -187,6 +201,10 @@ class ReferenceEngine:
             except queue.Empty:
                 break
         admitted, prefill_tokens, decoded = self.scheduler.step()
+        if self._step_events and self.kv_events is not None:
+            # One batch per step, as vLLM publishes.
+            self.kv_events.publish(self._step_events)
+            self._step_events = []
         self._publish()
         if self.config.log_iterations:
             self.telemetry.log_iteration(
@@ -197,6 +215,34 @@ class ReferenceEngine:
                 sum(r.num_computed for r in self.running),
                 len(self.waiting),
             )
+
+    def _stored(self, node: Node) -> None:
+        parent = node.parent
+        self._step_events.append(
+            block_stored(
+                [node.hash],
+                None if parent is None or parent.parent is None else parent.hash,
+                list(node.key),
+                self.config.block_size,
+            )
+        )
+
+    def _removed(self, node: Node) -> None:
+        self._step_events.append(block_removed([node.hash]))
+
+    def kv_event_sources(self) -> dict[str, Any]:
+        """What vLLM's ``GET /kv_event_sources`` says, for this engine's publisher."""
+        if self.kv_events is None:
+            return {}
+        return {
+            str(self.config.dp_rank): {
+                "enable_kv_cache_events": True,
+                "publisher": "zmq",
+                "endpoint": self.kv_events.endpoint,
+                "replay_endpoint": self.kv_events.replay_endpoint,
+                "topic": "",
+            }
+        }
 
     def _build_snapshot(self) -> Snapshot:
         return self.telemetry.snapshot(self.running, self.waiting)

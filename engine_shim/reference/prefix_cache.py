@@ -58,6 +58,9 @@ class PrefixCache:
         self.on_evict = on_evict
         self.on_held: HashesHook | None = None  # ref 0 -> 1, and newly inserted nodes
         self.on_idle: HashesHook | None = None  # ref 1 -> 0
+        # KV events: a block entering the cache, and one leaving it (evicted).
+        self.on_stored: EvictHook | None = None
+        self.on_removed: EvictHook | None = None
         self.evictable_blocks = 0
         self.evicted_blocks = 0
         # Unpinned leaves by release time (oldest first): the only nodes eviction may take.
@@ -151,6 +154,8 @@ class PrefixCache:
             digest = block_hash(parent.hash, key)
         node = Node(key=key, block=block, hash=digest, parent=parent, ref=1)
         parent.children[key] = node  # the parent is no longer a leaf: its entry goes stale
+        if self.on_stored is not None:
+            self.on_stored(node)
         if announce and self.on_held is not None:
             self.on_held([digest])
         return node
@@ -173,6 +178,8 @@ class PrefixCache:
         node = entry[2]
         if self.on_evict is not None:
             self.on_evict(node)
+        if self.on_removed is not None:
+            self.on_removed(node)
         parent = node.parent
         assert parent is not None
         del parent.children[node.key]

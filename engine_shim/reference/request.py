@@ -35,6 +35,10 @@ class EngineConfig:
     dp_rank: int = 0
     log_iterations: bool = False
     seed: int = 0
+    # KV events on vLLM's wire protocol (engine_shim/events/publisher.py): where to bind the
+    # PUB socket and the replay ROUTER (tcp://*:5557; port 0: the kernel picks).
+    kv_events_endpoint: str | None = None
+    kv_events_replay_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.max_model_len <= 0 or self.max_running <= 0:
@@ -47,6 +51,8 @@ class EngineConfig:
             raise ValueError("tier sizes must not be negative")
         if self.storage_tier_tokens and self.storage_dir is None:
             raise ValueError("a storage tier needs storage_dir")
+        if self.kv_events_replay_endpoint and not self.kv_events_endpoint:
+            raise ValueError("a KV event replay socket needs a KV event endpoint")
 
 
 @dataclass(eq=False)

@@ -13,6 +13,14 @@ import os
 from typing import Any
 
 from engine_shim.adapters.vllm import KVCacheShimScheduler, brute_force_evictable_tokens
+from engine_shim.events.merge import evictable_bounds
+from kvstats.snapshot import Pool
+
+
+def bridge_pool(pool: Pool, usage: float) -> Pool:
+    """The pool as the /metrics bridge sees it: capacity, and used from vLLM's usage gauge."""
+    used = round(usage * pool.capacity_slots / pool.block_size) * pool.block_size
+    return Pool(pool.name, pool.block_size, pool.capacity_slots, used, None, None)
 
 
 def pool_truth(block_pool: Any) -> tuple[int, int, int]:
@@ -33,6 +41,12 @@ def pool_truth(block_pool: Any) -> tuple[int, int, int]:
         else:
             available += 1
     return used, evictable, available
+
+
+def cached_blocks(block_pool: Any) -> int:
+    """Blocks holding a prefix-cache entry (a block hash), in use or not: what vLLM's KV events
+    say is stored and not yet removed."""
+    return sum(1 for b in block_pool.blocks if not b.is_null and b.block_hash is not None)
 
 
 def evictable_by_group(block_pool: Any, group_kinds: list[str]) -> dict[str, int]:
@@ -59,6 +73,8 @@ class CheckingScheduler(KVCacheShimScheduler):  # type: ignore[misc,valid-type]
         pool = snap.pools[0]
         bs = pool.block_size
         manager = self.kv_cache_manager
+        cached = cached_blocks(manager.block_pool)
+        bounds = evictable_bounds(cached, bridge_pool(pool, manager.usage))
         line = {
             "where": where,
             "served": [
@@ -77,6 +93,10 @@ class CheckingScheduler(KVCacheShimScheduler):  # type: ignore[misc,valid-type]
                 ),
             ],
             "status": None if snap.status is None else snap.status.state,
+            # The shim's resident slots, and the bounds a bridge with a whole event stream
+            # would publish at this step (from the true cached count and vLLM's usage).
+            "cached": [snap.prefix_resident_slots.get("device", 0) // bs, cached],
+            "bounds": None if bounds is None else [b // bs for b in bounds],
         }
         self._check_log.write(json.dumps(line) + "\n")
 
@@ -88,6 +108,11 @@ class CheckingScheduler(KVCacheShimScheduler):  # type: ignore[misc,valid-type]
     def update_from_output(self, *args: Any, **kwargs: Any) -> Any:
         result = super().update_from_output(*args, **kwargs)
         self._check("update_from_output")
+        return result
+
+    def reset_prefix_cache(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().reset_prefix_cache(*args, **kwargs)
+        self._check("reset_prefix_cache")
         return result
 
     def finish_requests(self, *args: Any, **kwargs: Any) -> Any:

@@ -100,7 +100,9 @@ def test_under_pressure_every_served_count_is_a_real_pool_state(
 class Chain:
     """The exporter (from the project's own venv) and Debian's Prometheus with our rules."""
 
-    def __init__(self, server: VllmServer, tmp: Path) -> None:
+    def __init__(
+        self, server: VllmServer, tmp: Path, targets: list[dict[str, Any]] | None = None
+    ) -> None:
         self.tmp = tmp
         self.exporter_port = self.prom_port = 0  # each bound by its process, read back
         config = {
@@ -108,7 +110,8 @@ class Chain:
             "poll_interval": "1s",
             "timeout": "800ms",
             "nvml": "off",
-            "targets": [
+            "targets": targets
+            or [
                 {"name": "live-shim", "kind": "shim", "url": server.shim_url},
                 {"name": "live-bridge", "kind": "vllm", "url": server.url},
             ],
@@ -136,9 +139,7 @@ class Chain:
             raise AssertionError(f"{exc}\n{self.logs()}") from None
         return port
 
-    def start(self) -> None:
-        prometheus = shutil.which("prometheus")
-        assert prometheus, "prometheus is missing: scripts/test installs Debian's package"
+    def start_exporter(self) -> None:
         assert EXPORTER_PYTHON.exists(), "the project's .venv is missing: run scripts/test"
         self.exporter_port = self.spawn(
             "exporter",
@@ -150,6 +151,11 @@ class Chain:
                 str(self.tmp / "exporter.yaml"),
             ],
         )
+
+    def start(self) -> None:
+        prometheus = shutil.which("prometheus")
+        assert prometheus, "prometheus is missing: scripts/test installs Debian's package"
+        self.start_exporter()
         prom = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(self.tmp / "rules.yml")],

@@ -69,6 +69,12 @@ def assert_every_step_counted_exactly(server: VllmServer) -> list[dict[str, Any]
     wrong = [c for c in checks if c["tokens"][0] != c["tokens"][1]]
     assert not wrong, f"evictable prefix tokens differ from the pool's: {wrong[:3]}"
     assert {c["status"] for c in checks} == {"ok"}  # a supported release, sized before serving
+    wrong = [c for c in checks if c["cached"][0] != c["cached"][1]]
+    assert not wrong, f"resident (cached) blocks differ from the pool's: {wrong[:3]}"
+    # The bounds a bridge publishes from a whole event stream hold the exact evictable count at
+    # every step: bounds from the true cached count and vLLM's usage contain the true evictable.
+    wrong = [c for c in checks if not c["bounds"][0] <= c["truth"][1] <= c["bounds"][1]]
+    assert not wrong, f"evictable outside its bounds: {wrong[:3]}"
     for c in checks:  # vLLM's own usage sees only the pinned blocks
         used, evictable, available = c["truth"]
         assert c["vllm_usage"] == pytest.approx(used / (used + evictable + available))
