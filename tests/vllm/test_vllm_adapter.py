@@ -9,6 +9,7 @@ brute-force count over the pool's blocks.
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import random
 import time
@@ -620,3 +621,36 @@ def test_a_failure_of_the_shims_own_step_work_is_said_in_every_snapshot(
         status = parse_snapshot(tracker.snapshot(0, 0).to_json()).status
         assert status is not None and status.state == "unsupported"
         assert "RuntimeError('boom')" in (status.reason or "")
+
+
+def test_the_shim_says_where_vllms_kv_events_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the shim serves at /kv_event_sources, from vLLM's own publisher of this release."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("VLLM_HOST_IP", "127.0.0.1")  # the node IP tcp://*:0 binds
+
+    from vllm.config import KVEventsConfig
+    from vllm.distributed.kv_events import EventPublisherFactory
+
+    from engine_shim.adapters.vllm.scheduler import kv_event_sources
+    from engine_shim.events.discovery import discover_sources
+
+    config = KVEventsConfig(
+        enable_kv_cache_events=True,
+        publisher="zmq",
+        endpoint="tcp://*:0",
+        replay_endpoint="tcp://*:0",
+        topic="kv",
+    )
+    publisher = EventPublisherFactory.create(config, data_parallel_rank=0)
+    try:
+        said = kv_event_sources(SimpleNamespace(kv_event_publisher=publisher), 0)
+        (source,) = discover_sources("shim", json.dumps(said).encode(), "10.1.2.3")
+        assert source.topic == "kv" and source.dp_rank == 0
+        assert source.endpoint.startswith("tcp://") and not source.endpoint.endswith(":0")
+        assert source.replay_endpoint is not None and source.replay_endpoint != source.endpoint
+    finally:
+        publisher.shutdown()
+    off = EventPublisherFactory.create(KVEventsConfig(), data_parallel_rank=0)
+    assert kv_event_sources(SimpleNamespace(kv_event_publisher=off), 0) == {}
+    assert kv_event_sources(SimpleNamespace(), 0) == {}  # a scheduler without one says nothing

@@ -107,7 +107,9 @@ def check_phase(chain: Chain, server: VllmServer, phase: str) -> dict[tuple[str,
     upper = seen[("kvcache_pool_evictable_slots_bound", EVENTS, "upper")]
     assert lower <= exact <= upper, (phase, lower, exact, upper)
     assert ("kvcache_pool_slots", EVENTS, "evictable") not in seen  # never passed off as exact
-    assert seen[("kvcache_events_batches_lost_total", EVENTS, "")] == 0, phase
+    for engine in (EVENTS, SHIM):
+        assert seen[("kvcache_events_batches_lost_total", engine, "")] == 0, (phase, engine)
+        assert seen[("kvcache_events_resident_whole", engine, "")] == 1, (phase, engine)
     errors = {k: v for k, v in seen.items() if k[0] == "kvcache_events_errors_total" and v}
     assert not errors, (phase, errors)
     return seen
@@ -133,7 +135,8 @@ def test_resident_blocks_from_vllms_events_equal_its_pool_after_every_phase(
         server,
         tmp_path,
         targets=[
-            {"name": SHIM, "kind": "shim", "url": server.shim_url},
+            # The shim's port says where vLLM's streams are too: their health beside its counts.
+            {"name": SHIM, "kind": "shim", "url": server.shim_url, "events": events},
             {"name": EVENTS, "kind": "vllm", "url": server.url, "events": events},
         ],
     )

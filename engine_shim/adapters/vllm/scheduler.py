@@ -198,6 +198,29 @@ def _bookkeeping_failed(scheduler: Any, exc: BaseException) -> None:
         log.error("kvcache shim: per-step bookkeeping failed (%r); vLLM keeps serving", exc)
 
 
+def kv_event_sources(scheduler: Any, dp_rank: int) -> dict[str, Any]:
+    """What vLLM's ``GET /kv_event_sources`` says of this engine's publisher, served on the
+    shim's port too (an exporter with ``events: {discover: true}`` on a shim target). Empty
+    when vLLM publishes no events, or when this release does not say where."""
+    try:
+        config = scheduler.kv_event_publisher.get_publisher_config()
+        if config is None or not config.enable_kv_cache_events or config.publisher != "zmq":
+            return {}
+        return {
+            str(dp_rank): {
+                "enable_kv_cache_events": True,
+                "publisher": "zmq",
+                "endpoint": str(config.endpoint),
+                "replay_endpoint": None
+                if config.replay_endpoint is None
+                else str(config.replay_endpoint),
+                "topic": str(config.topic),
+            }
+        }
+    except Exception:  # monitoring never takes serving down: an unknown release says nothing
+        return {}
+
+
 def _scheduler_class() -> type:
     try:
         from vllm.v1.core.sched.async_scheduler import AsyncScheduler as Base
@@ -251,6 +274,7 @@ def _scheduler_class() -> type:
                     snapshots=lambda: [view.snapshot()],
                     healthy=lambda: True,
                     bearer_token=os.environ.get("KVCACHE_SHIM_TOKEN") or None,
+                    kv_event_sources=lambda: kv_event_sources(self, facts.dp_rank),
                 ),
                 host,
                 port,
