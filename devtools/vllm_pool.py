@@ -37,8 +37,9 @@ from engine_shim.adapters.vllm import (
     brute_force_evictable,
     brute_force_evictable_tokens,
 )
+from engine_shim.events.merge import evictable_bounds
 from engine_shim.events.stream import EventStreamState
-from kvstats.snapshot import parse_snapshot
+from kvstats.snapshot import Pool, parse_snapshot
 
 BLOCK = 16
 MAX_LEN = 1024
@@ -167,11 +168,22 @@ class Driver:
         report = self.stream.report()
         assert report.whole, report.why_not_whole
         assert sum(report.errors.values()) == 0, report.errors
-        hashed = sum(
-            1 for b in self.m.block_pool.blocks if b.block_hash is not None and not b.is_null
-        )
-        assert report.resident_blocks_by_tier.get("device", 0) == hashed
+        pool = self.m.block_pool
+        hashed = sum(1 for b in pool.blocks if b.block_hash is not None and not b.is_null)
         assert self.tracker.cached_blocks == hashed
+        fewest, most = report.cached_blocks.get("device", (0, 0))
+        if self.hasher is HASHER:  # one entry per block: exact
+            assert fewest == most == hashed, (fewest, most, hashed)
+        else:  # partial entries (hybrid, align mode) may share a block with a full one
+            assert fewest <= hashed <= most, (fewest, most, hashed)
+        # The bounds a bridge publishes from this stream and vLLM's usage gauge hold the truth.
+        usable, block = pool.num_gpu_blocks - 1, self.tracker.block_size
+        used = round(self.m.usage * usable)
+        bridge = Pool("full", block, usable * block, used * block, None, None)
+        bounds = evictable_bounds(fewest, bridge, most)
+        assert bounds is not None
+        evictable = brute_force_evictable(pool) * block
+        assert bounds[0] <= evictable <= bounds[1], (bounds, evictable)
 
     def check(self) -> None:
         pool = self.m.block_pool

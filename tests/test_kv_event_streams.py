@@ -406,6 +406,8 @@ def test_a_flooding_publisher_does_not_starve_the_other_targets(
             "the other target's polls while the stream floods",
         )
         assert get(exporter, "kvcache_exporter_target_up", engine="shim-b") == [1]
+        # Not one of its polls timed out waiting for the loop the stream floods.
+        assert sum(get(exporter, "kvcache_exporter_poll_errors_total", engine="shim-b")) == 0
         assert stream(exporter, "vllm-a")["kvcache_events_batches_total"] > 0
     finally:
         stop.set()

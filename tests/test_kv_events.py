@@ -259,6 +259,21 @@ def test_groups_and_tiers_are_kept_apart() -> None:
     assert residency.resident_slots() == {"device": 48, "host": 16, "storage": 64}
 
 
+def test_partial_entries_leave_the_block_count_between_full_and_all_entries() -> None:
+    """vLLM's hybrid models in align mode cache a prompt's tail as a partial entry (a
+    BlockStored with fewer tokens than a block), possibly on a block that holds a full one:
+    the count is a range and no exact resident figure is published until they are gone."""
+    state = EventStreamState()
+    take_live(state, 0, batch(stored_map([1, 2], size=64), stored_map([3], size=32)))
+    report = state.report()
+    assert report.whole and report.cached_blocks == {"device": (2, 3)}
+    assert report.resident_slots == {}
+    take_live(state, 1, batch(removed_map([3])))  # a removal does not say the size
+    report = state.report()
+    assert report.cached_blocks == {"device": (2, 2)} and report.resident_slots == {"device": 128}
+    assert sum(report.errors.values()) == 0
+
+
 def test_removing_what_was_never_stored_breaks_wholeness() -> None:
     residency = Residency(whole=True)
     residency.apply(decode_batch(batch(removed_map([5]))))

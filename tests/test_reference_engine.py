@@ -265,7 +265,8 @@ def test_kv_events_on_vllms_wire_protocol_track_the_prefix_cache() -> None:
         while True:
             report = state.report()
             idle = not engine.running and not engine.waiting
-            if idle and report.resident_blocks_by_tier.get("device") == cached_blocks(engine):
+            exact = (cached_blocks(engine),) * 2
+            if idle and report.cached_blocks.get("device") == exact:
                 break
             assert time.monotonic() < deadline, (report, cached_blocks(engine))
             time.sleep(0.05)

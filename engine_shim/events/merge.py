@@ -7,9 +7,10 @@ the U, and every evictable block is cached and free, so
 
     max(0, C - U) <= evictable <= min(C, N - 1 - U).
 
-This holds where a block carries one cache entry (vLLM's default; partial-block caching can
-give a block a second entry, which only makes C an over-count: the upper bound still holds
-through N - 1 - U, the lower one is then loose). The exact count stays the shim's.
+Where partial-block caching (vLLM's hybrid models in align mode) lets a block carry a second,
+shorter entry, C is only known to lie in [full entries, all entries]: the lower bound takes
+the fewest, the upper the most, and both still hold (``tests/vllm`` checks them against vLLM's
+own pool at every step). The exact count stays the shim's.
 """
 
 from __future__ import annotations
@@ -21,14 +22,18 @@ from kvstats.snapshot import Pool, Snapshot
 from .stream import StreamReport
 
 
-def evictable_bounds(cached_blocks: int, pool: Pool) -> tuple[int, int] | None:
-    """(lower, upper) evictable slots of ``pool`` given its cached blocks; None where the two
-    disagree (more cached blocks than the pool has: a stream that does not describe this pool,
-    and no bound is better than a wrong one)."""
+def evictable_bounds(
+    cached_blocks: int, pool: Pool, cached_at_most: int | None = None
+) -> tuple[int, int] | None:
+    """(lower, upper) evictable slots of ``pool`` given its cached blocks (at least
+    ``cached_blocks``, at most ``cached_at_most``, where partial entries leave it open); None
+    where the two disagree (more cached blocks than the pool has: a stream that does not
+    describe this pool, and no bound is better than a wrong one)."""
     used_blocks = pool.used_slots // pool.block_size
     free_blocks = (pool.capacity_slots - pool.used_slots) // pool.block_size
+    most = cached_blocks if cached_at_most is None else cached_at_most
     lower = max(0, cached_blocks - used_blocks)
-    upper = min(cached_blocks, free_blocks)
+    upper = min(most, free_blocks)
     if lower > upper:
         return None
     return lower * pool.block_size, upper * pool.block_size
@@ -41,11 +46,11 @@ def with_stream(snapshot: Snapshot, report: StreamReport | None) -> Snapshot:
         return snapshot
     resident = {**report.resident_slots, **snapshot.prefix_resident_slots}
     pools = snapshot.pools
-    device_blocks = report.resident_blocks_by_tier.get("device", 0)
+    fewest, most = report.cached_blocks.get("device", (0, 0))
     bounds = None
     if len(pools) == 1 and pools[0].evictable_slots is None:
         # One pool that cannot split its free space (a bridge): every group's blocks are its.
-        bounds = evictable_bounds(device_blocks, pools[0])
+        bounds = evictable_bounds(fewest, pools[0], most)
     if bounds is not None:
         lower, upper = bounds
         pools = (

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from .decode import Batch, Cleared, Removed, Stored, Unknown
 
 MAX_GROUPS = 64  # KV cache groups per stream (vLLM models have a handful)
+MAX_SETS = MAX_GROUPS * 16  # (group, tier, entry size) sets: a few tiers and partial sizes each
 MAX_BLOCK_SIZE = 1 << 20
 _MASK64 = (1 << 64) - 1
 _BUCKET_TARGET = 128  # fingerprints per bucket before the table doubles (a 1 KiB find)
@@ -106,10 +107,17 @@ class BlockMultiset:
 
 @dataclass(slots=True)
 class Residency:
-    """One stream's (one engine DP rank's) resident blocks, applied batch by batch."""
+    """One stream's (one engine DP rank's) resident blocks, applied batch by batch.
 
-    blocks: dict[tuple[int, str], BlockMultiset] = field(default_factory=dict)
-    block_size: dict[tuple[int, str], int] = field(default_factory=dict)
+    Kept by KV group, tier and entry size: a ``BlockStored`` smaller than its group's blocks
+    is a *partial* entry (vLLM's hybrid models in align mode cache a prompt's tail inside a
+    block), which may sit on a block that also holds a full entry. Full entries are distinct
+    blocks; with partial entries the block count is only known to lie between the full
+    entries and all entries, and a tier that has some publishes no exact count."""
+
+    blocks: dict[tuple[int, str, int], BlockMultiset] = field(default_factory=dict)
+    # The same sets by (group, tier), largest entry size (the full blocks) first.
+    by_group: dict[tuple[int, str], list[tuple[int, BlockMultiset]]] = field(default_factory=dict)
     whole: bool = False
     why_not_whole: str = "no batch read yet"
     # Events refused or not understood, by reason (published as the stream's error counter).
@@ -118,7 +126,7 @@ class Residency:
     def start_over(self, whole: bool, why: str = "") -> None:
         """The engine's cache is empty (a restart, AllBlocksCleared), or unknown from here."""
         self.blocks.clear()
-        self.block_size.clear()
+        self.by_group.clear()
         self.whole = whole
         self.why_not_whole = "" if whole else why
 
@@ -141,50 +149,78 @@ class Residency:
                 self.skipped["unknown_event"] += 1
                 self.lose(f"an event this exporter does not know ({event.type!r})")
 
-    def _set(self, group: int, tier: str | None) -> BlockMultiset | None:
+    def _known_tier(self, tier: str | None) -> bool:
         if tier is None:
             self.skipped["unknown_medium"] += 1
-            return None
-        key = (group, tier)
-        found = self.blocks.get(key)
-        if found is None:
-            if len(self.blocks) >= MAX_GROUPS * 4 or not 0 <= group < MAX_GROUPS:
-                self.skipped["too_many_groups"] += 1
-                self.lose(f"KV group {group} is past the {MAX_GROUPS} groups kept")
-                return None
-            found = self.blocks[key] = BlockMultiset()
-        return found
+            return False
+        return True
 
     def _stored(self, event: Stored) -> None:
         if not 0 < event.block_size <= MAX_BLOCK_SIZE:
             self.skipped["invalid_event"] += 1
             self.lose(f"a BlockStored event with block_size {event.block_size}")
             return
-        found = self._set(event.group, event.tier)
-        if found is None:
+        if not self._known_tier(event.tier):
             return
         assert event.tier is not None
-        self.block_size[(event.group, event.tier)] = event.block_size
+        key = (event.group, event.tier, event.block_size)
+        found = self.blocks.get(key)
+        if found is None:
+            if len(self.blocks) >= MAX_SETS or not 0 <= event.group < MAX_GROUPS:
+                self.skipped["too_many_groups"] += 1
+                self.lose(f"KV group {event.group} is past the {MAX_GROUPS} groups kept")
+                return
+            found = self.blocks[key] = BlockMultiset()
+            sets = self.by_group.setdefault((event.group, event.tier), [])
+            sets.append((event.block_size, found))
+            sets.sort(key=lambda entry: -entry[0])
         found.add_many(event.fingerprints)
 
     def _removed(self, event: Removed) -> None:
-        found = self._set(event.group, event.tier)
-        if found is None:
+        if not self._known_tier(event.tier):
             return
-        remove = found.remove
+        assert event.tier is not None
+        # Removals do not say the entry's size: the group's sets, largest (full) first.
+        sets = self.by_group.get((event.group, event.tier), [])
+        if len(sets) == 1:  # the common case: no partial entries
+            remove = sets[0][1].remove
+            for fp in event.fingerprints:
+                if not remove(fp) and self.whole:
+                    self.skipped["unknown_block"] += 1
+                    self.lose("a block was removed that the stream never stored")
+            return
         for fp in event.fingerprints:
-            if not remove(fp) and self.whole:
+            if not any(found.remove(fp) for _, found in sets) and self.whole:
                 self.skipped["unknown_block"] += 1
                 self.lose("a block was removed that the stream never stored")
 
+    def cached_blocks(self) -> dict[str, tuple[int, int]]:
+        """Per tier, (fewest, most) blocks the cache entries can be: equal unless partial
+        entries (smaller than their group's blocks) may share a block with a full one."""
+        full_size: dict[tuple[int, str], int] = {}
+        for group, tier, size in self.blocks:
+            full_size[(group, tier)] = max(size, full_size.get((group, tier), 0))
+        found: dict[str, tuple[int, int]] = {}
+        for (group, tier, size), entries in self.blocks.items():
+            low, high = found.get(tier, (0, 0))
+            full = size == full_size[(group, tier)]
+            found[tier] = (low + (entries.size if full else 0), high + entries.size)
+        return found
+
     def resident_slots(self) -> dict[str, int]:
-        """Slots (blocks x block size) holding resident prefix blocks, by tier; the device tier
-        always (every engine has one: none resident there is an exact 0)."""
+        """Slots (blocks x block size) holding resident prefix blocks, by tier, where that is
+        exact (no partial entries); the device tier always when exact (every engine has one:
+        none resident there is an exact 0)."""
+        full_size: dict[tuple[int, str], int] = {}
+        for group, tier, size in self.blocks:
+            full_size[(group, tier)] = max(size, full_size.get((group, tier), 0))
         slots: dict[str, int] = {"device": 0}
-        for (group, tier), found in self.blocks.items():
-            size = self.block_size.get((group, tier), 0)
-            slots[tier] = slots.get(tier, 0) + found.size * size
-        return slots
+        inexact = set()
+        for (group, tier, size), entries in self.blocks.items():
+            if size != full_size[(group, tier)] and entries.size:
+                inexact.add(tier)
+            slots[tier] = slots.get(tier, 0) + entries.size * size
+        return {tier: n for tier, n in slots.items() if tier not in inexact}
 
     def resident_blocks(self) -> int:
         return sum(found.size for found in self.blocks.values())

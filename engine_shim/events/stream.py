@@ -46,8 +46,9 @@ class StreamReport:
     last_batch_time: float | None
     whole: bool
     why_not_whole: str
-    resident_slots: dict[str, int]  # by tier; empty while not whole
-    resident_blocks_by_tier: dict[str, int]
+    resident_slots: dict[str, int]  # by tier where exact; empty while not whole
+    # Per tier, (fewest, most) resident blocks; equal unless partial entries (see Residency).
+    cached_blocks: dict[str, tuple[int, int]]
 
 
 @dataclass(slots=True)
@@ -152,9 +153,6 @@ class EventStreamState:
 
     def report(self) -> StreamReport:
         whole = self.residency.whole
-        by_tier: dict[str, int] = {}
-        for (_, tier), found in self.residency.blocks.items():
-            by_tier[tier] = by_tier.get(tier, 0) + found.size
         return StreamReport(
             dp_rank=self.dp_rank,
             batches=self.batches,
@@ -166,5 +164,5 @@ class EventStreamState:
             whole=whole,
             why_not_whole="" if whole else self.residency.why_not_whole,
             resident_slots=self.residency.resident_slots() if whole else {},
-            resident_blocks_by_tier=by_tier if whole else {},
+            cached_blocks=self.residency.cached_blocks() if whole else {},
         )
