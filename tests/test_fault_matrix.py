@@ -30,7 +30,12 @@ from tests.conftest import FIXTURES
 from tests.helpers import CannedServer, body, wait_for
 from tests.test_snapshot import valid
 
-INTERVAL = 0.4
+# Every faulty target answers from this process (one GIL with the exporter), all on the same
+# poll tick: on a loaded machine (two suites at once) a 404 took longer than a 0.3 s deadline
+# and was counted, correctly, as a timeout. The deadline is 0.9 s: the hanging and trickling
+# targets still time out, and a slow answer on a busy machine is still its own fault.
+INTERVAL = 1.0
+TIMEOUT = 0.9
 
 
 def trickle(handler: BaseHTTPRequestHandler) -> None:
@@ -179,7 +184,7 @@ def matrix() -> Iterator[tuple[Exporter, dict[str, str]]]:
         {
             "listen": "127.0.0.1:0",
             "poll_interval": INTERVAL,
-            "timeout": 0.3,
+            "timeout": TIMEOUT,
             "nvml": "off",
             "targets": [{"name": n, "kind": "shim", "url": u} for n, u in urls.items()]
             + [{"name": n, "kind": BRIDGE_FAULTS[n][0], "url": s.url} for n, s in bridges.items()],
