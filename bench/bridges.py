@@ -21,7 +21,6 @@ import re
 import ssl
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -30,28 +29,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from devtools.static_server import spawn
 from engine_shim.bridges import convert
 from exporter.fetch import Connection
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "vllm-0.33.0-dp1.prom"
-SERVER = textwrap.dedent("""
-    import sys
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    body = sys.stdin.buffer.read()
-    class H(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        def log_message(self, *a): pass
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-    s = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    s.daemon_threads = True
-    print(s.server_address[1], flush=True)
-    s.serve_forever()
-""")
 
 
 def vllm_text(dp: int) -> str:
@@ -94,13 +76,8 @@ def vllm_text(dp: int) -> str:
 
 
 def serve(text: str) -> tuple[subprocess.Popen[bytes], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(text.encode())
-    proc.stdin.close()
-    return proc, f"http://127.0.0.1:{int(proc.stdout.readline())}/metrics"
+    proc, port = spawn(text.encode(), "text/plain")
+    return proc, f"http://127.0.0.1:{port}/metrics"
 
 
 def minimal(url: str, polls: int) -> float:

@@ -21,6 +21,7 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.static_server import spawn
 from exporter import event_streams
 from exporter.app import Exporter
 from exporter.config import parse_config
@@ -391,25 +392,6 @@ while True:  # as fast as ZMQ takes them, until the test kills it
 """
 
 
-SHIM_SERVER = """
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-body = sys.stdin.buffer.read()
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *args): pass
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-print(server.server_address[1], flush=True)
-server.serve_forever()
-"""
-
-
 def test_a_flooding_publisher_does_not_starve_the_other_targets(
     vllm_server: CannedServer,
 ) -> None:
@@ -417,13 +399,9 @@ def test_a_flooding_publisher_does_not_starve_the_other_targets(
     exporter keeps polling its other target (another process too: no test thread shares the
     exporter's interpreter lock) on time, not one poll timing out at 0.5 s."""
     flooder = subprocess.Popen([sys.executable, "-c", FLOODER], stdout=subprocess.PIPE, text=True)
-    shim = subprocess.Popen(
-        [sys.executable, "-c", SHIM_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    assert flooder.stdout is not None and shim.stdin is not None and shim.stdout is not None
-    shim.stdin.write(snapshot_json())
-    shim.stdin.close()
-    port, shim_port = int(flooder.stdout.readline()), int(shim.stdout.readline())
+    shim, shim_port = spawn(snapshot_json(), "application/json")
+    assert flooder.stdout is not None
+    port = int(flooder.stdout.readline())
     exporter = start(
         {
             "name": "vllm-a",
