@@ -197,9 +197,7 @@ class Residency:
     def cached_blocks(self) -> dict[str, tuple[int, int]]:
         """Per tier, (fewest, most) blocks the cache entries can be: equal unless partial
         entries (smaller than their group's blocks) may share a block with a full one."""
-        full_size: dict[tuple[int, str], int] = {}
-        for group, tier, size in self.blocks:
-            full_size[(group, tier)] = max(size, full_size.get((group, tier), 0))
+        full_size = self._full_sizes()
         found: dict[str, tuple[int, int]] = {}
         for (group, tier, size), entries in self.blocks.items():
             low, high = found.get(tier, (0, 0))
@@ -211,9 +209,7 @@ class Residency:
         """Slots (blocks x block size) holding resident prefix blocks, by tier, where that is
         exact (no partial entries); the device tier always when exact (every engine has one:
         none resident there is an exact 0)."""
-        full_size: dict[tuple[int, str], int] = {}
-        for group, tier, size in self.blocks:
-            full_size[(group, tier)] = max(size, full_size.get((group, tier), 0))
+        full_size = self._full_sizes()
         slots: dict[str, int] = {"device": 0}
         inexact = set()
         for (group, tier, size), entries in self.blocks.items():
@@ -221,6 +217,10 @@ class Residency:
                 inexact.add(tier)
             slots[tier] = slots.get(tier, 0) + entries.size * size
         return {tier: n for tier, n in slots.items() if tier not in inexact}
+
+    def _full_sizes(self) -> dict[tuple[int, str], int]:
+        """Each (group, tier)'s block size: its largest entries are full blocks."""
+        return {key: sets[0][0] for key, sets in self.by_group.items()}
 
     def resident_blocks(self) -> int:
         return sum(found.size for found in self.blocks.values())
