@@ -1,7 +1,7 @@
 """Run mutmut on each numeric module with the tests that own it; print scores and survivors.
 
-The vLLM adapter's tests need vLLM (``.venv-vllm``), which mutmut cannot reach from this venv;
-it is left out here and covered by the adapter's brute-force checks against vLLM's own pool.
+Each module's tests run in the venv they need: the vLLM adapter's in ``.venv-vllm`` (vLLM's
+real block pool, its newest supported release), where scripts/mutation installs mutmut too.
 """
 
 from __future__ import annotations
@@ -12,15 +12,28 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES: dict[str, list[str]] = {
-    "exporter/derive.py": ["tests/test_derive.py"],
-    "kvstats/capacity.py": ["tests/test_capacity.py"],
-    "engine_shim/bridges/vllm.py": ["tests/test_bridges.py"],
-    "engine_shim/bridges/sglang.py": ["tests/test_bridges.py"],
-    "engine_shim/reference/prefix_cache.py": ["tests/test_prefix_cache.py"],
+
+
+@dataclass(frozen=True)
+class Target:
+    tests: tuple[str, ...]
+    venv: str = ".venv"
+
+
+MODULES: dict[str, Target] = {
+    "exporter/derive.py": Target(("tests/test_derive.py",)),
+    "exporter/state.py": Target(("tests/test_derive.py", "tests/test_exposition.py")),
+    "exporter/fetch.py": Target(("tests/test_fetch.py",)),
+    "kvstats/capacity.py": Target(("tests/test_capacity.py",)),
+    "engine_shim/bridges/vllm.py": Target(("tests/test_bridges.py",)),
+    "engine_shim/bridges/sglang.py": Target(("tests/test_bridges.py",)),
+    "engine_shim/reference/prefix_cache.py": Target(("tests/test_prefix_cache.py",)),
+    "engine_shim/reuse_distance.py": Target(("tests/test_reuse_distance.py",)),
+    "engine_shim/adapters/vllm/": Target(("tests/vllm",), ".venv-vllm"),
 }
 
 
@@ -38,8 +51,10 @@ def copy_tree(dest: Path) -> list[str]:
     return sorted({name.decode().split("/")[0] for name in files if name})
 
 
-def mutate(module: str, tests: list[str]) -> dict[str, object]:
-    mutmut = str(Path(sys.executable).with_name("mutmut"))
+def mutate(module: str, target: Target) -> dict[str, object]:
+    mutmut = str(ROOT / target.venv / "bin" / "mutmut")
+    if not Path(mutmut).exists():
+        raise SystemExit(f"{mutmut} is missing: scripts/mutation installs it")
     with tempfile.TemporaryDirectory(prefix="kvcache-mutation-") as tmp:
         work = Path(tmp)
         top = copy_tree(work)
@@ -48,7 +63,7 @@ def mutate(module: str, tests: list[str]) -> dict[str, object]:
                 "\n[tool.mutmut]\n"
                 f"source_paths = [{json.dumps(module)}]\n"
                 f"also_copy = {json.dumps(top)}\n"
-                f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+                f"pytest_add_cli_args_test_selection = {json.dumps(list(target.tests))}\n"
             )
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
         subprocess.run(

@@ -371,3 +371,37 @@ def test_counters_hold_when_unchanged_and_survive_repeated_resets() -> None:
     assert c.update({"q": 10}, restarted=False) == {"q": 110}  # reset 1
     assert c.update({"q": 5}, restarted=False) == {"q": 115}  # reset 2 keeps reset 1's base
     assert c.update({"q": 7}, restarted=False) == {"q": 117}
+
+
+def state_for_one_shim() -> TargetState:
+    config = parse_config({"targets": [{"name": "t", "kind": "shim", "url": "http://x"}]})
+    return TargetState(config.targets[0], eta_window=60)
+
+
+def test_a_restarted_engine_already_past_its_old_counts_continues_from_their_sum() -> None:
+    """The restart, not a counter going back, decides: an engine that restarts and counts past
+    its old values before the next poll (a fast restart, a slow poll) still restarted."""
+    state = state_for_one_shim()
+    queries = CounterKey("prefix_query_tokens")
+    state.record_success([snap(queries=100, hits=50, sequence=7)], now=1.0, duration=0.01)
+    assert state.engines[0].counters[queries] == 100
+    state.record_success([snap(queries=150, hits=60, instance="b")], now=2.0, duration=0.01)
+    assert state.restarts == 1
+    assert state.engines[0].counters[queries] == 250  # 100 before + 150 since
+    assert state.engines[0].counters[CounterKey("prefix_hit_tokens", "device")] == 110
+    state.record_success([snap(queries=160, hits=61, instance="b", sequence=2)], 3.0, 0.01)
+    assert state.engines[0].counters[queries] == 260 and state.restarts == 1
+
+
+def test_a_multi_pool_engine_publishes_its_soonest_forecast() -> None:
+    """The engine is full when its first pool is: the soonest pool's ETA, whichever pool is
+    listed first or last (here the sliding-window pool, listed first, fills later)."""
+    for fast_first in (True, False):
+        state = state_for_one_shim()
+        for t in range(40):
+            fast = Pool("full", 16, 1600, 100 + 20 * t, 0, 1500 - 20 * t)
+            slow = Pool("swa", 16, 1600, 100 + 5 * t, 0, 1500 - 5 * t)
+            pools = (fast, slow) if fast_first else (slow, fast)
+            state.record_success([snap(pools=pools, sequence=t + 1)], float(t), 0.01)
+        # At t = 39: full holds 880 of 1600 at 20/s (36 s); swa 295 at 5/s (261 s).
+        assert state.engines[0].eta_seconds == pytest.approx((1600 - 880) / 20), fast_first

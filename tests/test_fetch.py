@@ -12,6 +12,7 @@ import asyncio
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -176,3 +177,76 @@ def test_a_connection_the_server_closed_is_reopened_once(
     for _ in range(20):  # the race between the server's close and our next request
         assert ours(server.url, times=3) == [BODY] * 3
     assert server.connections == 60
+
+
+class StallingServer:
+    """Answers the first request; then, on the kept-alive connection, waits ``stall`` seconds
+    and closes it without an answer; every later connection gets no answer at all."""
+
+    def __init__(self, stall: float) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.stall = stall
+        self.connections = 0
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1/kv/stats"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            if self.connections == 1:
+                threading.Thread(target=self._first, args=(conn,), daemon=True).start()
+            else:
+                self.held.append(conn)  # read nothing, answer nothing
+
+    def _first(self, conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(RESPONSES["length"][0])
+            conn.recv(65536)
+            time.sleep(self.stall)
+
+    def stop(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def test_the_retry_on_a_closed_connection_keeps_the_polls_deadline() -> None:
+    """One deadline for the whole answer, retry included: a kept-alive connection that spends
+    most of it before closing leaves the retry only the rest (a fresh deadline for the retry
+    would make one poll last the stall plus a whole timeout)."""
+    server = StallingServer(stall=1.0)
+    timeout = 1.5
+
+    async def run() -> tuple[bytes, str, float]:
+        conn = Connection(server.url, None)
+        first = await conn.get({}, MAX, timeout)
+        start = time.monotonic()
+        try:
+            await asyncio.wait_for(conn.get({}, MAX, timeout), 10)
+            outcome = "answered"
+        except PollError as exc:
+            outcome = exc.reason
+        except TimeoutError:
+            outcome = "no deadline"
+        conn.close()
+        return first, outcome, time.monotonic() - start
+
+    try:
+        first, outcome, elapsed = asyncio.run(run())
+    finally:
+        server.stop()
+    assert first == BODY
+    assert server.connections == 2  # the retry happened, on a fresh connection
+    assert outcome == "timeout"
+    assert timeout <= elapsed < timeout + 0.7, elapsed  # a fresh deadline: 1.0 + 1.5

@@ -361,3 +361,24 @@ def test_the_watch_line_and_the_cli_table_read_the_curve() -> None:
     assert table[0] == "t: 50 prompt tokens looked up"
     assert table[3].split() == ["200", "tokens", "1.00", "60.0%", "<-", "the", "pool"]
     assert table[-1].endswith("200 tokens (1.00x the pool)")  # in the top bucket: its floor
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_over_its_idle_limit_the_tracker_forgets_the_oldest_released_blocks(batched: bool) -> None:
+    """Idle blocks older than the largest bound can only be cold: those are the ones dropped
+    (the newest idle blocks are the ones the next lookups find)."""
+    tracker = ReuseDistanceTracker(BS, pool_tokens=16, max_tracked=10**9)
+    assert tracker.rate == 1.0
+    limit = tracker.bounds[-1] // BS + 1  # 1024 tokens of 4-token blocks, and one
+    keys = [f"block-{i}" for i in range(limit + 40)]
+    if batched:
+        for start in range(0, len(keys), 10):
+            tracker.released_all(keys[start : start + 10])
+    else:
+        for key in keys:
+            tracker.released(key)
+    assert tracker.tracked == limit
+    assert not any(tracker.looks_past(key) for key in keys[:40])  # the oldest: cold
+    assert all(tracker.looks_past(key) for key in keys[40:])
+    # The newest: one block away; the oldest kept: every kept block away.
+    assert tracker.distances([keys[-1], keys[40]], pinned_tokens=0) == [BS, BS * limit]

@@ -263,14 +263,24 @@ def test_scheduler_class_is_a_vllm_async_scheduler() -> None:
         )
 
 
-def test_reuse_distances_predict_vllms_own_pool_at_every_size() -> None:
+@pytest.mark.parametrize("whole_prompts_repeat", [False, True])
+def test_reuse_distances_predict_vllms_own_pool_at_every_size(whole_prompts_repeat: bool) -> None:
     """One request at a time: the 1x run's curve equals the hits vLLM's real block pool gets
-    at each size (its free queue evicts the least recently freed block, tail first)."""
+    at each size (its free queue evicts the least recently freed block, tail first). With
+    whole prompts repeating, a whole number of blocks long, vLLM never looks up the block
+    that holds the prompt's last token (it must compute that token): nor does the curve.
+
+    Computed again, that block is a duplicate of the cached one (vLLM does not deduplicate)
+    while the cached one is still resident: a block of its own in the recency order. That
+    keeps the curve exact up to the pool it was measured on (there, or in a smaller pool, the
+    duplicates the model counts are the ones that exist); a larger pool keeps older copies
+    alive too, which the measuring pool had already evicted, so above 1x the curve may read
+    a little high (here at most 1 %)."""
     rng = random.Random(5)
     shared = [[rng.randrange(30000) for _ in range(rng.choice((48, 96, 160)))] for _ in range(8)]
     prompts = [
         shared[min(int(rng.expovariate(0.5)), 7)]
-        + [rng.randrange(30000) for _ in range(rng.randrange(1, 40))]
+        + [rng.randrange(30000) for _ in range(0 if whole_prompts_repeat else rng.randrange(1, 40))]
         for _ in range(300)
     ]
 
@@ -284,7 +294,8 @@ def test_reuse_distances_predict_vllms_own_pool_at_every_size() -> None:
         d.check()
         return tracker, tracker.prefix_hit_tokens
 
-    base, _ = run(64 + 1)  # 64 usable blocks; one more for vLLM's null block
+    pool_blocks = 64
+    base, _ = run(pool_blocks + 1)  # one more for vLLM's null block
     hist = base.snapshot(0, 0).reuse_distance
     assert hist is not None and hist.query_tokens == sum(map(len, prompts))
     assert hist.sampling_rate == 1.0
@@ -293,7 +304,10 @@ def test_reuse_distances_predict_vllms_own_pool_at_every_size() -> None:
         if bound % BLOCK or not 256 <= bound <= 512 * BLOCK:
             continue  # whole blocks, and room for the longest prompt (200 tokens)
         _, hits = run(bound // BLOCK + 1)
-        assert cumulative == hits, f"{bound} tokens"
+        if whole_prompts_repeat and bound > pool_blocks * BLOCK:
+            assert hits <= cumulative <= 1.01 * hits, f"{bound} tokens"
+        else:
+            assert cumulative == hits, f"{bound} tokens"
         checked += 1
     assert checked >= 6
 

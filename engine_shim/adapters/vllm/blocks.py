@@ -132,6 +132,13 @@ class FreeQueueCounter:
         self.per_block_tokens = per_block_tokens
         self.sampled: set[int] = set()  # ids of blocks whose current key is sampled
         self.by_id: set[int] = set()  # ids sampled as ids (how a popped block is keyed)
+        # Cached blocks whose hash another block held first: vLLM does not deduplicate (a
+        # whole prompt's last block, computed again; two requests filling the same prefix in
+        # one step), and its lookup finds the first. Each is a block of its own in the
+        # recency order, so it stays keyed by its id: under the hash, two blocks would count
+        # as one and every distance behind them would read short.
+        self.duplicates: set[int] = set()
+        self.lookup_map = getattr(pool, "cached_block_hash_to_block", None)
         self.threshold = -1
         self.blocks = self.tokens = 0
         # Blocks with a hash (prefix-cache resident, in use or evictable): what vLLM's KV
@@ -158,13 +165,15 @@ class FreeQueueCounter:
         """Recompute what is kept per block after its hash or prefix length changed."""
         block_id, key = self.id_get(block), self.hash_get(block)
         self.extra.pop(block_id, None)
-        if key is not None:
+        if key is None:
+            self.duplicates.discard(block_id)
+        else:
             extra = self.cached_tokens(key, self.tokens_get(block)) - self.size
             if extra:
                 self.extra[block_id] = extra
         if self.recency is not None:
             self.sync_threshold()
-            if sample_hash(block_id if key is None else key) < self.threshold:
+            if sample_hash(self.recency_key(block_id, key)) < self.threshold:
                 self.sampled.add(block_id)
             else:
                 self.sampled.discard(block_id)
@@ -187,10 +196,23 @@ class FreeQueueCounter:
         self.threshold = threshold
         sampled = set()
         for i in candidates:
-            key = hash_get(blocks[i])
-            if sample_hash(i if key is None else key) < threshold:
+            if sample_hash(self.recency_key(i, hash_get(blocks[i]))) < threshold:
                 sampled.add(i)
         self.sampled = sampled
+
+    def recency_key(self, block_id: int, key: Any) -> Any:
+        """What the reuse tracker knows a block by: its hash, or its id when it has none
+        or another block holds that hash in vLLM's lookup map."""
+        return block_id if key is None or block_id in self.duplicates else key
+
+    def is_duplicate(self, block: Any, key: Any) -> bool:
+        """Whether vLLM's lookup map already holds ``key`` for another block (asked as a
+        block gets its hash: vLLM sets the hash before inserting the block in the map)."""
+        get_one_block = getattr(self.lookup_map, "get_one_block", None)
+        if get_one_block is None:  # a map without it: every block keyed by its hash
+            return False
+        first = get_one_block(key)
+        return first is not None and first is not block
 
     def changed(self, block: Any, before: tuple[int, int]) -> None:
         after = self.contribution(block)
@@ -216,6 +238,10 @@ class FreeQueueCounter:
                 self.sync_threshold()
             block_id = self.id_get(block)
             if new is None:
+                self.duplicates.discard(block_id)
+                sampled = block_id in self.by_id
+            elif self.is_duplicate(block, new):
+                self.duplicates.add(block_id)  # held under its id still
                 sampled = block_id in self.by_id
             else:
                 if block_id in self.by_id:
@@ -278,7 +304,12 @@ class FreeQueueCounter:
             if by_id:
                 keys = [ids[k] for k in order]
             else:
-                keys = [ids[k] if hashes[k] is None else hashes[k] for k in order]
+                key_of, duplicates = self.recency_key, self.duplicates
+                keys = (
+                    [key_of(ids[k], hashes[k]) for k in order]
+                    if duplicates
+                    else [ids[k] if hashes[k] is None else hashes[k] for k in order]
+                )
             (recency.released_all if idle else recency.pinned_all)(keys)
         except Exception as exc:
             self.stop_recency(exc)
