@@ -59,6 +59,25 @@ def test_compose_validates_with_pinned_images_health_checks_and_few_ports() -> N
     assert services["exporter"]["depends_on"]["engine"]["condition"] == "service_healthy"
 
 
+def installed_version(command: str) -> str:
+    binary = shutil.which(command)
+    assert binary, f"{command} is missing: scripts/test installs Debian's prometheus packages"
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+    found = re.search(r"version (\d+\.\d+\.\d+)", out.stdout + out.stderr)
+    assert found, out.stdout + out.stderr
+    return found.group(1)
+
+
+def test_the_stack_pins_the_prometheus_and_alertmanager_ci_tests_with() -> None:
+    """Rules, routing and every dashboard query are checked on the installed releases: the
+    stack users start must run those, not newer ones nobody tested here."""
+    services = compose_config("docker-compose.yml")["services"]
+    assert services["prometheus"]["image"] == f"prom/prometheus:v{installed_version('prometheus')}"
+    assert services["alertmanager"]["image"] == (
+        f"prom/alertmanager:v{installed_version('prometheus-alertmanager')}"
+    )
+
+
 def test_every_mounted_file_exists_and_the_stack_uses_the_repos_configs() -> None:
     raw = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     mounts = [
