@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from kvstats.http import raise_descriptor_limit
 from kvstats.kinds import BRIDGE_KINDS
 from kvstats.units import host_port, size_bytes
 
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "reference":
+        raise_descriptor_limit()
         return run_reference(args)
     if args.command == "convert":
         return run_convert(args.engine, args.source)

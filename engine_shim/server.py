@@ -9,14 +9,12 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from kvstats.http import QuietThreadingHTTPServer, refuse_body
+from kvstats.http import HTTPServer, Request, Response
 from kvstats.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -44,132 +42,96 @@ class ShimApp:
     kv_event_sources: Callable[[], dict[str, Any]] | None = None
 
 
-def _handler(app: ShimApp) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "kvcache-shim"
-        protocol_version = "HTTP/1.1"
-        timeout = 30  # a client that stops talking mid-request is dropped
-        # Headers and body are two writes: without TCP_NODELAY, Nagle + delayed ACK add 40 ms.
-        disable_nagle_algorithm = True
+def body_limit(method: str, path: str) -> int:
+    return MAX_BODY_BYTES if (method, path) == ("POST", "/v1/completions") else 0
 
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("%s " + format, self.address_string(), *args)
 
-        def _send(self, status: HTTPStatus, body: Any) -> None:
-            data = json.dumps(body, separators=(",", ":")).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+def _handler(app: ShimApp) -> Callable[[Request], Response]:
+    def send(status: int, body: Any, close: bool = False) -> Response:
+        data = json.dumps(body, separators=(",", ":")).encode()
+        return Response(status, data, "application/json", close=close)
 
-        def _error(self, status: HTTPStatus, message: str) -> None:
-            self._send(status, {"error": {"code": status.value, "message": message}})
+    def error(status: int, message: str, close: bool = False) -> Response:
+        return send(status, {"error": {"code": status, "message": message}}, close)
 
-        def _authorised(self) -> bool:
-            if app.bearer_token is None:
-                return True
-            given = self.headers.get("Authorization", "")
-            if hmac.compare_digest(given.encode(), f"Bearer {app.bearer_token}".encode()):
-                return True
-            self._error(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token")
-            return False
+    def authorised(request: Request) -> bool:
+        if app.bearer_token is None:
+            return True
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {app.bearer_token}".encode())
 
-        def do_GET(self) -> None:
-            if refuse_body(self):
-                return
-            path = self.path.split("?", 1)[0]
+    def handle(request: Request) -> Response:
+        path = request.path
+        if request.method in ("GET", "HEAD"):
             if path == "/healthz":
                 ok = app.healthy()
-                self._send(
-                    HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
-                    {"status": "ok" if ok else "engine loop not running"},
+                return send(
+                    200 if ok else 503, {"status": "ok" if ok else "engine loop not running"}
                 )
-            elif path == "/v1/kv/stats":
-                if not self._authorised():
-                    return
+            if path == "/v1/kv/stats":
+                if not authorised(request):
+                    return error(401, "missing or wrong bearer token")
                 snaps = app.snapshots()
                 body: Any = snaps[0].to_json() if len(snaps) == 1 else [s.to_json() for s in snaps]
-                self._send(HTTPStatus.OK, body)
-            elif path == "/kv_event_sources" and app.kv_event_sources is not None:
-                self._send(HTTPStatus.OK, app.kv_event_sources())
-            else:
-                self._error(HTTPStatus.NOT_FOUND, f"no such path: {path}")
-
-        def do_POST(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path != "/v1/completions" or app.completions is None:
-                self._error(
-                    HTTPStatus.METHOD_NOT_ALLOWED
-                    if path == "/v1/kv/stats"
-                    else HTTPStatus.NOT_FOUND,
-                    f"POST {path} is not served",
-                )
-                self.close_connection = True
-                return
-            if not self._authorised():
-                return
+                return send(200, body)
+            if path == "/kv_event_sources" and app.kv_event_sources is not None:
+                return send(200, app.kv_event_sources())
+            return error(404, f"no such path: {path}")
+        if request.method == "POST" and path == "/v1/completions" and app.completions is not None:
+            if not authorised(request):
+                return error(401, "missing or wrong bearer token")
+            if not {"content-length", "transfer-encoding"} & request.headers.keys():
+                return error(411, "Content-Length is required", close=True)
             try:
-                body = self._read_json()
-                self._send(HTTPStatus.OK, app.completions(body))
+                return send(200, app.completions(_json_object(request.body)))
             except HTTPError as exc:
-                self._error(exc.status, exc.message)
+                return error(exc.status, exc.message)
+        if path in SERVED_PATHS:
+            return error(405, f"{request.method} {path} is not served", close=True)
+        return error(404, f"no such path: {path}", close=True)
 
-        def _read_json(self) -> dict[str, Any]:
-            length_header = self.headers.get("Content-Length")
-            if length_header is None:
-                self.close_connection = True
-                raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "Content-Length is required")
-            try:
-                length = int(length_header)
-            except ValueError:
-                self.close_connection = True
-                raise HTTPError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
-            if length < 0 or length > MAX_BODY_BYTES:
-                self.close_connection = True
-                raise HTTPError(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"body must be at most {MAX_BODY_BYTES} bytes",
-                )
-            raw = self.rfile.read(length)
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise HTTPError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}") from None
-            if not isinstance(body, dict):
-                raise HTTPError(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
-            return body
+    return handle
 
-        def do_PUT(self) -> None:
-            self._error(HTTPStatus.METHOD_NOT_ALLOWED, "method not allowed")
-            self.close_connection = True
 
-        do_DELETE = do_PATCH = do_PUT
+SERVED_PATHS = ("/healthz", "/v1/kv/stats", "/kv_event_sources", "/v1/completions")
 
-    return Handler
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
+    return body
 
 
 class ShimServer:
-    """A threaded HTTP server; ``port=0`` picks a free one (see ``.port``)."""
+    """The shim's HTTP server; ``port=0`` picks a free one (see ``.port``)."""
 
     def __init__(self, app: ShimApp, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.httpd = QuietThreadingHTTPServer((host, port), _handler(app))
-        self._thread: threading.Thread | None = None
+        self.httpd = HTTPServer(
+            _handler(app),
+            host,
+            port,
+            name="shim-http",
+            server_header="kvcache-shim",
+            body_limit=body_limit,
+            # Reads serve the snapshot the engine published last: quick, on the loop. The
+            # completions of the demo run generation: on the workers.
+            placement=lambda request: "inline" if request.method in ("GET", "HEAD") else "pool",
+        )
 
     @property
     def port(self) -> int:
-        return int(self.httpd.server_address[1])
+        return self.httpd.port
 
     @property
     def host(self) -> str:
-        return str(self.httpd.server_address[0])
+        return self.httpd.host
 
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, name="shim-http", daemon=True
-        )
-        self._thread.start()
+        self.httpd.start()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.httpd.stop()

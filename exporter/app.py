@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import html
 import logging
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from types import ModuleType
-from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from kvstats.http import QuietThreadingHTTPServer, refuse_body
+from kvstats.http import HTTPServer, Request, Response
 
 from .config import Config, ConfigError
 from .exposition import ExporterView, Exposition
@@ -52,7 +47,7 @@ class Exporter:
         self.exposition.view_source = self.view
         self.exposition.set_targets([t.name for t in config.targets])
         self.poller = Poller(config, self.nvml, self._changed)
-        self._httpd: QuietThreadingHTTPServer | None = None
+        self._httpd: HTTPServer | None = None
         # Reload: the loader re-reads the config file (None: nothing to reload from);
         # ``lifecycle`` also allows POST /-/reload (Prometheus' --web.enable-lifecycle).
         self._loader = loader
@@ -156,24 +151,41 @@ class Exporter:
     @property
     def port(self) -> int:
         assert self._httpd is not None
-        return int(self._httpd.server_address[1])
+        return self._httpd.port
 
     def start(self, host: str | None = None, port: int | None = None) -> None:
         host = self.config.listen_host if host is None else host
         port = self.config.listen_port if port is None else port
-        # TLS is set up per connection in the handler thread (see Handler.setup): a slow client
-        # blocks only itself, and plain HTTP on the TLS port gets a 400 instead of silence.
-        self._httpd = QuietThreadingHTTPServer((host, port), _handler(self, self.web.ssl_context()))
+        # TLS is set up per connection on the server's loop: a slow handshake holds only
+        # itself, and plain HTTP on the TLS port gets a 400 instead of silence.
+        self._httpd = HTTPServer(
+            _handler(self),
+            host,
+            port,
+            name="kvcache-http",
+            server_header="kvcache-exporter",
+            tls=self.web.ssl_context(),
+            body_limit=body_limit,
+            placement=self._placement,
+        )
         self.poller.start()
-        threading.Thread(target=self._httpd.serve_forever, name="kvcache-http", daemon=True).start()
+        self._httpd.start()
         log.info(
             "serving /metrics on %s:%d for %d targets", host, self.port, len(self.config.targets)
         )
 
+    def _placement(self, request: Request) -> str:
+        """Reads of what is already rendered answer on the loop; a password not seen before
+        (bcrypt) on threads of its own; a reload on the workers."""
+        if self.auth.costly(request.headers.get("authorization")):
+            return "expensive"
+        if request.method in ("GET", "HEAD"):
+            return "inline"
+        return "pool"
+
     def stop(self) -> None:
         if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
+            self._httpd.stop()
         self.poller.stop()
         self.nvml.stop()
 
@@ -191,12 +203,6 @@ def _landing(exporter: Exporter) -> bytes:
         f"<table><tr><th>target</th><th>kind</th><th>url</th><th>state</th></tr>{rows}</table>"
         "</body></html>"
     ).encode()
-
-
-PLAIN_HTTP_ON_TLS = (
-    b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
-    b"Client sent an HTTP request to an HTTPS server.\n"
-)
 
 
 def accepts_gzip(header: str) -> bool:
@@ -219,117 +225,53 @@ def accepts_gzip(header: str) -> bool:
 
 # Paths the exporter serves with GET (and HEAD); another method there is 405, not 404.
 GET_PATHS = ("/metrics", "/healthz", "/")
+RELOAD_BODY_BYTES = 64 << 10  # POST /-/reload: a body is read (and ignored), never reparsed
 
 
-def _handler(exporter: Exporter, tls: ssl.SSLContext | None) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "kvcache-exporter"
-        protocol_version = "HTTP/1.1"
-        timeout = 30  # a client that stops talking (or never finishes TLS) is dropped
-        # Headers and body are two writes: without TCP_NODELAY, Nagle + delayed ACK add 40 ms.
-        disable_nagle_algorithm = True
-        plain_on_tls = False
+def body_limit(method: str, path: str) -> int:
+    return RELOAD_BODY_BYTES if (method, path) == ("POST", "/-/reload") else 0
 
-        def setup(self) -> None:
-            if tls is not None:
-                self.request.settimeout(self.timeout)
-                first = self.request.recv(1, socket.MSG_PEEK)
-                if first and first[0] != 0x16:  # not a TLS handshake record: plain HTTP
-                    self.plain_on_tls = True
-                    self.request.sendall(PLAIN_HTTP_ON_TLS)
-                else:
-                    self.request = tls.wrap_socket(self.request, server_side=True)
-            super().setup()
 
-        def handle(self) -> None:
-            if not self.plain_on_tls:
-                super().handle()
+def _handler(exporter: Exporter) -> Callable[[Request], Response]:
+    def unauthorised() -> Response:
+        return Response(401, headers=[("WWW-Authenticate", f'Basic realm="{REALM}"')])
 
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("%s " + format, self.address_string(), *args)
-
-        def _reply(
-            self, status: HTTPStatus, body: bytes, content_type: str, gzipped: bool = False
-        ) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            if gzipped:
-                self.send_header("Content-Encoding", "gzip")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        def do_GET(self) -> None:
-            if refuse_body(self):
-                return
-            path = self.path.split("?", 1)[0]
+    def handle(request: Request) -> Response:
+        path = request.path
+        if request.method in ("GET", "HEAD"):
             # /healthz says only "ok": left open for orchestrators' probes.
-            if path != "/healthz" and not exporter.auth.check(self.headers.get("Authorization")):
-                self.send_response(HTTPStatus.UNAUTHORIZED)
-                self.send_header("WWW-Authenticate", f'Basic realm="{REALM}"')
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
+            if path != "/healthz" and not exporter.auth.check(request.headers.get("authorization")):
+                return unauthorised()
             if path == "/metrics":
-                if accepts_gzip(self.headers.get("Accept-Encoding", "")):
-                    self._reply(
-                        HTTPStatus.OK, exporter.exposition.render_gzip(), CONTENT_TYPE_LATEST, True
+                if accepts_gzip(request.headers.get("accept-encoding", "")):
+                    return Response(
+                        200,
+                        exporter.exposition.render_gzip(),
+                        CONTENT_TYPE_LATEST,
+                        [("Content-Encoding", "gzip")],
                     )
-                else:
-                    self._reply(HTTPStatus.OK, exporter.exposition.render(), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
+                return Response(200, exporter.exposition.render(), CONTENT_TYPE_LATEST)
+            if path == "/healthz":
                 ok = exporter.healthy()
-                self._reply(
-                    HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE,
-                    b"ok\n" if ok else b"not ready: targets not polled yet\n",
-                    "text/plain",
+                return Response(
+                    200 if ok else 503, b"ok\n" if ok else b"not ready: targets not polled yet\n"
                 )
-            elif path == "/":
-                self._reply(HTTPStatus.OK, _landing(exporter), "text/html; charset=utf-8")
-            else:
-                self._reply(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
-
-        do_HEAD = do_GET
-
-        def _refuse_method(self) -> None:
-            """405 on a path served by GET, 404 elsewhere; the connection is closed either way
-            (a body left unread must never be read as the next request)."""
-            path = self.path.split("?", 1)[0]
-            allowed = path in GET_PATHS
-            body = (
-                f"{self.command} {path}: method not allowed\n".encode()
-                if allowed
-                else b"not found\n"
-            )
-            self.send_response(HTTPStatus.METHOD_NOT_ALLOWED if allowed else HTTPStatus.NOT_FOUND)
-            if allowed:
-                self.send_header("Allow", "GET, HEAD")
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Connection", "close")  # also sets close_connection
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse_method
-
-        def do_POST(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path != "/-/reload" or not exporter.lifecycle:
-                self._refuse_method()
-                return
-            if not exporter.auth.check(self.headers.get("Authorization")):
-                self.close_connection = True
-                self.send_response(HTTPStatus.UNAUTHORIZED)
-                self.send_header("WWW-Authenticate", f'Basic realm="{REALM}"')
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
+            if path == "/":
+                return Response(200, _landing(exporter), "text/html; charset=utf-8")
+            return Response(404, b"not found\n")
+        if request.method == "POST" and path == "/-/reload" and exporter.lifecycle:
+            if not exporter.auth.check(request.headers.get("authorization")):
+                return unauthorised()
             ok, message = exporter.reload()
-            self._reply(
-                HTTPStatus.OK if ok else HTTPStatus.INTERNAL_SERVER_ERROR,
-                f"{message}\n".encode(),
-                "text/plain",
+            return Response(200 if ok else 500, f"{message}\n".encode())
+        # 405 on a path served by GET, 404 elsewhere.
+        if path in GET_PATHS:
+            return Response(
+                405,
+                f"{request.method} {path}: method not allowed\n".encode(),
+                headers=[("Allow", "GET, HEAD")],
+                close=True,
             )
+        return Response(404, b"not found\n", close=True)
 
-    return Handler
+    return handle

@@ -9,6 +9,8 @@ import signal
 import sys
 import threading
 
+from kvstats.http import raise_descriptor_limit
+
 from .config import Config, ConfigError, load_config, parse_listen
 
 USAGE = """\
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    raise_descriptor_limit()  # clients, targets and event sockets share the process's limit
     if args.command == "check-config":
         try:
             config = load_config(args.file)

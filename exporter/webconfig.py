@@ -136,6 +136,25 @@ class BasicAuth:
         with self._bcrypt:
             return bcrypt.checkpw(password, digest)
 
+    def costly(self, header: str | None) -> bool:
+        """Whether checking ``header`` needs bcrypt (not a success seen before): the HTTP front
+        answers those on threads of their own, so guesses never delay cached scrapes."""
+        if not self.enabled:
+            return False
+        scheme, _, credentials = (header or "").strip().partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(credentials.strip(), validate=True).partition(b":")
+            digest = self.users.get(user.decode())
+        except (ValueError, UnicodeDecodeError):
+            return False
+        if digest is None:
+            return True
+        key = hashlib.sha256(digest + b"\0" + password).digest()
+        with self._lock:
+            return not any(hmac.compare_digest(key, k) for k in self._ok)
+
     def check(self, header: str | None) -> bool:
         if not self.enabled:
             return True

@@ -7,15 +7,23 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 
 from devtools.ports import wait_listening
-from kvstats.http import QuietThreadingHTTPServer
-
 Responder = Callable[[BaseHTTPRequestHandler], None]
+
+
+class QuietThreadingHTTPServer(ThreadingHTTPServer):
+    """The stdlib's threaded server for canned engine answers: a client hanging up is quiet."""
+
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
 
 
 class CannedServer:

@@ -9,6 +9,8 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import bcrypt
@@ -347,3 +349,61 @@ def test_a_get_with_a_body_is_refused_not_read_as_a_second_request() -> None:
         exporter.stop()
         engine_side.stop()
         shim.close()
+
+
+def test_an_unknown_user_costs_the_slowest_configured_bcrypt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With users of different costs, an unknown user must cost what the slowest known user's
+    wrong password costs: anything less tells user names apart by timing."""
+    import base64
+
+    fast = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4))
+    slow = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=7))
+    auth = BasicAuth({"fast": fast, "slow": slow})
+    checks: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        checks.append(hashed[:7])
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    assert not auth.check("Basic " + base64.b64encode(b"nobody:pw").decode())
+    assert checks == [slow[:7]]  # $2b$07$
+
+
+def test_a_wrong_password_flood_does_not_delay_cached_scrapes(tmp_path: Path) -> None:
+    """Guesses cost bcrypt (cost 10 here, ~70 ms each, one at a time): they queue on threads
+    of their own, so a scrape whose password was checked before answers at once."""
+    digest = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=10)).decode()
+    (tmp_path / "web.yml").write_text(yaml.safe_dump({"basic_auth_users": {"prometheus": digest}}))
+    exporter, shim = exporter_with_web_config(tmp_path, "web.yml")
+    url = f"http://127.0.0.1:{exporter.port}/metrics"
+    stop = threading.Event()
+
+    def guess() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                client.get(url, auth=("prometheus", "guess"))
+
+    flooders = [threading.Thread(target=guess) for _ in range(24)]
+    try:
+        with httpx.Client(timeout=30, auth=("prometheus", PASSWORD)) as client:
+            assert client.get(url).status_code == 200  # checked once, cached from here on
+            for thread in flooders:
+                thread.start()
+            time.sleep(0.5)  # every worker would be waiting for bcrypt by now
+            took = []
+            for _ in range(20):
+                start = time.monotonic()
+                assert client.get(url).status_code == 200
+                took.append(time.monotonic() - start)
+                time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in flooders:
+            thread.join(30)
+        exporter.stop()
+        shim.close()
+    assert max(took) < 0.3, took  # behind queued guesses: 0.6 s and more
