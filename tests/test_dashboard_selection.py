@@ -17,7 +17,6 @@ import json
 import math
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,13 +26,16 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.ports import wait_listening
 from tests.helpers import wait_for
 from tests.test_dashboards_and_rules import DASHBOARDS, RULES, panels, tool
 
 GOLDEN = Path(__file__).parent / "testdata" / "exposition" / "fleet.golden.prom"
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
+VICTORIA_METRICS, VMALERT = shutil.which("victoria-metrics"), shutil.which("vmalert")
 STEP = 30  # seconds between samples
 SPAN = 75 * 60  # the rules' longest window (1 h) and some
 VARIABLES = ("cluster", "namespace", "instance", "engine", "model", "dp_rank")
@@ -67,7 +69,8 @@ class Series:
 
 
 def fleet() -> list[Series]:
-    """The golden fleet with exporter labels, and the reference engine again as DP rank 1."""
+    """The golden fleet with exporter labels, the reference engine again as DP rank 1, and a
+    DCGM exporter's memory readings."""
     out = []
     text = GOLDEN.read_text()
     for family in text_string_to_metric_families(text):
@@ -85,6 +88,17 @@ def fleet() -> list[Series]:
                 out.append(
                     Series(sample.name, tuple(sorted(copy.items())), sample.value, cumulative)
                 )
+    # NVIDIA's DCGM exporter beside it, on the reference engine's GPU (MiB, as DCGM reports).
+    dcgm = {
+        "cluster": "east",
+        "namespace": "llm",
+        "job": "dcgm-exporter",
+        "instance": "dcgm:9400",
+        "gpu": "0",
+        "UUID": "GPU-aaaaaaaa-0000-0000-0000-000000000000",
+    }
+    for name, mib in (("DCGM_FI_DEV_FB_USED", 40960.0), ("DCGM_FI_DEV_FB_FREE", 40960.0)):
+        out.append(Series(name, tuple(sorted(dcgm.items())), mib, False))
     return out
 
 
@@ -116,64 +130,31 @@ def oracle_cluster(expr: str, selection: dict[str, str]) -> str:
     return ORACLES[frozenset(scope)] if scope else "east"
 
 
-def openmetrics(series: list[Series], end: int) -> str:
-    """Gauges constant; counters and histograms rising linearly to their value at ``end``."""
+def samples(series: list[Series], end: int, millis: bool = False) -> list[str]:
+    """Gauges constant; counters and histograms rising linearly to their value at ``end``; a
+    sample every STEP seconds, timestamped in seconds (OpenMetrics) or milliseconds."""
     start = end - SPAN
     lines = []
     for s in sorted(series, key=lambda s: (s.name, s.labels)):
         labels = ",".join(f'{k}="{json.dumps(v)[1:-1]}"' for k, v in s.labels)
         for t in range(start, end + 1, STEP):
             value = s.value * (t - start) / SPAN if s.cumulative else s.value
-            lines.append(f"{s.name}{{{labels}}} {value!r} {t}")
-    lines.append("# EOF")
-    return "\n".join(lines) + "\n"
+            lines.append(f"{s.name}{{{labels}}} {value!r} {t * 1000 if millis else t}")
+    return lines
+
+
+def openmetrics(series: list[Series], end: int) -> str:
+    return "\n".join([*samples(series, end), "# EOF"]) + "\n"
 
 
 def relabel(labels: tuple[tuple[str, str], ...], cluster: str) -> tuple[tuple[str, str], ...]:
     return tuple((k, cluster if k == "cluster" else v) for k, v in labels)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class QueryAPI:
+    """The Prometheus HTTP query API, as Prometheus and VictoriaMetrics both serve it."""
 
-
-class Prometheus:
-    def __init__(self, data: Path, workdir: Path) -> None:
-        self.data, self.workdir = data, workdir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        config = self.workdir / "prometheus.yml"
-        config.write_text("global: {evaluation_interval: 1h}\n")
-        log = (self.workdir / "prometheus.log").open("ab")
-        self.process = subprocess.Popen(
-            [
-                tool(PROMETHEUS, "prometheus"),
-                f"--config.file={config}",
-                f"--storage.tsdb.path={self.data}",
-                "--storage.tsdb.retention.time=30d",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=log,
-            stderr=log,
-        )
-        wait_for(self.ready, 60, "prometheus ready")
-
-    def ready(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(30)
-            self.process = None
+    url = ""
 
     def query(self, expr: str, at: int) -> dict[tuple[tuple[str, str], ...], float]:
         answer = httpx.get(
@@ -191,10 +172,77 @@ class Prometheus:
         }
 
 
+class Server(QueryAPI):
+    """A server process on a port the kernel picks (read back from /proc, no race)."""
+
+    def __init__(self, workdir: Path, name: str) -> None:
+        self.workdir, self.name = workdir, name
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        log = (self.workdir / f"{self.name}.log").open("ab")
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=log)
+        (port,) = wait_listening(self.process, timeout=60)
+        self.url = f"http://127.0.0.1:{port}"
+        wait_for(self.ready, 60, f"{self.name} ready")
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(30)
+            self.process = None
+
+
+class Prometheus(Server):
+    def __init__(self, data: Path, workdir: Path) -> None:
+        super().__init__(workdir, "prometheus")
+        self.data = data
+
+    def command(self) -> list[str]:
+        config = self.workdir / "prometheus.yml"
+        config.write_text("global: {evaluation_interval: 1h}\n")
+        return [
+            tool(PROMETHEUS, "prometheus"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={self.data}",
+            "--storage.tsdb.retention.time=30d",
+            "--web.listen-address=127.0.0.1:0",
+        ]
+
+
+class VictoriaMetrics(Server):
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir, "victoria-metrics")
+
+    def command(self) -> list[str]:
+        return [
+            tool(VICTORIA_METRICS, "victoria-metrics"),
+            f"-storageDataPath={self.workdir / 'vm-data'}",
+            "-retentionPeriod=100y",
+            "-httpListenAddr=127.0.0.1:0",
+            "-search.disableCache",
+            "-search.latencyOffset=0s",
+        ]
+
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
 @pytest.fixture(scope="module")
-def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prometheus, int]]:
-    """A real Prometheus over the fleet and one copy per selection, raw and recorded series."""
-    work = tmp_path_factory.mktemp("dashboard-selection")
+def fleet_data() -> tuple[list[Series], int]:
+    """The fleet and one copy per selection; the time its samples end."""
     end = int(time.time()) // 3600 * 3600 - 3600  # well in the past: blocks, not the head
     everything = fleet()
     for selection, cluster in ORACLES.items():
@@ -203,6 +251,16 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prome
             for s in fleet()
             if selected(s, dict(selection))
         ]
+    return everything, end
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    tmp_path_factory: pytest.TempPathFactory, fleet_data: tuple[list[Series], int]
+) -> Iterator[tuple[Prometheus, int]]:
+    """A real Prometheus over the fleet data, raw and recorded series."""
+    work = tmp_path_factory.mktemp("dashboard-selection")
+    everything, end = fleet_data
     source = work / "fleet.om"
     source.write_text(openmetrics(everything, end))
     data = work / "data"
@@ -356,3 +414,80 @@ def same(a: dict[Any, float], b: dict[Any, float]) -> bool:
     return a.keys() == b.keys() and all(
         (math.isnan(a[k]) and math.isnan(b[k])) or math.isclose(a[k], b[k], rel_tol=1e-9) for k in a
     )
+
+
+# ------------------------------------------------ a second PromQL engine: VictoriaMetrics
+
+
+def iso(t: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+@pytest.fixture(scope="module")
+def victoria_metrics(
+    tmp_path_factory: pytest.TempPathFactory, fleet_data: tuple[list[Series], int]
+) -> Iterator[tuple[VictoriaMetrics, int]]:
+    """VictoriaMetrics fed the same samples, the recording rules replayed by vmalert over
+    the same span and steps as promtool backfilled them for Prometheus."""
+    work = tmp_path_factory.mktemp("victoria-metrics")
+    everything, end = fleet_data
+    server = VictoriaMetrics(work)
+    server.start()
+    try:
+        body = "\n".join(samples(everything, end, millis=True)) + "\n"
+        imported = httpx.post(f"{server.url}/api/v1/import/prometheus", content=body, timeout=120)
+        assert imported.status_code == 204, imported.text
+        httpx.get(f"{server.url}/internal/force_flush", timeout=60).raise_for_status()
+        replay = subprocess.run(
+            [
+                tool(VMALERT, "vmalert"),
+                f"-rule={RULES}",
+                f"-datasource.url={server.url}",
+                f"-remoteWrite.url={server.url}",
+                f"-replay.timeFrom={iso(end - SPAN + 3600)}",
+                f"-replay.timeTo={iso(end)}",
+                "-replay.rulesDelay=0s",
+                "-replay.disableProgressBar",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert replay.returncode == 0, replay.stdout[-3000:] + replay.stderr[-3000:]
+        httpx.get(f"{server.url}/internal/force_flush", timeout=60).raise_for_status()
+        yield server, end - 60
+    finally:
+        server.stop()
+
+
+def test_victoriametrics_answers_every_rule_and_panel_as_prometheus_does(
+    prometheus: tuple[Prometheus, int], victoria_metrics: tuple[VictoriaMetrics, int]
+) -> None:
+    """Every rule's expression, every recorded series (promtool's backfill against vmalert's
+    replay) and every panel's queries (all engines, and each selection) give the same series
+    and values on both engines."""
+    reference, at = prometheus
+    second, _ = victoria_metrics
+    rules = yaml.safe_load(RULES.read_text())["groups"]
+    checks = [
+        (f"rule {r.get('alert') or r['record']}", r["expr"]) for g in rules for r in g["rules"]
+    ]
+    checks += [
+        (f"recorded {r['record']}", r["record"]) for g in rules for r in g["rules"] if "record" in r
+    ]
+    for selection in ({}, *SELECTIONS.values()):
+        checks += [
+            (f"{where} [{i}] {selection}", with_variables(expr, {"cluster": "east", **selection}))
+            for where, i, expr in QUERIES
+        ]
+    differ = []
+    for where, expr in checks:
+        a, b = reference.query(expr, at), second.query(expr, at)
+        if not same(a, b):
+            differ.append(f"{where}:\n  prometheus        {a}\n  victoria-metrics  {b}")
+    assert not differ, f"{len(differ)} of {len(checks)} differ:\n" + "\n".join(differ)
+    # Equal, and not by being empty: every recorded series and every panel at All has data
+    # (an alert that does not fire is empty on both, as it should be).
+    must_have_data = [c for c in checks if c[0].startswith("recorded") or c[0].endswith(" {}")]
+    empty = [where for where, expr in must_have_data if not second.query(expr, at)]
+    assert not empty and len(must_have_data) > 60, (empty, len(must_have_data))
