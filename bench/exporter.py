@@ -9,7 +9,9 @@
     ``/metrics`` (goal: worst case <= poll interval + 50 ms).
 
 Targets are canned ``kvcache.stats`` snapshots (one engine identity per target) served from
-another process, so the exporter's own costs are what is measured.
+another process; the exporter and the floor each run in their own process (as users run
+them), so the exporter's own costs are what is measured. ``--tree DIR`` runs another
+checkout's exporter (before/after figures on one machine).
 """
 
 from __future__ import annotations
@@ -31,15 +33,14 @@ from typing import Any
 
 import httpx
 import yaml
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
+TREE = ROOT  # whose exporter runs (--tree: another checkout's, for before/after figures)
 sys.path.insert(0, str(ROOT))
 
+from devtools.ports import wait_listening  # noqa: E402
 from devtools.snapshots import canned_snapshot as valid  # noqa: E402
-from exporter.app import Exporter  # noqa: E402
-from exporter.config import parse_config  # noqa: E402
 
 TARGET_SERVER = textwrap.dedent("""
     import json, sys, threading
@@ -98,11 +99,15 @@ def targets_config(base_url: str, n: int, interval: float) -> dict[str, Any]:
     }
 
 
-def static_registry_like(text: str) -> CollectorRegistry:
-    """A registry of plain Gauge objects holding the same series (the library's floor)."""
+FLOOR_SERVER = textwrap.dedent("""
+    # prometheus_client's start_http_server over plain Gauges holding the same series: the
+    # library's floor, in its own process as the exporter is in its own.
+    import sys
+    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+    from prometheus_client.parser import text_string_to_metric_families
     registry = CollectorRegistry(auto_describe=False)
-    gauges: dict[str, Gauge] = {}
-    for family in text_string_to_metric_families(text):
+    gauges = {}
+    for family in text_string_to_metric_families(sys.stdin.read()):
         for s in family.samples:
             names = sorted(s.labels)
             if s.name not in gauges:
@@ -111,7 +116,37 @@ def static_registry_like(text: str) -> CollectorRegistry:
                 )
             gauge = gauges[s.name]
             (gauge.labels(**s.labels) if names else gauge).set(s.value)
-    return registry
+    server, thread = start_http_server(0, "127.0.0.1", registry=registry)
+    print(server.server_address[1], flush=True)
+    thread.join()
+""")
+
+
+def start_floor_server(text: str) -> tuple[subprocess.Popen[bytes], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FLOOR_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(text.encode())
+    proc.stdin.close()
+    port = int(proc.stdout.readline())
+    return proc, f"http://127.0.0.1:{port}/metrics"
+
+
+def start_exporter(config: dict[str, Any], tmp: str) -> tuple[subprocess.Popen[bytes], int]:
+    """The exporter as users run it (``TREE``'s code, in its own process); its port."""
+    path = Path(tmp) / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter.cli", "--config", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=TREE,
+        env={**os.environ, "PYTHONPATH": str(TREE)},
+    )
+    (port,) = wait_listening(proc, timeout=60)
+    wait_healthy(f"http://127.0.0.1:{port}/healthz")
+    return proc, port
 
 
 def timed(fn: Any, repeats: int) -> list[float]:
@@ -127,31 +162,31 @@ def bench_latency(base_url: str, sizes: list[int], repeats: int) -> None:
     print(
         "(a) GET /metrics while every target changes every second (1 s polls), at random"
         " moments, vs prometheus_client's start_http_server holding the same series"
+        " (each server in its own process)"
     )
     rng = random.Random(1)
     for n in sizes:
-        exporter = Exporter(parse_config(targets_config(base_url, n, 1.0)))
-        exporter.start()
-        deadline = time.monotonic() + 30
-        while not exporter.healthy():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{exporter.port}/metrics"
-        with httpx.Client() as client:
-            text = client.get(url).text
-            series = sum(1 for ln in text.splitlines() if ln and not ln.startswith("#"))
-            static = static_registry_like(text)
-            floor_server, floor_thread = start_http_server(0, "127.0.0.1", registry=static)
-            floor_url = f"http://127.0.0.1:{floor_server.server_address[1]}/metrics"
-            floor, ours = [], []
-            for _ in range(repeats):  # interleaved, so both see the same machine
-                time.sleep(rng.uniform(0, 0.05))
-                floor += timed(lambda: client.get(floor_url), 1)  # noqa: B023
-                time.sleep(rng.uniform(0, 0.05))
-                ours += timed(lambda: client.get(url), 1)  # noqa: B023
-            floor_server.shutdown()
-            floor_thread.join()
-        exporter.stop()
+        with tempfile.TemporaryDirectory() as tmp:
+            exporter, port = start_exporter(targets_config(base_url, n, 1.0), tmp)
+            floor_server: subprocess.Popen[bytes] | None = None
+            try:
+                url = f"http://127.0.0.1:{port}/metrics"
+                with httpx.Client() as client:
+                    time.sleep(2)  # past start-up
+                    text = client.get(url).text
+                    series = sum(1 for ln in text.splitlines() if ln and not ln.startswith("#"))
+                    floor_server, floor_url = start_floor_server(text)
+                    floor, ours = [], []
+                    for _ in range(repeats):  # interleaved, so both see the same machine
+                        time.sleep(rng.uniform(0, 0.05))
+                        floor += timed(lambda: client.get(floor_url), 1)  # noqa: B023
+                        time.sleep(rng.uniform(0, 0.05))
+                        ours += timed(lambda: client.get(url), 1)  # noqa: B023
+            finally:
+                for proc in (exporter, floor_server):
+                    if proc is not None:
+                        proc.terminate()
+                        proc.wait(15)
         f, o = statistics.median(floor), statistics.median(ours)
         print(
             f"    {n:>3} targets, {series:>5} series: start_http_server p50 {f * 1e3:6.2f} ms;"
@@ -191,19 +226,9 @@ def proc_rss_mb(pid: int) -> float:
 
 def bench_steady(base_url: str, n: int, seconds: float, scrape_every: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        config = targets_config(base_url, n, 1.0)
-        config["listen"] = "127.0.0.1:18399"
-        path = Path(tmp) / "bench.yaml"
-        path.write_text(yaml.safe_dump(config))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter.cli", "--config", str(path)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=ROOT,
-        )
+        proc, port = start_exporter(targets_config(base_url, n, 1.0), tmp)
         try:
-            url = "http://127.0.0.1:18399/metrics"
-            wait_healthy("http://127.0.0.1:18399/healthz")
+            url = f"http://127.0.0.1:{port}/metrics"
             time.sleep(2)  # past start-up
             cpu0, t0 = proc_cpu_seconds(proc.pid), time.monotonic()
             rss = []
@@ -263,29 +288,18 @@ def bench_freshness(changes: int, interval: float, targets: int, base_url: str) 
     target = _Mutable()
     url = f"http://127.0.0.1:{target.httpd.server_address[1]}"
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "fresh.yaml"
-        path.write_text(
-            yaml.safe_dump(
-                {
-                    "listen": "127.0.0.1:18398",
-                    "poll_interval": interval,
-                    "nvml": "off",
-                    "targets": [{"name": "f", "kind": "shim", "url": url}]
-                    + targets_config(base_url, targets - 1, interval)["targets"],
-                }
-            )
-        )
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter.cli", "--config", str(path)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=ROOT,
-        )
+        config = {
+            "listen": "127.0.0.1:0",
+            "poll_interval": interval,
+            "nvml": "off",
+            "targets": [{"name": "f", "kind": "shim", "url": url}]
+            + targets_config(base_url, targets - 1, interval)["targets"],
+        }
+        proc, port = start_exporter(config, tmp)
         delays = []
         try:
-            metrics = "http://127.0.0.1:18398/metrics"
+            metrics = f"http://127.0.0.1:{port}/metrics"
             with httpx.Client() as client:
-                wait_healthy("http://127.0.0.1:18398/healthz")
                 for k in range(changes):
                     time.sleep(
                         interval * (0.13 + 0.71 * ((k * 7) % 10) / 10)
@@ -316,7 +330,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--steady-seconds", type=float, default=60.0)
     parser.add_argument("--changes", type=int, default=20)
+    parser.add_argument("--tree", type=Path, default=ROOT, help="the exporter of this checkout")
     args = parser.parse_args()
+    global TREE
+    TREE = args.tree.resolve()
     server, base_url = start_target_server()
     try:
         bench_latency(base_url, [int(s) for s in args.sizes.split(",")], args.repeats)

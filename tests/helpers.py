@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from devtools.ports import wait_listening
+
 Responder = Callable[[BaseHTTPRequestHandler], None]
 
 
