@@ -136,47 +136,50 @@ class BasicAuth:
         with self._bcrypt:
             return bcrypt.checkpw(password, digest)
 
+    @staticmethod
+    def _credentials(header: str | None) -> tuple[str, bytes] | None:
+        """User and password of a well-formed ``Basic`` header (RFC 7617), else None."""
+        scheme, _, credentials = (header or "").strip().partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+        user, _, password = decoded.partition(":")
+        return user, password.encode()
+
+    def _cached(self, digest: bytes, password: bytes) -> bytes | None:
+        """The success-cache key, or None when this password was not accepted before."""
+        key = hashlib.sha256(digest + b"\0" + password).digest()
+        with self._lock:
+            return key if any(hmac.compare_digest(key, k) for k in self._ok) else None
+
     def costly(self, header: str | None) -> bool:
         """Whether checking ``header`` needs bcrypt (not a success seen before): the HTTP front
         answers those on threads of their own, so guesses never delay cached scrapes."""
-        if not self.enabled:
+        parsed = self._credentials(header) if self.enabled else None
+        if parsed is None:
             return False
-        scheme, _, credentials = (header or "").strip().partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            user, _, password = base64.b64decode(credentials.strip(), validate=True).partition(b":")
-            digest = self.users.get(user.decode())
-        except (ValueError, UnicodeDecodeError):
-            return False
-        if digest is None:
-            return True
-        key = hashlib.sha256(digest + b"\0" + password).digest()
-        with self._lock:
-            return not any(hmac.compare_digest(key, k) for k in self._ok)
+        digest = self.users.get(parsed[0])
+        return digest is None or self._cached(digest, parsed[1]) is None
 
     def check(self, header: str | None) -> bool:
         if not self.enabled:
             return True
-        scheme, _, credentials = (header or "").strip().partition(" ")
-        if scheme.lower() != "basic":
+        parsed = self._credentials(header)
+        if parsed is None:
             return False
-        try:
-            decoded = base64.b64decode(credentials.strip(), validate=True).decode()
-        except (ValueError, UnicodeDecodeError):
-            return False
-        user, _, password_text = decoded.partition(":")
-        password = password_text.encode()
+        user, password = parsed
         digest = self.users.get(user)
         if digest is None or len(password) > MAX_PASSWORD_BYTES:
             self._checkpw(password[:MAX_PASSWORD_BYTES], self._dummy)  # the same work
             return False
-        key = hashlib.sha256(digest + b"\0" + password).digest()
-        with self._lock:
-            if any(hmac.compare_digest(key, k) for k in self._ok):
-                return True
+        if self._cached(digest, password) is not None:
+            return True
         if not self._checkpw(password, digest):
             return False
+        key = hashlib.sha256(digest + b"\0" + password).digest()
         with self._lock:
             if len(self._ok) > 1024:
                 self._ok.clear()

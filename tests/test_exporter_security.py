@@ -125,6 +125,19 @@ def test_tls_and_basic_auth(certs: Path, caplog: pytest.LogCaptureFixture) -> No
     assert PASSWORD not in caplog.text
 
 
+def bcrypt_costs(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The cost prefix (``$2b$NN$``) of every hash bcrypt checks a password against, from now."""
+    checks: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        checks.append(hashed[:7])
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    return checks
+
+
 def test_basic_auth_edges_are_refusals_not_dropped_connections(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -141,14 +154,7 @@ def test_basic_auth_edges_are_refusals_not_dropped_connections(
     assert not auth.check(header(b"u", b"p" * 73))  # bcrypt would raise past 72 bytes
     assert not auth.check(header(b"u", b"\xff" * 100))
     # An unknown user costs one bcrypt check at the configured cost, as a wrong password does.
-    checks: list[bytes] = []
-    real = bcrypt.checkpw
-
-    def counting(password: bytes, hashed: bytes) -> bool:
-        checks.append(hashed[:7])
-        return real(password, hashed)
-
-    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    checks = bcrypt_costs(monkeypatch)
     assert not auth.check(header(b"nobody", b"pw"))
     assert not auth.check(header(b"u", b"wrong"))
     assert checks == [digest[:7], digest[:7]]  # $2b$05$ both times
@@ -361,14 +367,7 @@ def test_an_unknown_user_costs_the_slowest_configured_bcrypt(
     fast = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4))
     slow = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=7))
     auth = BasicAuth({"fast": fast, "slow": slow})
-    checks: list[bytes] = []
-    real = bcrypt.checkpw
-
-    def counting(password: bytes, hashed: bytes) -> bool:
-        checks.append(hashed[:7])
-        return real(password, hashed)
-
-    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    checks = bcrypt_costs(monkeypatch)
     assert not auth.check("Basic " + base64.b64encode(b"nobody:pw").decode())
     assert checks == [slow[:7]]  # $2b$07$
 
