@@ -26,7 +26,35 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 VENV_PY="$ROOT/.venv/bin/python"
-pip_quiet() { "$VENV_PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v '^WARNING: Location' || true; }
+# pip's notes that are expected here: vLLM's and SGLang's pins are not met on purpose (--no-deps
+# beside CPU torch), and --target over an existing directory.
+PIP_NOISE='^WARNING: (Location|Target directory|Skipping)|requires .* which is (incompatible|not installed)|but you have .* which is incompatible|dependency (conflicts|resolver does not currently)|^(vllm|sglang) [0-9.]* requires|not installed'
+
+run_quietly() {
+  # Runs a command, shows its output less PIP_NOISE; on failure shows all of it, the free disk
+  # (a full disk is the usual cause on CI) and fails, instead of letting a pipe hide the status.
+  local out status=0
+  out=$(mktemp)
+  "$@" >"$out" 2>&1 || status=$?
+  if [ "$status" = 0 ]; then
+    grep -Ev "$PIP_NOISE" "$out" || true
+  else
+    cat "$out" >&2
+    echo "failed ($status): $*" >&2
+    df -h "$ROOT" "${TMPDIR:-/tmp}" >&2 || true
+  fi
+  rm -f "$out"
+  return "$status"
+}
+pip_quiet() { run_quietly "$VENV_PY" -m pip install -q --disable-pip-version-check "$@"; }
+
+prune_cuda_binaries() {
+  # A vLLM wheel carries ~700 MB of CUDA kernels and the vllm-rs tool, none of which can load
+  # without libcuda; the tests use vLLM's Python block pool. Five copies would fill a CI disk.
+  local dir=$1
+  find "$dir" -path '*/vllm/*' \( -name '*.so' -o -name vllm-rs \) -type f -delete
+  find "$dir" -path '*/vllm/third_party/*' -type d -name include -prune -exec rm -rf {} +
+}
 
 bootstrap_python() {
   # $1: extras to install, e.g. "engine" or "engine,dev".
@@ -49,23 +77,25 @@ bootstrap_vllm() {
   # in its own venv (vLLM's pins must not touch .venv); then every release of the support
   # matrix --no-deps in .venv-vllm/matrix/RELEASE (put first on PYTHONPATH to test it), the
   # newest also in the venv itself (for the benchmarks); SGLang's classes in .venv-vllm/sglang.
-  # pip keeps the downloaded wheels.
+  # No pip cache: each wheel is installed once, and the cache would double the disk used.
   local stamp=".venv-vllm/.installed"
   if [ ! -f "$stamp" ] || [ tests/vllm/requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
       || [ "$VLLM_MATRIX" -nt "$stamp" ]; then
     [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
-    local vpip=(.venv-vllm/bin/python -m pip install -q --disable-pip-version-check)
+    local vpip=(.venv-vllm/bin/python -m pip install -q --disable-pip-version-check --no-cache-dir)
     local newest; newest=$(vllm_releases | tail -1)
-    { "${vpip[@]}" "$TORCH_SPEC" && "${vpip[@]}" -r tests/vllm/requirements.txt \
-        && "${vpip[@]}" --no-deps "vllm==$newest" && "${vpip[@]}" --no-deps -e . ; } 2>&1 \
-      | grep -v -e '^WARNING: Location' -e 'requires .* which is incompatible' \
-        -e 'dependency conflicts' -e '^vllm [0-9.]* requires' || true
+    run_quietly "${vpip[@]}" "$TORCH_SPEC"
+    run_quietly "${vpip[@]}" -r tests/vllm/requirements.txt
+    run_quietly "${vpip[@]}" --no-deps "vllm==$newest"
+    prune_cuda_binaries .venv-vllm/lib
+    run_quietly "${vpip[@]}" --no-deps -e .
     local release
     for release in $(vllm_releases); do
       if [ ! -f ".venv-vllm/matrix/$release/.installed" ]; then
         rm -rf ".venv-vllm/matrix/$release"
-        "${vpip[@]}" --no-deps --target ".venv-vllm/matrix/$release" "vllm==$release" 2>&1 \
-          | grep -v -e '^WARNING: Location' -e '^WARNING: Target directory' || true
+        run_quietly "${vpip[@]}" --no-deps --target ".venv-vllm/matrix/$release" "vllm==$release" \
+          || { echo "vLLM $release did not install" >&2; exit 1; }
+        prune_cuda_binaries ".venv-vllm/matrix/$release"
         touch ".venv-vllm/matrix/$release/.installed"
       fi
       PYTHONPATH=".venv-vllm/matrix/$release" .venv-vllm/bin/python -c \
@@ -74,8 +104,7 @@ bootstrap_vllm() {
     done
     if [ ! -f ".venv-vllm/sglang/.installed-$SGLANG_RELEASE" ]; then
       rm -rf .venv-vllm/sglang
-      "${vpip[@]}" --no-deps --target .venv-vllm/sglang "sglang==$SGLANG_RELEASE" 2>&1 \
-        | grep -v -e '^WARNING: Location' -e '^WARNING: Target directory' || true
+      run_quietly "${vpip[@]}" --no-deps --target .venv-vllm/sglang "sglang==$SGLANG_RELEASE"
       touch ".venv-vllm/sglang/.installed-$SGLANG_RELEASE"
     fi
     PYTHONPATH=.venv-vllm/sglang .venv-vllm/bin/python -c \
@@ -91,10 +120,9 @@ bootstrap_vllm_live() {
   if [ ! -f "$stamp" ] || [ tests/vllm_live/requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     [ -x .venv-vllm-live/bin/python ] || "$PY" -m venv .venv-vllm-live
     local lpip=(.venv-vllm-live/bin/python -m pip)
-    { "${lpip[@]}" install -q --disable-pip-version-check -r tests/vllm_live/requirements.txt \
-        && "${lpip[@]}" uninstall -q -y torchvision torchaudio torchcodec \
-        && "${lpip[@]}" install -q --disable-pip-version-check --no-deps -e . ; } 2>&1 \
-      | grep -v -e '^WARNING: Location' -e 'not installed' -e '^WARNING: Skipping' || true
+    run_quietly "${lpip[@]}" install -q --disable-pip-version-check --no-cache-dir -r tests/vllm_live/requirements.txt
+    run_quietly "${lpip[@]}" uninstall -q -y torchvision torchaudio torchcodec
+    run_quietly "${lpip[@]}" install -q --disable-pip-version-check --no-deps -e .
     .venv-vllm-live/bin/python -c 'import vllm.entrypoints.openai.api_server, transformers, engine_shim' \
       || { echo "live vLLM test environment is broken" >&2; exit 1; }
     touch "$stamp"
