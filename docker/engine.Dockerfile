@@ -1,6 +1,8 @@
 # The reference engine with its stats endpoint. CPU torch by default; the GPU override passes a
 # CUDA wheel index as TORCH_INDEX_URL.
-FROM python:3.11-slim
+# BASE_IMAGE: tests/images builds on a stand-in with the same Python where Docker Hub is out of reach.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 WORKDIR /opt/kvcache-exporter

@@ -1,5 +1,7 @@
 # The sidecar: slim, no torch (the exporter never imports it), non-root.
-FROM python:3.11-slim
+# BASE_IMAGE: tests/images builds on a stand-in with the same Python where Docker Hub is out of reach.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 WORKDIR /opt/kvcache-exporter
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter

@@ -37,6 +37,18 @@ def small_engine_config(tmp_path: Path) -> Iterator[object]:
 collect_ignore = []
 if importlib.util.find_spec("vllm") is None:
     collect_ignore += ["vllm", "vllm_live"]
+IMAGE_TESTS = Path(__file__).parent / "images"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/images builds and runs the container images (root, buildah, podman, minutes):
+    collected only when named, as scripts/test does after the main suite."""
+    if collection_path != IMAGE_TESTS:
+        return None
+    named = (Path(arg.split("::")[0]).resolve() for arg in config.args)
+    return None if any(path.is_relative_to(IMAGE_TESTS) for path in named) else True
+
+
 # tests/engine_classes needs SGLang's classes: scripts/test runs it with them on the path.
 if importlib.util.find_spec("sglang") is None:
     collect_ignore.append("engine_classes")
