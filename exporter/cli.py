@@ -17,7 +17,7 @@ USAGE = """\
 kvcache-exporter --config FILE [--listen HOST:PORT]   run the sidecar (SIGHUP reloads FILE)
 kvcache-exporter check-config FILE                     validate a config and exit
 kvcache-exporter demo [--workload agentic|chat|burst]  reference engine + exporter + live view
-kvcache-exporter watch [--url URL]                     live one-line-per-engine view
+kvcache-exporter watch [--url URL] [--what-if-window S] live one-line-per-engine view
 kvcache-exporter reuse-curve (--shim URL | --prometheus URL --engine NAME [--window 1h])
                                                        hit ratio vs KV cache size"""
 
@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--url", default="http://127.0.0.1:8322/metrics")
     watch.add_argument("--interval", type=float, default=2.0)
     watch.add_argument("--count", type=int, default=None, help="stop after this many refreshes")
+    watch.add_argument(
+        "--what-if-window",
+        type=float,
+        default=300.0,
+        help="seconds the what-if curve is read over (default 300; warming up until then)",
+    )
     curve = sub.add_parser("reuse-curve", help="the what-if hit-ratio curve of an engine")
     source = curve.add_mutually_exclusive_group(required=True)
     source.add_argument("--shim", help="a shim's URL (its /v1/kv/stats): since the engine started")
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "watch":
         from .watch import watch
 
-        return watch(args.url, args.interval, args.count)
+        return watch(args.url, args.interval, args.count, what_if_window=args.what_if_window)
     if args.config is None:
         parser.print_usage(sys.stderr)
         print("kvcache-exporter: --config FILE is required to run the sidecar", file=sys.stderr)

@@ -6,14 +6,17 @@
 
 Hit ratios are over the last refresh (rates, not lifetime averages) once two scrapes exist;
 the "if KV" part is the what-if curve (engines that publish reuse distances) at multiples of
-the pool, and the working set (90 % of the hits at 64x) as a multiple of the pool.
+the pool, and the working set (90 % of the hits at 64x) as a multiple of the pool. The curve is
+read over a window of minutes (``WHAT_IF_WINDOW_SECONDS``), never one refresh: a sampled
+histogram over a few seconds holds a few hundred lookups and swings by tens of points. Until
+the window has passed it shows the curve since the engine started, marked as warming up.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +31,7 @@ TIER_SHORT = {"device": "dev", "host": "host", "storage": "sto", "p2p": "p2p", "
 
 REUSE = "kvcache_prefix_reuse_distance_tokens"
 WHAT_IF_MULTIPLES = (0.5, 1, 2, 4)
+WHAT_IF_WINDOW_SECONDS = 300.0
 
 
 @dataclass
@@ -88,7 +92,72 @@ def _pct(value: float | None) -> str:
     return "  -  " if value is None else f"{100 * value:.1f}%"
 
 
-def format_engine_line(key: EngineKey, now: EngineSample, before: EngineSample | None) -> str:
+@dataclass(frozen=True)
+class Reuse:
+    """An engine's reuse histogram at one scrape: enough to difference two of them."""
+
+    at: float
+    count: float
+    buckets: dict[float, float]
+
+    @classmethod
+    def of(cls, sample: EngineSample, at: float) -> Reuse | None:
+        count = sample.values.get(f"{REUSE}_count")
+        return None if count is None or not sample.reuse else cls(at, count, dict(sample.reuse))
+
+
+@dataclass(frozen=True)
+class WhatIfBase:
+    """Where the what-if window starts: ``reuse`` (None: the engine's start) ``seconds`` ago,
+    for a window of ``window`` seconds."""
+
+    reuse: Reuse | None
+    seconds: float
+    window: float
+
+
+class ReuseHistory:
+    """Each engine's recent reuse histograms, enough to read the curve over the last window."""
+
+    def __init__(self, window: float = WHAT_IF_WINDOW_SECONDS) -> None:
+        self.window = window
+        self._kept: dict[EngineKey, deque[Reuse]] = {}
+
+    def add(self, key: EngineKey, sample: EngineSample, at: float) -> WhatIfBase | None:
+        reuse = Reuse.of(sample, at)
+        if reuse is None:
+            self._kept.pop(key, None)
+            return None
+        kept = self._kept.setdefault(key, deque())
+        if kept and (
+            reuse.count < kept[-1].count or reuse.buckets.keys() != kept[-1].buckets.keys()
+        ):
+            kept.clear()  # the engine restarted (counts fell) or resized its pool: start again
+        kept.append(reuse)
+        while len(kept) > 1 and at - kept[1].at >= self.window:
+            kept.popleft()  # keep the newest scrape at least a window old
+        oldest = kept[0]
+        if at - oldest.at >= self.window:
+            return WhatIfBase(oldest, at - oldest.at, self.window)
+        return WhatIfBase(None, at - oldest.at, self.window)
+
+    def forget_except(self, keys: set[EngineKey]) -> None:
+        for key in set(self._kept) - keys:
+            del self._kept[key]
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{round(seconds / 3600, 1):g}h"
+    return f"{round(seconds / 60, 1):g}m" if seconds >= 60 else f"{seconds:.0f}s"
+
+
+def format_engine_line(
+    key: EngineKey,
+    now: EngineSample,
+    before: EngineSample | None,
+    what_if_base: WhatIfBase | None = None,
+) -> str:
     engine, rank, model = key
     parts = []
     for i, (pool_name, pool) in enumerate(sorted(now.pools.items(), key=lambda p: p[0] != "full")):
@@ -139,31 +208,36 @@ def format_engine_line(key: EngineKey, now: EngineSample, before: EngineSample |
             parts.append("hit " + " ".join(hit_parts))
         else:
             parts.append("hit (no queries)")
-    what_if = format_what_if(now, before)
+    what_if = format_what_if(now, what_if_base)
     if what_if:
         parts.append(what_if)
     return f"{engine}/{rank} {model}  " + " | ".join(parts)
 
 
-def format_what_if(now: EngineSample, before: EngineSample | None) -> str:
-    """The what-if curve at multiples of the pool, since the last refresh when it moved."""
+def format_what_if(now: EngineSample, base: WhatIfBase | None) -> str:
+    """The what-if curve at multiples of the pool: over the window once it has passed, since
+    the engine started (marked) until then, or since the engine started when no window is
+    kept (one scrape)."""
     pool = now.marks.get("pool")
     count = now.values.get(f"{REUSE}_count")
     if pool is None or count is None or not now.reuse:
         return ""
     bounds = sorted(now.reuse)
     cumulative = [now.reuse[b] for b in bounds]
-    if before is not None and before.reuse.keys() == now.reuse.keys():
-        delta = count - before.values.get(f"{REUSE}_count", 0.0)
-        if delta > 0:
-            cumulative = [c - before.reuse[b] for b, c in zip(bounds, cumulative, strict=True)]
-            count = delta
+    if base is None:
+        span = "since the engine started"
+    elif base.reuse is None:
+        span = f"warming up: {_duration(base.seconds)} of {_duration(base.window)}, since start"
+    else:
+        span = f"last {_duration(base.seconds)}"
+        cumulative = [c - base.reuse.buckets[b] for b, c in zip(bounds, cumulative, strict=True)]
+        count -= base.reuse.count
+    if count <= 0:
+        return f"if KV ({span}): no lookups"
     ratios = [curve_at(bounds, cumulative, count, pool * m) for m in WHAT_IF_MULTIPLES]
-    if any(r is None for r in ratios):
-        return ""
     rate = now.values.get("kvcache_prefix_reuse_sampling_ratio", 1.0)
-    sampled = "" if rate >= 1 else f" (sampled {rate:.0%}: noisy over short windows)"
-    text = f"if KV{sampled} " + " ".join(
+    sampled = "" if rate >= 1 else f", sampled {rate:.0%}"
+    text = f"if KV ({span}{sampled}) " + " ".join(
         f"x{m:g} {100 * (r or 0):.0f}%" for m, r in zip(WHAT_IF_MULTIPLES, ratios, strict=True)
     )
     size = working_set(bounds, cumulative, 0.9)
@@ -174,23 +248,37 @@ def render_lines(
     engines: dict[EngineKey, EngineSample],
     up: dict[str, float],
     before: dict[EngineKey, EngineSample],
+    what_if_bases: dict[EngineKey, WhatIfBase | None] | None = None,
 ) -> list[str]:
-    lines = [format_engine_line(k, engines[k], before.get(k)) for k in sorted(engines)]
+    bases = what_if_bases or {}
+    lines = [
+        format_engine_line(k, engines[k], before.get(k), bases.get(k)) for k in sorted(engines)
+    ]
     lines += [f"{name}  DOWN (target_up 0)" for name, value in sorted(up.items()) if value == 0]
     return lines
 
 
 class LiveView:
-    """Prints one stamped line per engine for each scrape, with hit ratios since the last one."""
+    """Prints one stamped line per engine for each scrape: hit ratios since the last one, the
+    what-if curve over the last ``what_if_window`` seconds."""
 
-    def __init__(self, out: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        out: Callable[[str], None] = print,
+        what_if_window: float = WHAT_IF_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.out = out
+        self.clock = clock
         self.before: dict[EngineKey, EngineSample] = {}
+        self.history = ReuseHistory(what_if_window)
 
     def show(self, exposition: str, empty: str = "(no engines yet)") -> None:
         engines, up = parse_exposition(exposition)
-        stamp = time.strftime("%H:%M:%S")
-        for line in render_lines(engines, up, self.before) or [empty]:
+        at, stamp = self.clock(), time.strftime("%H:%M:%S")
+        bases = {key: self.history.add(key, sample, at) for key, sample in engines.items()}
+        self.history.forget_except(set(engines))
+        for line in render_lines(engines, up, self.before, bases) or [empty]:
             self.out(f"{stamp} {line}")
         self.before = engines
 
@@ -233,8 +321,9 @@ def watch(
     iterations: int | None = None,
     out: Callable[[str], None] = print,
     deadline: float = 5.0,
+    what_if_window: float = WHAT_IF_WINDOW_SECONDS,
 ) -> int:
-    view = LiveView(lambda line: out(printable(line)))
+    view = LiveView(lambda line: out(printable(line)), what_if_window)
     count = 0
     with httpx.Client(timeout=deadline) as client:
         while iterations is None or count < iterations:

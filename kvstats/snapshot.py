@@ -219,6 +219,25 @@ def curve_at(
     return 0.0 if i == 0 else cumulative[i - 1] / total
 
 
+def size_for_hit_ratio(
+    bounds: Sequence[float], cumulative: Sequence[float], total: float, target: float
+) -> float | None:
+    """The KV size (tokens) at which the curve reaches hit ratio ``target``, interpolated
+    linearly inside its bucket (Prometheus' histogram_quantile over every lookup, cold misses
+    in +Inf); None when no size up to the largest bound reaches it."""
+    if total <= 0 or not bounds:
+        return None
+    rank = target * total
+    i = bisect.bisect_left(cumulative, rank)
+    if i == len(bounds):
+        return None
+    lower, below = (0.0, 0.0) if i == 0 else (float(bounds[i - 1]), float(cumulative[i - 1]))
+    inside = cumulative[i] - below
+    if inside <= 0:
+        return float(bounds[i])
+    return lower + (bounds[i] - lower) * (rank - below) / inside
+
+
 def working_set(
     bounds: Sequence[float], cumulative: Sequence[float], fraction: float
 ) -> float | None:

@@ -38,3 +38,11 @@ def host_port(text: str, default_host: str) -> tuple[str, int]:
     if not sep or not (port.isascii() and port.isdigit() and len(port) <= 5) or int(port) > 65535:
         raise ValueError(f"expected HOST:PORT with a port in 0-65535 (0: any free), got {text!r}")
     return host.strip("[]") or default_host, int(port)
+
+
+def format_bytes(value: float) -> str:
+    """Bytes as people read them: ``512 MiB``, ``1.4 GiB`` (binary units, three figures)."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.0f} B"

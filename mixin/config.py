@@ -77,6 +77,8 @@ class MixinConfig:
     # Page-worthy only when a pool that held the working set would hit this much more often,
     # with real traffic, for this long.
     working_set_min_gain: float = 0.1
+    # The hit ratios whose KV size the rules record (over the working set's lookback).
+    what_if_target_hit_ratios: tuple[float, ...] = (0.5, 0.75, 0.9)
     working_set_min_query_tokens_per_second: float = 100
     working_set_for: str = "1h"
     # KV event streams (vLLM / SGLang --kv-events-config): a lost batch leaves the resident
@@ -111,6 +113,10 @@ def load_config(path: Path | None) -> MixinConfig:
     return override(MixinConfig(), data, str(path))
 
 
+def _is_ratio(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1
+
+
 def override(config: MixinConfig, data: dict[str, Any], source: str = "overrides") -> MixinConfig:
     fields = {f.name for f in dataclasses.fields(MixinConfig)}
     changes: dict[str, Any] = {}
@@ -119,7 +125,11 @@ def override(config: MixinConfig, data: dict[str, Any], source: str = "overrides
         if key not in fields:
             raise MixinConfigError(f"{source}: unknown setting {key!r}")
         default = getattr(config, key)
-        if isinstance(default, tuple):
+        if isinstance(default, tuple) and default and isinstance(default[0], float):
+            if not isinstance(value, list) or not value or not all(_is_ratio(v) for v in value):
+                raise MixinConfigError(f"{source}: {key} must be a list of ratios in (0, 1)")
+            value = tuple(float(v) for v in value)
+        elif isinstance(default, tuple):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise MixinConfigError(f"{source}: {key} must be a list of label names")
             value = tuple(value)

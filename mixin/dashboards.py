@@ -759,6 +759,23 @@ def what_if_panels(d: Dashboard, c: MixinConfig, sel: str) -> Dashboard:
             width=6,
         )
     )
+    targets = ", ".join(f"{t:.0%}" for t in c.what_if_target_hit_ratios)
+    d = d.with_panel(
+        timeseries(
+            "KV needed for a hit ratio",
+            f"The KV size (tokens) at which the hit ratio would reach {targets}, over the last {w}, beside "
+            "the pool (read from the curve as histogram_quantile does). A target above the ceiling (the hit "
+            "ratio at 64x the pool: the rest are first-time prompts) has no line. A host tier of the same "
+            "size would reach the same hit ratio, serving the extra hits from host memory.",
+            "short",
+            query(
+                f"engine:kvcache_prefix_kv_for_hit_ratio_tokens:rate{w}{{{sel}}}",
+                "hit ratio {{target_hit_ratio}}",
+            ),
+            query(f'kvcache_pool_capacity_slots{{{sel}, pool="{c.pool}"}}', "pool"),
+            width=12,
+        )
+    )
     return d
 
 

@@ -111,14 +111,20 @@ def reuse_rules(c: MixinConfig) -> list[Rule]:
     picks those buckets. The working set is ``histogram_quantile`` over the buckets of *reused*
     tokens only: the largest bound's bucket stands in for +Inf, so cold misses are left out."""
     w = c.working_set_lookback
-    top, every = _marked('="top"'), _marked('!=""')
+    top = _marked('="top"')
+
+    def hit_ratio_at(marks: str) -> str:
+        return (
+            "sum without (le, bound) (\n"
+            f"  rate({REUSE}_bucket[{w}])\n"
+            f"    * ignoring (bound, mark) group_right ()\n  {marks}\n)\n"
+            f"  / ignoring (mark) group_left ()\n(rate({REUSE}_count[{w}]) > 0)\n"
+        )
+
     return [
         {
             "record": f"engine_mark:kvcache_prefix_hit_ratio_at_size:rate{w}",
-            "expr": "sum without (le, bound) (\n"
-            f"  rate({REUSE}_bucket[{w}])\n"
-            f"    * ignoring (bound, mark) group_right ()\n  {every}\n)\n"
-            f"  / ignoring (mark) group_left ()\n(rate({REUSE}_count[{w}]) > 0)\n",
+            "expr": hit_ratio_at(_marked('!=""')),
         },
         {
             "record": f"engine:kvcache_prefix_working_set_tokens:rate{w}",
@@ -129,6 +135,20 @@ def reuse_rules(c: MixinConfig) -> list[Rule]:
             f'  (rate({REUSE}_bucket{{le!="+Inf"}}[{w}]) unless ignoring (bound, mark) {top})\n'
             ")\n  > 0\n",
         },
+        *(
+            {
+                # histogram_quantile over every lookup (cold misses in +Inf) is the size whose
+                # hit ratio is the target; past the largest bound it would answer that bound,
+                # so targets above the ceiling (the hit ratio at 64x) are left out. The ceiling
+                # is computed here, not read from the rule above: backfilled rules (promtool
+                # create-blocks-from rules) cannot read each other.
+                "record": f"engine:kvcache_prefix_kv_for_hit_ratio_tokens:rate{w}",
+                "expr": f"histogram_quantile({target}, rate({REUSE}_bucket[{w}]))\n"
+                f"  and ignoring (mark)\n(\n{hit_ratio_at(top)}) >= {target}\n",
+                "labels": {"target_hit_ratio": f"{target:g}"},
+            }
+            for target in c.what_if_target_hit_ratios
+        ),
     ]
 
 

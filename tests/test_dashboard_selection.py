@@ -30,6 +30,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.ports import wait_listening
+from kvstats.snapshot import size_for_hit_ratio
 from tests.helpers import wait_for
 from tests.test_dashboards_and_rules import DASHBOARDS, RULES, panels, tool
 
@@ -392,22 +393,49 @@ def test_full_pool_panels_show_the_full_pool(
 
 def test_every_full_pool_filter_is_checked_above() -> None:
     """A new panel that filters on the pool joins the table above (or the working-set check)."""
-    checked = {panel for panel, _ in FULL_POOL_PANELS} | {"kvcache-engine: Working set vs pool"}
+    checked = {panel for panel, _ in FULL_POOL_PANELS} | set(SIZE_PANELS)
     assert {where for where, _, expr in QUERIES if 'pool="full"' in expr} == checked
 
 
-def test_the_working_set_panel_compares_with_the_full_pools_capacity(
+SIZE_PANELS = ("kvcache-engine: Working set vs pool", "kvcache-engine: KV needed for a hit ratio")
+
+
+@pytest.mark.parametrize("panel", SIZE_PANELS)
+def test_the_size_panels_compare_with_the_full_pools_capacity(
+    prometheus: tuple[Prometheus, int], panel: str
+) -> None:
+    server, at = prometheus
+    [expr] = [e for where, _, e in QUERIES if where == panel and "capacity" in e]
+    shown = server.query(with_variables(expr, REF_SELECTION), at)
+    assert [dict(labels).get("pool") for labels in shown] == ["full"]
+    assert list(shown.values()) == [29776.0]
+
+
+def test_the_kv_needed_panel_reads_the_curve_as_the_cli_does(
     prometheus: tuple[Prometheus, int],
 ) -> None:
+    """The reference engine's golden curve reaches 60 % at 64x the pool: 50 % has a size (the
+    CLI's, interpolated the same way), 75 % and 90 % none (not the largest bound)."""
     server, at = prometheus
     [expr] = [
         e
         for where, _, e in QUERIES
-        if where == "kvcache-engine: Working set vs pool" and "capacity" in e
+        if where == "kvcache-engine: KV needed for a hit ratio" and "capacity" not in e
     ]
     shown = server.query(with_variables(expr, REF_SELECTION), at)
-    assert [dict(labels).get("pool") for labels in shown] == ["full"]
-    assert list(shown.values()) == [29776.0]
+    assert {dict(labels)["target_hit_ratio"] for labels in shown} == {"0.5"}
+    curve = {
+        float(s.label("le") or "nan"): s.value
+        for s in fleet()
+        if s.name == "kvcache_prefix_reuse_distance_tokens_bucket"
+        and s.label("engine") == "ref"
+        and s.label("dp_rank") == "1"
+    }
+    total = curve.pop(math.inf)
+    bounds = sorted(curve)
+    expected = size_for_hit_ratio(bounds, [curve[b] for b in bounds], total, 0.5)
+    assert expected is not None
+    assert list(shown.values()) == [pytest.approx(expected, rel=1e-9)]
 
 
 def same(a: dict[Any, float], b: dict[Any, float]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,14 @@ def test_an_override_file_changes_thresholds_selectors_and_urls(tmp_path: Path) 
                 "fleet_labels": ["region", "namespace"],
                 "runbook_url_pattern": "https://wiki.example/kv#%s",
                 "preemptions_per_second": 1,
+                "what_if_target_hit_ratios": [0.6],
             }
         )
     )
     rules = rules_of(load_config(path))
+    kv_for = rules["engine:kvcache_prefix_kv_for_hit_ratio_tokens:rate1h"]
+    assert str(kv_for["expr"]).startswith("histogram_quantile(0.6, ")
+    assert kv_for["labels"] == {"target_hit_ratio": "0.6"}
     exhausted = rules["KVCacheExhausted"]
     assert "> 0.9\n" in str(exhausted["expr"]) and exhausted["for"] == "2m"
     assert exhausted["annotations"]["runbook_url"] == "https://wiki.example/kv#kvcacheexhausted"  # type: ignore[index]
@@ -67,10 +72,14 @@ def test_the_command_writes_a_copy_and_checks_staleness(tmp_path: Path) -> None:
         ({"runbook_url_pattern": "docs/runbooks.md#%s"}, "absolute URL"),
         ({"runbook_url_pattern": "https://x/runbooks"}, "absolute URL with %s"),
         ({"fleet_top_k": 2.5}, "fleet_top_k must be an integer"),
+        ({"what_if_target_hit_ratios": 0.5}, "must be a list of ratios in (0, 1)"),
+        ({"what_if_target_hit_ratios": [0.5, 1.0]}, "must be a list of ratios in (0, 1)"),
+        ({"what_if_target_hit_ratios": [True]}, "must be a list of ratios in (0, 1)"),
+        ({"what_if_target_hit_ratios": []}, "must be a list of ratios in (0, 1)"),
     ],
 )
 def test_bad_overrides_are_refused(overrides: dict[str, object], complaint: str) -> None:
-    with pytest.raises(MixinConfigError, match=complaint.replace("(", r"\(")):
+    with pytest.raises(MixinConfigError, match=re.escape(complaint)):
         override(MixinConfig(), overrides)
 
 

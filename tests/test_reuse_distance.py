@@ -26,7 +26,13 @@ from engine_shim.reference import ModelShape
 from engine_shim.reference.pool import BlockPool
 from engine_shim.reference.prefix_cache import PrefixCache
 from engine_shim.reuse_distance import RecencyOrder, ReuseDistanceTracker, bucket_bounds
-from kvstats.snapshot import ReuseDistances, SnapshotError, parse_snapshot, working_set
+from kvstats.snapshot import (
+    ReuseDistances,
+    SnapshotError,
+    parse_snapshot,
+    size_for_hit_ratio,
+    working_set,
+)
 from tests.test_snapshot import valid
 
 BS = 4
@@ -353,14 +359,120 @@ def test_the_watch_line_and_the_cli_table_read_the_curve() -> None:
     # 100,000 looked up. The pool (29,776) is the 9th bound: 27 %; x0.5 the 7th (21 %), x2 the
     # 11th (33 %), x4 the 14th (42 %). 90 % of 60,000 is reached at the 18th, 476,416 = 16.0x.
     assert ref.endswith(
-        "if KV (sampled 25%: noisy over short windows) x0.5 21% x1 27% x2 33% x4 42%,"
+        "if KV (warming up: 0s of 5m, since start, sampled 25%) x0.5 21% x1 27% x2 33% x4 42%,"
         " working set 16.0x"
     )
     curve = Curve("t", [100.0, 200.0, 400.0], [10.0, 30.0, 40.0], 50.0, {"pool": 200.0})
     table = format_curve(curve)
     assert table[0] == "t: 50 prompt tokens looked up"
     assert table[3].split() == ["200", "tokens", "1.00", "60.0%", "<-", "the", "pool"]
-    assert table[-1].endswith("200 tokens (1.00x the pool)")  # in the top bucket: its floor
+    (working,) = [line for line in table if "working set" in line]
+    assert working.endswith("200 tokens (1.00x the pool)")  # in the top bucket: its floor
+
+
+def test_size_for_hit_ratio_is_the_recording_rules_histogram_quantile() -> None:
+    """The CLI's answer and the dashboard's (alerts/tests/reuse.test.yml, by promtool) agree on
+    the same curves: A and B of that test."""
+    bounds = [250.0, 500.0, 1000.0, 2000.0, 4000.0, 64000.0]
+    a = [6000.0, 9000.0, 12000.0, 30000.0, 45000.0, 48000.0]
+    b = [30000.0, 40000.0, 45000.0, 46000.0, 47000.0, 48000.0]
+    assert size_for_hit_ratio(bounds, a, 60000.0, 0.5) == 2000
+    assert size_for_hit_ratio(bounds, a, 60000.0, 0.75) == 4000
+    assert size_for_hit_ratio(bounds, b, 60000.0, 0.5) == 250
+    assert size_for_hit_ratio(bounds, b, 60000.0, 0.75) == 1000
+    assert size_for_hit_ratio(bounds, a, 60000.0, 0.9) is None  # above the ceiling (80 %)
+    assert size_for_hit_ratio(bounds, a, 0.0, 0.5) is None
+
+
+def test_the_cli_answers_the_questions_people_ask_of_the_curve() -> None:
+    """The ceiling, the KV a hit ratio needs (interpolated as histogram_quantile does, cold
+    misses in +Inf), and more GPU KV against a host tier of the same size (same hit ratio in
+    the LRU model; the host serves the extra hits)."""
+    from exporter.reuse_curve import Curve, format_answers
+
+    curve = Curve(
+        "t",
+        [100.0, 141.0, 200.0, 283.0, 400.0, 566.0, 800.0],
+        [10.0, 20.0, 30.0, 40.0, 55.0, 60.0, 70.0],
+        100.0,
+        {"pool": 200.0},
+        bytes_per_token=2048.0,
+    )
+    assert format_answers(curve) == [
+        "  hit ratio with this pool (200 tokens, 400 KiB): 30.0%",
+        "  with unlimited KV (the ceiling, read at 4x the pool): at least 70.0%;"
+        " the other 30.0% are first-time prompts (or older)",
+        # 50 of 100 lookups: two thirds of the way from 283 (40) to 400 (55)
+        "  for a hit ratio of 50%: 361 tokens, 722 KiB (1.80x the pool)",
+        "  for a hit ratio of 75%: not reachable (the ceiling is 70.0%)",
+        "  for a hit ratio of 90%: not reachable (the ceiling is 70.0%)",
+        "                               more KV   as GPU KV            as a host tier",
+        "                   +83 tokens, 166 KiB       40.0%   30.0% + 10.0% from host",
+        "                  +200 tokens, 400 KiB       55.0%   30.0% + 25.0% from host",
+        "                 +600 tokens, 1.17 MiB       70.0%   30.0% + 40.0% from host",
+    ]
+    unmarked = Curve("t", [100.0], [1.0], 2.0, {})
+    assert format_answers(unmarked) == []  # no pool size: nothing to compare with
+
+
+def _reuse_exposition(buckets: tuple[float, float, float, float], count: float) -> str:
+    """One engine whose pool is 100 tokens, its reuse histogram at 50, 100, 200, 400 tokens."""
+    labels = 'engine="e",dp_rank="0",model="m"'
+    lines = [
+        f'kvcache_prefix_reuse_bucket_info{{{labels},mark="pool",bound="100.0"}} 1',
+        f"kvcache_prefix_reuse_sampling_ratio{{{labels}}} 0.25",
+        "# TYPE kvcache_prefix_reuse_distance_tokens histogram",
+    ]
+    for bound, value in zip((50.0, 100.0, 200.0, 400.0), buckets, strict=True):
+        lines.append(
+            f'kvcache_prefix_reuse_distance_tokens_bucket{{{labels},le="{bound}"}} {value}'
+        )
+    lines.append(f'kvcache_prefix_reuse_distance_tokens_bucket{{{labels},le="+Inf"}} {count}')
+    lines.append(f"kvcache_prefix_reuse_distance_tokens_count{{{labels}}} {count}")
+    lines.append(f"kvcache_prefix_reuse_distance_tokens_sum{{{labels}}} 0")
+    return "\n".join(lines) + "\n"
+
+
+def test_watch_reads_the_what_if_curve_over_its_window_never_one_refresh() -> None:
+    """A few seconds of a sampled histogram is noise: the curve is the engine's lifetime one
+    (marked warming up) until a whole window of scrapes exists, then the window's increase."""
+    from exporter.watch import LiveView
+
+    now = [0.0]
+    shown: list[str] = []
+    view = LiveView(shown.append, what_if_window=300, clock=lambda: now[0])
+
+    def line_at(t: float, buckets: tuple[float, float, float, float], count: float) -> str:
+        now[0] = t
+        shown.clear()
+        view.show(_reuse_exposition(buckets, count))
+        (line,) = shown
+        return line.split(" | ")[-1] if " | " in line else line.split("  ", 1)[1]
+
+    lifetime = line_at(0, (10, 20, 30, 40), 100)
+    assert lifetime == (
+        "if KV (warming up: 0s of 5m, since start, sampled 25%) x0.5 10% x1 20% x2 30% x4 40%,"
+        " working set 2.0x"  # 90 % of the hits at 400 tokens is in the top bucket: its floor
+    )
+    # A burst two seconds later: one refresh would read 90 % everywhere; the lifetime curve
+    # moves a little.
+    assert line_at(2, (19, 29, 39, 49), 110).startswith(
+        "if KV (warming up: 2s of 5m, since start, sampled 25%) x0.5 17% x1 26% x2 35% x4 45%"
+    )
+    assert line_at(150, (30, 60, 90, 120), 300).startswith("if KV (warming up: 2.5m of 5m")
+    # The window has passed: the increase since the scrape a window ago (t=0).
+    assert line_at(300, (110, 220, 330, 440), 1100).startswith(
+        "if KV (last 5m, sampled 25%) x0.5 10% x1 20% x2 30% x4 40%"
+    )
+    # Later, the base moves with the window (the newest scrape at least 5 minutes old: t=150).
+    assert line_at(460, (130, 260, 390, 520), 1300).startswith(
+        "if KV (last 5.2m, sampled 25%) x0.5 10% x1 20% x2 30% x4 40%"
+    )
+    assert line_at(760, (130, 260, 390, 520), 1300) == "if KV (last 5m): no lookups"
+    # The engine restarted (its counts fell): warming up again, from its new start.
+    assert line_at(762, (1, 2, 3, 4), 10).startswith(
+        "if KV (warming up: 0s of 5m, since start, sampled 25%) x0.5 10% x1 20%"
+    )
 
 
 @pytest.mark.parametrize("batched", [False, True])

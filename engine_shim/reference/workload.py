@@ -3,6 +3,10 @@
 - ``agentic``: a lead agent keeps a small context running while rounds of sub-agents share a
   long task prefix and finish, leaving their KV behind as evictable prefix cache. Between
   rounds active usage is ~2 % while the pool is physically ~70 %+ occupied (SGLang's case).
+  Tasks come back with Zipf-like popularity from a library about three pools large, and each
+  sub-agent comes back (its tool call done) with its whole context once about 1.5 pools of new
+  KV has been written, so the what-if curve differs by size: a pool of 2x would keep what
+  returns, 1x would not.
 - ``chat``: users in multi-turn conversations whose growing histories hit the prefix cache.
 - ``burst``: waves of long requests that need more KV than the pool has, forcing preemption.
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from collections import deque
 from collections.abc import Callable
 
 from .engine import ReferenceEngine, Request
@@ -21,6 +26,10 @@ from .engine import ReferenceEngine, Request
 log = logging.getLogger(__name__)
 
 WORKLOADS = ("agentic", "chat", "burst")
+TASK_LIBRARY_POOLS = 3  # the agentic tasks' working set, in pools
+AGENTS = 4  # sub-agents per agentic round
+# A sub-agent's tool call returns once about this many pools of new KV has been written since.
+TOOL_CALL_POOLS = 1.5
 
 
 class Workload:
@@ -100,15 +109,31 @@ class Workload:
     def _agentic_rounds(self) -> None:
         shared = max(64, min(self.max_len // 2, self.capacity // 12))
         unique = shared // 4
+        library = max(8, TASK_LIBRARY_POOLS * self.capacity // shared)
+        tasks = [self._tokens(shared) for _ in range(library)]
+        popularity = [1 / (rank + 1) for rank in range(len(tasks))]
+        # Each round's agents come back from their tool calls some rounds later with their
+        # whole context: whether it is still cached depends on the pool's size. A round writes
+        # about a task, each agent's own suffix and one and a half of it for the returning ones.
+        new_per_round = shared + AGENTS * (unique + unique // 2 + 48)
+        tool_call_rounds = max(2, round(TOOL_CALL_POOLS * self.capacity / new_per_round))
+        waiting_on_tools: deque[list[list[int]]] = deque()
         while not self._stop.is_set():
-            task = self._tokens(shared)
+            (task,) = self.rng.choices(tasks, weights=popularity)
             # The orchestrator reads the task first; its sub-agents then hit that prefix.
             planner = self.engine.submit(task, 8)
             if not self._wait([planner]):
                 return
-            agents = [self.engine.submit(task + self._tokens(unique), 24) for _ in range(6)]
-            if not self._wait(agents):
+            agents = [self.engine.submit(task + self._tokens(unique), 24) for _ in range(AGENTS)]
+            returning = []
+            if len(waiting_on_tools) >= tool_call_rounds:
+                returning = [
+                    self.engine.submit(self._fit(context + self._tokens(unique // 2), 24), 24)
+                    for context in waiting_on_tools.popleft()
+                ]
+            if not self._wait(agents + returning):
                 return
+            waiting_on_tools.append([agent.tokens for agent in agents])
             self.rounds += 1
             self._stop.wait(self.pause)
 
