@@ -1,7 +1,7 @@
 """Every metric family the exporter publishes, declared once: name, type, help, labels.
 
 Grouped by concern and listed in exposition order. The renderer, the per-target series
-estimate, the README's metric table (a test checks it) and the tests' list of names all read
+estimate, the metric table in docs/exporter.md (a test checks it) and the tests' list of names all read
 these declarations: adding a metric is one entry here and one line where its value is known.
 """
 

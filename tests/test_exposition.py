@@ -6,7 +6,7 @@
 - library: for any label values and numbers, a line equals the one ``generate_latest`` writes;
 - incremental: after any sequence of target updates, the body equals a fresh full render;
 - promtool: ``promtool check metrics`` finds nothing;
-- families: declared once, and the README's metric table lists exactly them.
+- families: declared once, and the metric table (docs/exporter.md) lists exactly them.
 """
 
 from __future__ import annotations
@@ -146,8 +146,8 @@ def test_without_nvml_engines_still_name_their_gpus() -> None:
 
 def test_families_are_declared_once_and_the_readme_lists_them() -> None:
     assert len({f.exposed for f in ALL}) == len(ALL) == len(BY_NAME)
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("### Metrics") : readme.index("**Slots and tokens")]
+    doc = (ROOT / "docs" / "exporter.md").read_text()
+    table = doc[doc.index("### Metrics") : doc.index("**Slots and tokens")]
     listed = set(re.findall(r"`(kvcache_[a-z0-9_]+)`", table))
     assert listed == {f.exposed for f in ALL}
 
