@@ -250,3 +250,210 @@ def test_the_retry_on_a_closed_connection_keeps_the_polls_deadline() -> None:
     assert server.connections == 2  # the retry happened, on a fresh connection
     assert outcome == "timeout"
     assert timeout <= elapsed < timeout + 0.7, elapsed  # a fresh deadline: 1.0 + 1.5
+
+
+@pytest.mark.parametrize(
+    ("url", "secure", "port", "path", "host_header"),
+    [
+        ("http://engine/v1/kv/stats", False, 80, "/v1/kv/stats", "engine"),
+        ("http://engine", False, 80, "/", "engine"),
+        ("http://engine:80/?a=1&b=2", False, 80, "/?a=1&b=2", "engine"),
+        ("http://engine:8321/x", False, 8321, "/x", "engine:8321"),
+        ("https://engine/metrics", True, 443, "/metrics", "engine"),
+        ("https://engine:443/metrics", True, 443, "/metrics", "engine"),
+        ("https://engine:8443/metrics", True, 8443, "/metrics", "engine:8443"),
+        ("https://engine:80/metrics", True, 80, "/metrics", "engine:80"),
+        ("http://[::1]/metrics", False, 80, "/metrics", "[::1]"),
+        ("http://[::1]:9400/metrics", False, 9400, "/metrics", "[::1]:9400"),
+        ("https://[fd00::2]:443/metrics", True, 443, "/metrics", "[fd00::2]"),
+    ],
+)
+def test_the_request_names_the_target_as_http_requires(
+    url: str, secure: bool, port: int, path: str, host_header: str
+) -> None:
+    """RFC 9112: Host is the authority, the port left out when it is the scheme's default, an
+    IPv6 literal in brackets; the request target is the path and query ("/" when empty)."""
+    tls = ssl.create_default_context()
+    conn = Connection(url, tls)
+    assert (conn.secure, conn.port, conn.path, conn.host_header) == (
+        secure,
+        port,
+        path,
+        host_header,
+    )
+    bracketed = host_header.startswith("[")
+    assert conn.host == (host_header[1:].split("]")[0] if bracketed else host_header.split(":")[0])
+    assert conn.tls is (tls if secure else None)
+
+
+class RecordingServer(RawServer):
+    """A RawServer that keeps each request's head."""
+
+    def __init__(self, raw: bytes, close: bool) -> None:
+        self.heads: list[bytes] = []
+        super().__init__(raw, close)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1/kv/stats"
+
+    def _talk(self, conn: socket.socket) -> None:
+        with conn:
+            buffer = b""
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                self.heads.append(head)
+                conn.sendall(self.raw)
+                if self.close_after:
+                    conn.shutdown(socket.SHUT_WR)
+                    return
+
+
+def fetch(url: str, times: int = 1, max_bytes: int = MAX) -> list[bytes | PollError]:
+    async def run() -> list[bytes | PollError]:
+        conn = Connection(url, None)
+        out: list[bytes | PollError] = []
+        for _ in range(times):
+            try:
+                out.append(await conn.get({"Accept": "application/json"}, max_bytes, 2.0))
+            except PollError as exc:
+                out.append(exc)
+        conn.close()
+        return out
+
+    return asyncio.run(run())
+
+
+def test_the_request_head_is_one_get_with_host_and_the_callers_headers() -> None:
+    server = RecordingServer(RESPONSES["length"][0], False)
+    port = server.sock.getsockname()[1]
+    try:
+        assert fetch(server.url, times=2) == [BODY, BODY]
+    finally:
+        server.stop()
+    expected = f"GET /v1/kv/stats HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: application/json"
+    assert server.heads == [expected.encode()] * 2
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "connections"),
+    [
+        # HTTP/1.0 closes after each answer unless it says otherwise: never reuse it.
+        (b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY, 3),
+        (answer(b"200 OK", [b"Content-Length: %d" % len(BODY), b"Connection: close"], BODY), 3),
+        (answer(b"200 OK", [b"Content-Length: %d" % len(BODY), b"Connection: CLOSE"], BODY), 3),
+        (
+            answer(b"200 OK", [b"Content-Length: %d" % len(BODY), b"Connection: keep-alive"], BODY),
+            1,
+        ),
+        # Trailers after the last chunk are read, so the connection stays usable.
+        (
+            answer(
+                b"200 OK", [b"Transfer-Encoding: chunked"], chunked(BODY)[:-2] + b"X-T: 1\r\n\r\n"
+            ),
+            1,
+        ),
+    ],
+)
+def test_a_connection_is_kept_only_when_http_keeps_it(raw: bytes, connections: int) -> None:
+    server = RecordingServer(raw, False)
+    try:
+        assert fetch(server.url, times=3) == [BODY] * 3
+    finally:
+        server.stop()
+    assert server.connections == connections
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+def test_the_size_cap_admits_exactly_max_bytes(framing: str) -> None:
+    """A body of exactly the cap is read; one byte more is refused, however it is framed."""
+    for size, expected in ((MAX, "ok"), (MAX + 1, "too_large")):
+        body = b"z" * size
+        if framing == "length":
+            raw, close = answer(b"200 OK", [b"Content-Length: %d" % size], body), False
+        elif framing == "chunked":
+            raw, close = (
+                answer(b"200 OK", [b"Transfer-Encoding: chunked"], chunked(body, 4096)),
+                False,
+            )
+        else:
+            raw, close = answer(b"200 OK", [b"Connection: close"], body), True
+        server = RecordingServer(raw, close)
+        try:
+            (got,) = fetch(server.url)
+        finally:
+            server.stop()
+        if expected == "ok":
+            assert got == body, framing
+        else:
+            assert isinstance(got, PollError) and got.reason == "too_large", (framing, got)
+            assert str(MAX) in got.message
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "says"),
+    [
+        (
+            answer(b"404 Not Found", [b"Content-Length: 0"], b""),
+            "http_status",
+            "HTTP 404 from 127.0.0.1:",
+        ),
+        (answer(b"503 Busy", [b"Content-Length: 0"], b""), "http_status", "HTTP 503 from"),
+        (answer(b"200 OK", [b"Content-Length: 12x"], b""), "connect", "bad Content-Length '12x'"),
+        (answer(b"200 OK", [b"Content-Length: -1"], b""), "connect", "bad Content-Length"),
+        (
+            answer(b"200 OK", [b"Content-Length: " + b"9" * 19], b""),
+            "connect",
+            "bad Content-Length",
+        ),
+        (
+            answer(b"200 OK", [b"Content-Length: 100000"], b""),
+            "too_large",
+            "Content-Length 100000 exceeds 65536 bytes",
+        ),
+        (
+            answer(b"200 OK", [b"Transfer-Encoding: chunked"], b"zz\r\n"),
+            "connect",
+            "not an HTTP/1.1 answer",
+        ),
+        (answer(b"200 OK", [b"Transfer-Encoding: chunked"], b"\r\n"), "connect", "bad chunk size"),
+        (
+            answer(b"200 OK", [b"Transfer-Encoding: chunked"], b"1" * 17 + b"\r\n"),
+            "connect",
+            "bad chunk size",
+        ),
+        (answer(b"200 OK", [b"Bad header"], b""), "connect", "bad header line"),
+        (
+            answer(b"200 OK", [b"X-%d: 1" % i for i in range(101)], b""),
+            "connect",
+            "more than 100 headers",
+        ),
+        (b"HTTP/2 200\r\n\r\n", "connect", "bad status line"),
+        (b"HTTP/1.1 20 OK\r\n\r\n", "connect", "bad status line"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "connect", "bad status line"),
+        (b"HTTP/1.1 OK 200\r\n\r\n", "connect", "bad status line"),
+    ],
+)
+def test_each_bad_answer_is_counted_with_what_was_wrong(raw: bytes, reason: str, says: str) -> None:
+    server = RecordingServer(raw, True)
+    try:
+        (got,) = fetch(server.url)
+    finally:
+        server.stop()
+    assert isinstance(got, PollError), got
+    assert (got.reason, says in got.message) == (reason, True), got.message
+
+
+def test_a_hundred_headers_are_read() -> None:
+    headers = [b"X-%d: 1" % i for i in range(99)] + [b"Content-Length: %d" % len(BODY)]
+    server = RecordingServer(answer(b"200 OK", headers, BODY), False)
+    try:
+        assert fetch(server.url) == [BODY]
+    finally:
+        server.stop()
