@@ -26,7 +26,9 @@ class Target:
 
 MODULES: dict[str, Target] = {
     "exporter/derive.py": Target(("tests/test_derive.py",)),
-    "exporter/state.py": Target(("tests/test_derive.py", "tests/test_exposition.py")),
+    "exporter/state.py": Target(
+        ("tests/test_state.py", "tests/test_derive.py", "tests/test_exposition.py")
+    ),
     "exporter/fetch.py": Target(("tests/test_fetch.py",)),
     "kvstats/capacity.py": Target(("tests/test_capacity.py",)),
     "engine_shim/bridges/vllm.py": Target(("tests/test_bridges.py",)),
