@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstats.http import raise_descriptor_limit
-from kvstats.kinds import BRIDGE_KINDS
+from kvstats.kinds import bridge_kinds
 from kvstats.units import host_port, size_bytes
 
 DEFAULT_SHIM_LISTEN = "127.0.0.1:8321"
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser(
         "convert", help="print the snapshots a bridge makes of an engine's /metrics"
     )
-    convert.add_argument("--engine", choices=BRIDGE_KINDS, required=True)
+    convert.add_argument("--engine", choices=bridge_kinds(), required=True)
     convert.add_argument("source", help="a file with /metrics text, - for stdin, or an http(s) URL")
     return parser
 

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from engine_shim.events.discovery import EventSource
-from kvstats.kinds import KINDS, TARGET_KINDS
+from kvstats.kinds import KINDS, target_kinds
 
 from .errors import ConfigError
 
@@ -247,9 +247,9 @@ def _target(data: Any, source: str, key: str, default_timeout: float) -> Target:
     if not _NAME.match(name):
         raise ConfigError(source, s.path("name"), "use 1-63 letters, digits, '_', '.', ':' or '-'")
     kind = s.required_string("kind")
-    if kind not in TARGET_KINDS:
+    if kind not in KINDS:
         raise ConfigError(
-            source, s.path("kind"), f"must be one of {', '.join(TARGET_KINDS)}, got {kind!r}"
+            source, s.path("kind"), f"must be one of {', '.join(target_kinds())}, got {kind!r}"
         )
     url = s.required_string("url")
     try:

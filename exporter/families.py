@@ -1,8 +1,9 @@
 """Every metric family the exporter publishes, declared once: name, type, help, labels.
 
 Grouped by concern and listed in exposition order. The renderer, the per-target series
-estimate, the metric table in docs/exporter.md (a test checks it) and the tests' list of names all read
-these declarations: adding a metric is one entry here and one line where its value is known.
+estimate, the metric table in docs/exporter.md (a test checks it) and the tests' list of names
+all read these declarations: adding a metric is one entry here and one line where its value is
+known.
 """
 
 from __future__ import annotations

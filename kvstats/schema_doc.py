@@ -11,6 +11,7 @@ import inspect
 import typing
 
 from . import snapshot as s
+from .kinds import engine_kinds
 
 DESCRIPTIONS: dict[str, str] = {
     "Snapshot.engine": "who produced the snapshot",
@@ -29,7 +30,7 @@ DESCRIPTIONS: dict[str, str] = {
         " = max_concurrency x max_model_len; SGLang: `max_total_num_tokens`); null if unknown"
     ),
     "Snapshot.schema": f"`{s.SCHEMA_VERSION}` (`{s.LEGACY_SCHEMA_V1}` is still read)",
-    "EngineIdentity.kind": f"one of {', '.join(f'`{k}`' for k in s.ENGINE_KINDS)}",
+    "EngineIdentity.kind": f"one of {', '.join(f'`{k}`' for k in engine_kinds())}",
     "EngineIdentity.version": "engine (or shim) version",
     "EngineIdentity.model": "served model name",
     "EngineIdentity.dp_rank": "data-parallel rank; one snapshot per rank",

@@ -16,13 +16,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .kinds import engine_kinds
+
 SCHEMA_VERSION = "kvcache.stats/v2"
 # v1 named pool slot counts ``*_tokens`` and had no engine-level token capacity; it is still
 # read (a vLLM running an older shim keeps working), with ``capacity_tokens`` unknown.
 LEGACY_SCHEMA_V1 = "kvcache.stats/v1"
 
 EngineKind = Literal["reference", "vllm", "sglang"]
-ENGINE_KINDS: tuple[str, ...] = ("reference", "vllm", "sglang")
 # Where prefix-hit tokens came from: this engine's device pool, its host-DRAM tier, its storage
 # tier, another instance over a KV connector (vLLM's ``p2p``: NIXL, Mooncake, ...), or a KV
 # connector that does not say (vLLM's ``external_unspecified``: LMCache, ...).
@@ -599,8 +600,8 @@ def parse_snapshot(data: Any) -> Snapshot:
     ident = root.obj("engine")
     assert ident is not None
     kind = ident.req_string("kind")
-    if kind not in ENGINE_KINDS:
-        raise SnapshotError("engine.kind", f"must be one of {', '.join(ENGINE_KINDS)}")
+    if kind not in engine_kinds():
+        raise SnapshotError("engine.kind", f"must be one of {', '.join(engine_kinds())}")
     engine = EngineIdentity(
         kind=kind,  # type: ignore[arg-type]
         version=ident.req_string("version"),

@@ -298,9 +298,9 @@ class EngineRecorder:
 def expected_panel_values(report: dict[str, Any]) -> dict[tuple[str, tuple[str, ...]], float]:
     """What the engine dashboard's main panels must show for this report.
 
-    Written from the definitions in the metric table (docs/exporter.md), not from the exporter's code:
-    physical = (used + evictable) / capacity, active = used / capacity, headroom = max-length
-    requests that fit in the free (available + evictable) blocks.
+    Written from the definitions in the metric table (docs/exporter.md), not from the
+    exporter's code: physical = (used + evictable) / capacity, active = used / capacity,
+    headroom = max-length requests that fit in the free (available + evictable) blocks.
     """
     want: dict[tuple[str, tuple[str, ...]], float] = {}
     for pool in report["pools"]:

@@ -20,6 +20,7 @@ from exporter.config import parse_config
 from exporter.exposition import ExporterView, Exposition
 from exporter.sources import PollError, parse_shim_body
 from exporter.state import TargetState
+from kvstats.kinds import bridge_kinds
 from kvstats.snapshot import Snapshot, SnapshotError, parse_snapshot
 from tests.conftest import FIXTURES
 from tests.test_snapshot import valid
@@ -30,7 +31,7 @@ TARGET = parse_config(
 ).targets[0]
 
 
-FIXTURE_TEXT = {
+BRIDGE_TEXT = {  # one real scrape per bridge kind (tests/test_kinds.py checks the set)
     "vllm": (FIXTURES / "vllm-0.33.0-dp1.prom").read_text(),
     "sglang": (FIXTURES / "sglang-0.5.23-hicache.prom").read_text(),
 }
@@ -127,7 +128,7 @@ def test_shim_body_parser_on_arbitrary_bytes(raw: bytes) -> None:
 
 @SETTINGS
 @given(
-    kind=st.sampled_from(["vllm", "sglang"]),
+    kind=st.sampled_from(bridge_kinds()),
     text=st.text(st.characters(exclude_categories=()), max_size=3000),
 )
 def test_bridges_on_arbitrary_text(kind: str, text: str) -> None:
@@ -141,9 +142,9 @@ def test_bridges_on_arbitrary_text(kind: str, text: str) -> None:
 
 
 @SETTINGS
-@given(kind=st.sampled_from(["vllm", "sglang"]), data=st.data())
+@given(kind=st.sampled_from(bridge_kinds()), data=st.data())
 def test_bridges_on_mutated_engine_text(kind: str, data: st.DataObject) -> None:
-    lines = FIXTURE_TEXT[kind].splitlines()
+    lines = BRIDGE_TEXT[kind].splitlines()
     for _ in range(data.draw(st.integers(1, 6))):
         if not lines:
             break

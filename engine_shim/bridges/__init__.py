@@ -12,18 +12,18 @@ import time
 from collections.abc import Callable
 from typing import cast
 
-from kvstats.kinds import BRIDGE_KINDS, KINDS
+from kvstats.kinds import KINDS, bridge_kinds
 
 from ._samples import BridgeError, BridgeResult
 
-__all__ = ["BRIDGE_KINDS", "BridgeError", "BridgeResult", "convert"]
+__all__ = ["BridgeError", "BridgeResult", "bridge", "convert"]
 
 
 def bridge(kind: str) -> Callable[[str, float], BridgeResult]:
     """The registered bridge of ``kind`` (see ``kvstats.kinds``)."""
     spec = KINDS.get(kind)
     if spec is None or spec.bridge is None:
-        raise BridgeError(f"no bridge for engine kind {kind!r} (have: {', '.join(BRIDGE_KINDS)})")
+        raise BridgeError(f"no bridge for engine kind {kind!r} (have: {', '.join(bridge_kinds())})")
     return cast(Callable[[str, float], BridgeResult], importlib.import_module(spec.bridge).convert)
 
 
