@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -123,7 +124,7 @@ def replay(
     if instrument is not None:
         instrument(engine)
     pending = deque(jobs)
-    active: list[tuple[Job, int, list]] = []  # job, wave index, its requests
+    active: list[tuple[Job, int, list[Any]]] = []  # job, wave index, its requests
     steps, started = 0, time.perf_counter()
     while pending or active:
         while pending and len(active) < concurrency:
@@ -184,6 +185,9 @@ def compare(
     return errors
 
 
+TimedFn = TypeVar("TimedFn", bound=Callable[..., object])
+
+
 class TrackingClock:
     """Time spent inside the tracking code of one engine: every call the engine makes into it
     (the lookup with its hashing, the held/idle hooks, recording, the histogram), timed. Read
@@ -195,7 +199,7 @@ class TrackingClock:
         self.seconds = 0.0
         self.calls = 0
 
-    def _timed(self, fn: Callable[..., object]) -> Callable[..., object]:
+    def _timed(self, fn: TimedFn) -> TimedFn:
         def timed(*args: object) -> object:
             started = time.perf_counter()
             try:
@@ -204,16 +208,16 @@ class TrackingClock:
                 self.seconds += time.perf_counter() - started
                 self.calls += 1
 
-        return timed
+        return cast(TimedFn, timed)
 
     def attach(self, engine: ReferenceEngine) -> None:
         telemetry, cache, reuse = engine.telemetry, engine.kv.cache, engine.telemetry.reuse
         assert cache.on_held is not None and cache.on_idle is not None
-        telemetry.reuse_observation = self._timed(telemetry.reuse_observation)  # type: ignore[method-assign,assignment]
+        telemetry.reuse_observation = self._timed(telemetry.reuse_observation)  # type: ignore[method-assign]
         cache.on_held = self._timed(cache.on_held)
         cache.on_idle = self._timed(cache.on_idle)
         reuse.record = self._timed(reuse.record)  # type: ignore[method-assign]
-        reuse.histogram = self._timed(reuse.histogram)  # type: ignore[method-assign,assignment]
+        reuse.histogram = self._timed(reuse.histogram)  # type: ignore[method-assign]
 
     @staticmethod
     def timer_cost() -> float:

@@ -71,7 +71,8 @@ def main() -> None:
             poller.start()
             for server in (plain, shimmed):  # warm-up: first requests pay one-off costs
                 workload(server, 0, 8, args.prompt, args.output)
-            ratios, times = [], {"plain": [], "shim": []}
+            ratios: list[float] = []
+            times: dict[str, list[float]] = {"plain": [], "shim": []}
             for pair in range(args.pairs):
                 order = [("plain", plain), ("shim", shimmed)]
                 if pair % 2:

@@ -257,8 +257,11 @@ class LineWriter:
         self._lines[key] = (value, line)
         return line
 
-    def reuse_histograms(self, family: Family, rows: Iterable[Row]) -> str:
-        """Engines' reuse-distance histograms: cumulative buckets, +Inf = count = lookups."""
+    def reuse_histograms(
+        self, family: Family, rows: Iterable[tuple[tuple[str, ...], object]]
+    ) -> str:
+        """Engines' reuse-distance histograms (each row's value a ``ReuseDistances``):
+        cumulative buckets, +Inf = count = lookups."""
         out: list[str] = []
         bucket_labels = (*family.labels, "le")
         for labels, hist in rows:

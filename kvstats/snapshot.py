@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from .kinds import engine_kinds
 
@@ -23,7 +23,6 @@ SCHEMA_VERSION = "kvcache.stats/v2"
 # read (a vLLM running an older shim keeps working), with ``capacity_tokens`` unknown.
 LEGACY_SCHEMA_V1 = "kvcache.stats/v1"
 
-EngineKind = Literal["reference", "vllm", "sglang"]
 # Where prefix-hit tokens came from: this engine's device pool, its host-DRAM tier, its storage
 # tier, another instance over a KV connector (vLLM's ``p2p``: NIXL, Mooncake, ...), or a KV
 # connector that does not say (vLLM's ``external_unspecified``: LMCache, ...).
@@ -57,7 +56,7 @@ class SnapshotError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class EngineIdentity:
-    kind: EngineKind
+    kind: str  # one of kvstats.kinds.engine_kinds(), checked by parse_snapshot
     version: str
     model: str
     dp_rank: int
@@ -603,7 +602,7 @@ def parse_snapshot(data: Any) -> Snapshot:
     if kind not in engine_kinds():
         raise SnapshotError("engine.kind", f"must be one of {', '.join(engine_kinds())}")
     engine = EngineIdentity(
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         version=ident.req_string("version"),
         model=ident.req_string("model"),
         dp_rank=ident.req_count("dp_rank"),

@@ -82,7 +82,7 @@ def mutate(module: str, target: Target) -> dict[str, object]:
             raise SystemExit(
                 f"mutmut produced no results for {module} (run it in {work} to see why)"
             )
-        stats = json.loads(stats_path.read_text())
+        stats: dict[str, object] = json.loads(stats_path.read_text())
         results = subprocess.run(
             [mutmut, "results"], cwd=work, capture_output=True, text=True, check=False
         ).stdout
@@ -112,7 +112,8 @@ def main() -> int:
     killed = total = 0
     for module in chosen:
         stats = mutate(module, MODULES[module])
-        k, n = int(stats["killed"]) + int(stats.get("timeout", 0)), int(stats["total"])
+        counts = {key: int(str(stats.get(key, 0))) for key in ("killed", "timeout", "total")}
+        k, n = counts["killed"] + counts["timeout"], counts["total"]
         killed, total = killed + k, total + n
         print(f"{module}: {k}/{n} mutants killed ({100 * k / max(n, 1):.1f} %)")
         for name, change in stats["survivors"]:  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ NVML readings joined to one engine. Times are fixed, so the exposition is byte-f
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -24,7 +25,7 @@ NOW = 1_800_000_000.0
 GPU_UUID = "GPU-aaaaaaaa-0000-0000-0000-000000000000"
 
 
-def reference_snapshot(instance: str, used: int, sequence: int) -> dict:
+def reference_snapshot(instance: str, used: int, sequence: int) -> dict[str, Any]:
     return {
         "schema": "kvcache.stats/v2",
         "engine": {
@@ -98,7 +99,7 @@ def reference_snapshot(instance: str, used: int, sequence: int) -> dict:
     }
 
 
-def event_batch(events: list[dict]) -> bytes:
+def event_batch(events: list[dict[str, Any]]) -> bytes:
     """One KV event batch as vLLM publishes it (tagged maps)."""
     return msgspec.msgpack.encode([NOW - 1, events, 0])
 
@@ -131,7 +132,7 @@ def feed_vllm_stream(state: TargetState) -> None:
     stream.settle(2)
 
 
-def reuse_section() -> dict:
+def reuse_section() -> dict[str, Any]:
     """The reference engine's bounds for this pool and its tiers, with made-up counts."""
     bounds = bucket_bounds(29776, [29776 + 65536, 29776 + 65536 + 1_048_576])
     return {

@@ -18,6 +18,7 @@ def test_single_full_group_matches_vllm() -> None:
     per_req = full_attention_blocks(32768, 16)
     assert per_req == 2048
     conc = max_concurrency({"full": 28493}, [GroupFootprint("full", per_req)])
+    assert conc is not None
     assert conc == pytest.approx(13.91259765625, abs=1e-12)
     assert kv_cache_size_tokens(conc, 32768) == 455_888  # == N x bs for one full group
 
@@ -34,6 +35,7 @@ def test_sliding_window_hybrid_matches_vllm_table(
     assert sliding_window_blocks(max_model_len, 16, 128, 8192) == swa_blocks
     groups = [GroupFootprint("shared", full_blocks), GroupFootprint("shared", swa_blocks)]
     conc = max_concurrency({"shared": 100_000}, groups)
+    assert conc is not None
     assert conc == pytest.approx(concurrency, abs=0.005)
     assert kv_cache_size_tokens(conc, max_model_len) == size_tokens
     # The naive figure every dashboard computes is wrong exactly by the SWA footprint:

@@ -104,7 +104,9 @@ def test_exhaustion_eta() -> None:
     assert exhaustion_eta([(t, 1.0 + t) for t in range(10)], 1000, window=60) is None
 
 
-def forecasts(series: list[float], capacity: float, window: float = 120, step: float = 1) -> list:
+def forecasts(
+    series: list[float], capacity: float, window: float = 120, step: float = 1
+) -> list[float | None]:
     """The published forecast after each poll, as the exporter keeps its window."""
     history: list[tuple[float, float]] = []
     out = []
@@ -233,7 +235,7 @@ def test_restart_detection() -> None:
 
 
 def test_counters_stay_monotonic_across_restarts() -> None:
-    c = CounterContinuity()
+    c: CounterContinuity[str] = CounterContinuity()
     assert c.update({"q": 100, "h": 10}, restarted=False) == {"q": 100, "h": 10}
     assert c.update({"q": 150, "h": 12}, restarted=False) == {"q": 150, "h": 12}
     assert c.update({"q": 5, "h": 0}, restarted=True) == {"q": 155, "h": 12}
@@ -245,7 +247,7 @@ def test_a_one_counter_dip_resets_that_counter_only() -> None:
     """As Prometheus reads counter resets: the dipped counter restarts from its new value on top
     of its last one; the other counters are untouched (once every counter's last value was
     added: 3001 exported where 2001 was true)."""
-    c = CounterContinuity()
+    c: CounterContinuity[str] = CounterContinuity()
     assert c.update({"q": 2000, "h": 1000}, restarted=False) == {"q": 2000, "h": 1000}
     assert c.update({"q": 1999, "h": 1001}, restarted=False) == {"q": 3999, "h": 1001}
     assert c.update({"q": 2001, "h": 1002}, restarted=False) == {"q": 4001, "h": 1002}

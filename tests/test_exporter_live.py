@@ -93,7 +93,7 @@ def test_every_contract_metric_matches_the_engines_own_snapshot(engine: EnginePr
             samples = scrape(exporter)
             pair[:] = [parse_snapshot(report), samples]
             stamp = value(samples, "kvcache_snapshot_timestamp_seconds", engine="ref", dp_rank="0")
-            return stamp == report["time"]
+            return bool(stamp == report["time"])
 
         wait_for(same_snapshot, 10, "a scrape carrying the engine's current report")
         truth, samples = pair
@@ -129,8 +129,9 @@ def test_every_contract_metric_matches_the_engines_own_snapshot(engine: EnginePr
             (cap - full.used_slots) / 512
         )
         assert value(samples, "kvcache_max_model_len_tokens", **e) == 512
-        assert value(samples, "kvcache_requests", **e, state="running") == truth.requests.running  # type: ignore[union-attr]
-        assert value(samples, "kvcache_requests", **e, state="waiting") == truth.requests.waiting  # type: ignore[union-attr]
+        assert truth.requests is not None
+        assert value(samples, "kvcache_requests", **e, state="running") == truth.requests.running
+        assert value(samples, "kvcache_requests", **e, state="waiting") == truth.requests.waiting
         c = truth.counters
         assert value(samples, "kvcache_prefix_query_tokens_total", **e) == c.prefix_query_tokens
         assert (

@@ -66,7 +66,7 @@ def test_promtool_finds_nothing() -> None:
     assert result.returncode == 0 and not result.stdout + result.stderr, result
 
 
-label_values = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+label_values = st.text(st.characters(exclude_categories=["Cs"]), max_size=12)
 numbers = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(2**60), 2**60)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -457,3 +458,151 @@ def test_a_hundred_headers_are_read() -> None:
         assert fetch(server.url) == [BODY]
     finally:
         server.stop()
+
+
+def test_a_refused_connection_is_counted_as_connect_with_the_error() -> None:
+    spare = socket.socket()
+    spare.bind(("127.0.0.1", 0))
+    port = spare.getsockname()[1]
+    spare.close()  # nothing listens there now
+    (got,) = fetch(f"http://127.0.0.1:{port}/v1/kv/stats")
+    assert isinstance(got, PollError) and got.reason == "connect"
+    assert got.message.startswith("ConnectionRefusedError: ")
+
+
+def test_a_server_that_closes_at_once_is_named() -> None:
+    server = RecordingServer(b"", True)  # reads the request, answers nothing, closes
+    try:
+        (got,) = fetch(server.url)
+    finally:
+        server.stop()
+    assert isinstance(got, PollError) and got.reason == "connect"
+    assert got.message == "the connection closed before an answer"
+
+
+def test_a_silent_server_times_out_with_the_deadline_in_the_message() -> None:
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    try:
+
+        async def run() -> PollError:
+            conn = Connection(f"http://127.0.0.1:{silent.getsockname()[1]}/x", None)
+            try:
+                await conn.get({}, MAX, 0.3)
+            except PollError as exc:
+                return exc
+            finally:
+                conn.close()
+            raise AssertionError("answered")
+
+        error = asyncio.run(run())
+    finally:
+        silent.close()
+    assert (error.reason, error.message) == ("timeout", "no complete answer within 0.3 s")
+
+
+def test_every_callers_header_is_sent() -> None:
+    server = RecordingServer(RESPONSES["length"][0], False)
+    try:
+
+        async def run() -> bytes:
+            conn = Connection(server.url, None)
+            try:
+                return await conn.get({"Accept": "a/b", "Authorization": "Bearer t"}, MAX, 2.0)
+            finally:
+                conn.close()
+
+        assert asyncio.run(run()) == BODY
+    finally:
+        server.stop()
+    assert server.heads[0].split(b"\r\n")[2:] == [b"Accept: a/b", b"Authorization: Bearer t"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        # 18 digits is the longest Content-Length taken (leading zeros are digits too).
+        (answer(b"200 OK", [b"Content-Length: 000000000000000004"], b"four"), b"four"),
+        # 16 hex digits is the longest chunk size taken; extensions after ";" are ignored.
+        (
+            answer(
+                b"200 OK", [b"Transfer-Encoding: chunked"], b"0000000000000004\r\nfour\r\n0\r\n\r\n"
+            ),
+            b"four",
+        ),
+        (
+            answer(
+                b"200 OK", [b"Transfer-Encoding: chunked"], b"4;name=v;x=y\r\nfour\r\n0\r\n\r\n"
+            ),
+            b"four",
+        ),
+        # Bare LF line ends (RFC 9112 lets a recipient accept them), trailers included.
+        (b"HTTP/1.1 200 OK\nContent-Length: 4\n\nfour", b"four"),
+        (b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n4\nfour\r\n0\nX-T: 1\n\n", b"four"),
+        # A close-delimited body larger than one read.
+        (answer(b"200 OK", [], b"y" * 200_000), b"y" * 200_000),
+    ],
+)
+def test_framing_at_its_limits_is_read(raw: bytes, expected: bytes) -> None:
+    server = RecordingServer(raw, True)
+    try:
+        assert fetch(server.url, max_bytes=1 << 20) == [expected]
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    where = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+         "-keyout", "k.pem", "-out", "c.pem"],
+        cwd=where, check=True, capture_output=True,
+    )  # fmt: skip
+    return str(where / "c.pem"), str(where / "k.pem")
+
+
+class TlsServer(RecordingServer):
+    def __init__(self, raw: bytes, cert: str, key: str) -> None:
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(cert, key)
+        super().__init__(raw, False)
+
+    def _talk(self, conn: socket.socket) -> None:
+        try:
+            wrapped = self.context.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError):
+            conn.close()
+            return
+        super()._talk(wrapped)
+
+
+@pytest.mark.parametrize(("host", "outcome"), [("localhost", "ok"), ("127.0.0.1", "refused")])
+def test_https_targets_are_read_over_verified_tls(
+    tls_files: tuple[str, str], host: str, outcome: str
+) -> None:
+    cert, key = tls_files
+    server = TlsServer(RESPONSES["length"][0], cert, key)
+    trusting = ssl.create_default_context(cafile=cert)
+    url = f"https://{host}:{server.sock.getsockname()[1]}/v1/kv/stats"
+
+    async def run() -> bytes | PollError:
+        conn = Connection(url, trusting)
+        try:
+            return await conn.get({}, MAX, 5.0)
+        except PollError as exc:
+            return exc
+        finally:
+            conn.close()
+
+    try:
+        got = asyncio.run(run())
+    finally:
+        server.stop()
+    if outcome == "ok":
+        assert got == BODY
+    else:  # the certificate names localhost, not the address asked for
+        assert isinstance(got, PollError) and got.reason == "connect"
+        assert "SSLCertVerificationError" in got.message

@@ -80,7 +80,7 @@ def test_dashboards_match_grafanas_published_schema(tmp_path: Path) -> None:
 
 def broken(mutate: Any) -> dict[str, Any]:
     dashboard = json.loads(DASHBOARDS[0].read_text())
-    out = copy.deepcopy(dashboard)
+    out: dict[str, Any] = copy.deepcopy(dashboard)
     mutate(out)
     return out
 

@@ -86,7 +86,7 @@ def test_an_exception_while_deriving_is_counted_and_the_loop_goes_on(
     exp = start([("a", server.url)])
     try:
         wait_for(lambda: get(exp, "kvcache_exporter_target_up", engine="a") == [1], 5, "up")
-        real = exporter.state.pool_ratios
+        real = exporter.state.pool_ratios  # type: ignore[attr-defined]  # patched below
 
         def broken(pool: object) -> object:
             raise OverflowError("int too large to convert to float")

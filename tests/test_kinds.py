@@ -68,7 +68,7 @@ def test_a_registered_kind_is_taken_by_config_dispatch_cli_and_validator(
     config = parse_config(toy_config("http://engine:9000"))
     assert config.targets[0].url == "http://engine:9000/toy-metrics"  # its default path
     (snapshot,) = body_parser("toy")(TOY_TEXT)
-    assert (snapshot.engine.kind, snapshot.pools[0].used_slots) == ("toy", 250)
+    assert snapshot.engine.kind == "toy" and snapshot.pools[0].used_slots == 250
     scrape = tmp_path / "toy.prom"
     scrape.write_bytes(TOY_TEXT)
     assert shim_cli.main(["convert", "--engine", "toy", str(scrape)]) == 0

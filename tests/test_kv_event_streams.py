@@ -124,7 +124,7 @@ def settled(exporter: Exporter, engine: str, want: dict[str, float], rank: str =
 
 def resident(device: int = 0, host: int = 0) -> dict[str, float]:
     """The resident-slot series of a whole stream (a tier with no block has no series)."""
-    want = {"kvcache_prefix_resident_slots{tier=device}": device * BLOCK}
+    want: dict[str, float] = {"kvcache_prefix_resident_slots{tier=device}": device * BLOCK}
     if host:
         want["kvcache_prefix_resident_slots{tier=host}"] = host * BLOCK
     return want

@@ -37,7 +37,7 @@ encode = msgspec.msgpack.encode
 
 def stored_map(
     hashes: list[Any], medium: str | None = "GPU", group: int = 0, size: int = 16
-) -> dict:
+) -> dict[str, Any]:
     """vLLM 0.32's BlockStored as a tagged map, every field it sends."""
     return {
         "type": "BlockStored",
@@ -54,13 +54,13 @@ def stored_map(
     }
 
 
-def stored_array(hashes: list[Any], medium: str | None = "GPU", size: int = 16) -> list:
+def stored_array(hashes: list[Any], medium: str | None = "GPU", size: int = 16) -> list[Any]:
     """Older vLLM's positional BlockStored: [tag, block_hashes, parent, token_ids, block_size,
     lora_id, medium]."""
     return ["BlockStored", hashes, None, list(range(size * len(hashes))), size, None, medium]
 
 
-def removed_map(hashes: list[Any], medium: str | None = "GPU", group: int = 0) -> dict:
+def removed_map(hashes: list[Any], medium: str | None = "GPU", group: int = 0) -> dict[str, Any]:
     return {"type": "BlockRemoved", "block_hashes": hashes, "medium": medium, "group_idx": group}
 
 

@@ -51,10 +51,10 @@ class Oracle:
         for start in range(len(path) * BS, len(tokens) - BS + 1, BS):
             block = self.pc.allocate()
             assert block is not None, "pool exhausted"
-            node = self.pc.insert(parent, tuple(tokens[start : start + BS]), block)
-            assert node is not None
-            path.append(node)
-            parent = node
+            inserted = self.pc.insert(parent, tuple(tokens[start : start + BS]), block)
+            assert inserted is not None
+            path.append(inserted)
+            parent = inserted
         return path
 
     def release(self, path: list[Node]) -> None:

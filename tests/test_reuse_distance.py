@@ -193,10 +193,10 @@ def lru_replay(prompts: list[list[int]], pool_blocks: int) -> tuple[int, int]:
             block = cache.allocate()
             if block is None:
                 break
-            node = cache.insert(parent, tuple(cacheable[i * BS : (i + 1) * BS]), block)
-            assert node is not None
-            path.append(node)
-            parent = node
+            inserted = cache.insert(parent, tuple(cacheable[i * BS : (i + 1) * BS]), block)
+            assert inserted is not None
+            path.append(inserted)
+            parent = inserted
         for node in reversed(path):  # leaf first
             cache.unpin(node)
     return hits, queries

@@ -8,10 +8,11 @@ independence from later polls, and the poll-duration histogram's buckets.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
-from exporter.config import Target
+from exporter.config import Target, parse_config
 from exporter.state import MAX_LABEL_LEN, POLL_BUCKETS, Histogram, TargetState, sanitize_label
 from kvstats.snapshot import ProducerStatus, Snapshot
 from tests.test_derive import snap
@@ -65,7 +66,8 @@ def test_a_failure_is_news_once_per_streak_and_per_reason() -> None:
     assert state.errors["timeout"] == 2 and state.errors["connect"] == 2
     assert state.polls == 5 and state.last_failure == "connect"
     state.record_success([snap()], now=2.0, duration=0.01)
-    assert (state.consecutive_failures, state.last_failure, state.up) == (0, None, True)
+    assert state.consecutive_failures == 0 and state.up
+    assert state.last_failure is None
     assert state.record_failure("connect", 0.1) is True  # after a success: a new streak
     assert state.last_success == 2.0
 
@@ -152,3 +154,48 @@ def test_a_restart_is_counted_once_and_starts_the_forecast_over() -> None:
     assert state.restarts == 1 and state.engines[0].eta_seconds is None
     state.record_success([snap(used=1200, evictable=0, instance="b")], now=11.0, duration=0.01)
     assert state.restarts == 1
+
+
+def test_a_target_never_polled_is_down_with_nothing_counted() -> None:
+    report = TargetState(TARGET, eta_window=60).report()
+    assert (report.up, report.engines, report.polls, report.last_success) == (False, {}, 0, None)
+    assert set(report.errors.values()) == {0} and report.restarts == 0
+    assert report.durations.counts == [0] * (len(POLL_BUCKETS) + 1)
+    assert (report.streams, report.read_at, report.discovery_errors) == ((), None, 0)
+    state = TargetState(TARGET, eta_window=60)
+    assert state.unsupported_reason is None and state.discovery_problem is None
+    assert state.record_failure("connect", 0.1) is True
+    assert state.consecutive_failures == 1
+
+
+def test_each_rank_keeps_its_own_memory_and_its_own_stream() -> None:
+    events = parse_config(
+        {
+            "targets": [
+                {
+                    "name": "v",
+                    "kind": "vllm",
+                    "url": "http://127.0.0.1:1",
+                    "events": {"endpoint": "tcp://127.0.0.1:5557", "dp_ranks": 2,
+                               "max_batch_bytes": "1MiB"},
+                }
+            ]
+        }
+    ).targets[0]  # fmt: skip
+    state = TargetState(events, eta_window=10)
+    assert {r: s.max_batch_bytes for r, s in state.streams.items()} == {0: 2**20, 1: 2**20}
+    state.read_streams()
+    assert state.streams_read_at is not None and abs(state.streams_read_at - time.time()) < 5
+    state.read_streams(now=123.0)
+    assert state.streams_read_at == 123.0
+    rank1 = dataclasses.replace(
+        snap(instance="r1"), engine=dataclasses.replace(snap().engine, dp_rank=1, instance_id="r1")
+    )
+    state.record_success([snap(), rank1], now=1.0, duration=0.01)
+    state.record_success([snap(), rank1], now=2.0, duration=0.01)
+    assert state.restarts == 0  # two ranks, two instances: neither is a restart of the other
+    for instance in ("x", "y"):
+        state.record_success([snap(instance=instance), rank1], now=3.0, duration=0.01)
+    assert state.restarts == 2
+    view = state.engines[0]
+    assert view.capacity_tokens == 1600 and view.max_concurrency == 25.0

@@ -71,7 +71,8 @@ def test_under_pressure_every_served_count_is_a_real_pool_state(
             assert pool.evictable_slots is not None and pool.available_slots is not None
             counts = (pool.used_slots, pool.evictable_slots, pool.available_slots)
             assert sum(counts) == pool.capacity_slots == (POOL_BLOCKS - 1) * pool.block_size
-            served.append(tuple(c // pool.block_size for c in counts))  # type: ignore[misc]
+            used, evictable, available = (c // pool.block_size for c in counts)
+            served.append((used, evictable, available))
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -195,7 +196,7 @@ class Chain:
         start = time.monotonic()
         while True:
             for proc in self.procs:
-                assert proc.poll() is None, f"{proc.args[0]} exited: {self.logs()}"
+                assert proc.poll() is None, f"{proc.args!r} exited: {self.logs()}"
             try:
                 if check():
                     return time.monotonic() - start
