@@ -11,6 +11,8 @@ import yaml
 from mixin.build import main, outputs
 from mixin.config import MixinConfig, MixinConfigError, load_config, override
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def rules_of(config: MixinConfig) -> dict[str, dict[str, object]]:
     text = outputs(config)[Path("alerts/kvcache-rules.yml")]
@@ -88,3 +90,15 @@ def test_a_bad_file_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     path.write_text("- a list\n")
     assert main(["build", "--config", str(path), "--out", str(tmp_path)]) == 2
     assert "expected a mapping" in capsys.readouterr().err
+
+
+def test_each_rule_area_is_the_alerts_its_promtool_file_tests() -> None:
+    """mixin/rules/<area>.py holds exactly the alerts alerts/tests/<area>.test.yml runs."""
+    from mixin import rules
+
+    tests = ROOT / "alerts" / "tests"
+    for area in rules.AREAS:
+        name = area.__name__.rsplit(".", 1)[1]
+        declared = {str(rule["alert"]) for rule in area.alerts(MixinConfig())}
+        tested = set(re.findall(r"alertname: (\w+)", (tests / f"{name}.test.yml").read_text()))
+        assert declared == tested, name
