@@ -44,7 +44,7 @@ from exporter.config import parse_config  # noqa: E402
 from exporter.exposition import ExporterView, Exposition  # noqa: E402
 from exporter.families import ENGINE_SCOPED, TARGET_FAMILIES  # noqa: E402
 from exporter.state import TargetState  # noqa: E402
-from kvstats.snapshot import parse_snapshot  # noqa: E402
+from kvstats.validate import parse_snapshot  # noqa: E402
 
 GRAFANA_VARS = {
     "$__rate_interval": "1m",

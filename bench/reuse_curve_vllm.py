@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.reuse_curve import Job, agentic_trace, chat_trace
 from devtools.tiny_models import make_model
 from devtools.vllm_server import SHIM_SCHEDULER, VllmServer
-from kvstats.snapshot import parse_snapshot
+from kvstats.validate import parse_snapshot
 
 SIZES = (1.0, 0.25, 0.5, 2.0, 4.0)
 VOCAB = range(3, 509)  # the tiny model's ordinary token ids

@@ -39,7 +39,8 @@ from engine_shim.adapters.vllm import (
 )
 from engine_shim.events.merge import evictable_bounds
 from engine_shim.events.stream import EventStreamState
-from kvstats.snapshot import Pool, parse_snapshot
+from kvstats.snapshot import Pool
+from kvstats.validate import parse_snapshot
 
 BLOCK = 16
 MAX_LEN = 1024

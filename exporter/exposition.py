@@ -32,7 +32,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
 
-from kvstats.snapshot import RESIDENT_TIERS, STATUS_STATES, ReuseDistances, reuse_marks
+from kvstats.reuse import reuse_marks
+from kvstats.snapshot import RESIDENT_TIERS, STATUS_STATES, ReuseDistances
 
 from . import __version__
 from .families import (

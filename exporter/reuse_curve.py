@@ -11,16 +11,10 @@ from dataclasses import dataclass
 
 import httpx
 
-from kvstats.snapshot import (
-    Pool,
-    SnapshotError,
-    curve_at,
-    parse_snapshot,
-    reuse_marks,
-    size_for_hit_ratio,
-    working_set,
-)
+from kvstats.reuse import curve_at, reuse_marks, size_for_hit_ratio, working_set
+from kvstats.snapshot import Pool, SnapshotError
 from kvstats.units import format_bytes
+from kvstats.validate import parse_snapshot
 
 MARK_NAMES = {
     "pool": "the pool",

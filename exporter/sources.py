@@ -1,7 +1,8 @@
 """Fetch a target and turn its answer into snapshots; every failure is a PollError with a reason.
 
-``shim`` targets serve ``kvcache.stats/v1`` JSON; ``vllm`` and ``sglang`` targets serve their
-engine's Prometheus text, which ``engine_shim.bridges`` translates into the same snapshots.
+``shim`` targets serve ``kvcache.stats`` JSON (v2; v1 from older shims); ``vllm`` and
+``sglang`` targets serve their engine's Prometheus text, which ``engine_shim.bridges``
+translates into the same snapshots.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from kvstats.kinds import KINDS
-from kvstats.snapshot import Snapshot, SnapshotError, parse_snapshot
+from kvstats.snapshot import Snapshot, SnapshotError
+from kvstats.validate import parse_snapshot
 
 from . import families
 from .config import Target

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvstats.snapshot import curve_at, working_set
+from kvstats.reuse import curve_at, working_set
 
 EngineKey = tuple[str, str, str]  # engine, dp_rank, model
 TIER_SHORT = {"device": "dev", "host": "host", "storage": "sto", "p2p": "p2p", "external": "ext"}

@@ -143,7 +143,7 @@ def render() -> str:
         "object per data-parallel rank) and the exporter polls. Generated from",
         "`kvstats/snapshot.py` by `python -m kvstats.schema_doc`; do not edit by hand.",
         "",
-        "Rules the parser enforces (`kvstats.snapshot.parse_snapshot`):",
+        "Rules the parser enforces (`kvstats.validate.parse_snapshot`):",
         "",
         "- counts are non-negative integers; numbers are finite (no NaN or infinity); both are",
         "  at most 2^53, the largest integer a metric sample holds exactly;",

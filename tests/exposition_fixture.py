@@ -18,7 +18,7 @@ from exporter.config import parse_config
 from exporter.exposition import ExporterView
 from exporter.nvml import GpuReading
 from exporter.state import ReloadStats, TargetState
-from kvstats.snapshot import parse_snapshot
+from kvstats.validate import parse_snapshot
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NOW = 1_800_000_000.0

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from engine_shim.bridges import BridgeError, convert
-from kvstats.snapshot import parse_snapshot
+from kvstats.validate import parse_snapshot
 from tests.conftest import FIXTURES
 from tests.helpers import CannedServer, body, wait_for
 

@@ -30,7 +30,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.ports import wait_listening
-from kvstats.snapshot import size_for_hit_ratio
+from kvstats.reuse import size_for_hit_ratio
 from tests.helpers import wait_for
 from tests.test_dashboards_and_rules import DASHBOARDS, RULES, panels, tool
 

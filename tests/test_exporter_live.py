@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Exporter
 from exporter.config import parse_config
-from kvstats.snapshot import parse_snapshot
+from kvstats.validate import parse_snapshot
 from tests.fake_pynvml import FakeDevice, FakeNvml
 from tests.helpers import EngineProcess, wait_for
 

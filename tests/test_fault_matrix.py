@@ -25,7 +25,7 @@ from engine_shim.reference.workload import Workload
 from engine_shim.server import ShimApp, ShimServer
 from exporter.app import Exporter
 from exporter.config import parse_config
-from kvstats.snapshot import parse_snapshot
+from kvstats.validate import parse_snapshot
 from tests.conftest import FIXTURES
 from tests.helpers import CannedServer, body, wait_for
 from tests.test_snapshot import valid

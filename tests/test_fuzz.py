@@ -21,7 +21,8 @@ from exporter.exposition import ExporterView, Exposition
 from exporter.sources import PollError, parse_shim_body
 from exporter.state import TargetState
 from kvstats.kinds import bridge_kinds
-from kvstats.snapshot import Snapshot, SnapshotError, parse_snapshot
+from kvstats.snapshot import Snapshot, SnapshotError
+from kvstats.validate import parse_snapshot
 from tests.conftest import FIXTURES
 from tests.test_snapshot import valid
 

@@ -25,7 +25,7 @@ from devtools.ports import wait_listening
 from exporter.app import Exporter
 from exporter.exposition import ExporterView, Exposition
 from exporter.state import TargetState
-from kvstats.snapshot import parse_snapshot
+from kvstats.validate import parse_snapshot
 from tests.fake_pynvml import FakeDevice, FakeNvml
 from tests.helpers import CannedServer, body, wait_for
 from tests.test_exporter_behaviour import get, snapshot_json, start

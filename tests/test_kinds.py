@@ -18,7 +18,8 @@ from exporter.config import parse_config
 from exporter.errors import ConfigError
 from exporter.sources import body_parser
 from kvstats import kinds
-from kvstats.snapshot import SnapshotError, parse_snapshot
+from kvstats.snapshot import SnapshotError
+from kvstats.validate import parse_snapshot
 from tests.helpers import CannedServer, body, wait_for
 from tests.test_snapshot import valid
 

@@ -30,7 +30,8 @@ from engine_shim.events.decode import (
 from engine_shim.events.merge import evictable_bounds, with_stream
 from engine_shim.events.residency import BlockMultiset, Residency
 from engine_shim.events.stream import STREAM_ERRORS, EventStreamState
-from kvstats.snapshot import Pool, parse_snapshot
+from kvstats.snapshot import Pool
+from kvstats.validate import parse_snapshot
 
 encode = msgspec.msgpack.encode
 

@@ -26,13 +26,9 @@ from engine_shim.reference import ModelShape
 from engine_shim.reference.pool import BlockPool
 from engine_shim.reference.prefix_cache import PrefixCache
 from engine_shim.reuse_distance import RecencyOrder, ReuseDistanceTracker, bucket_bounds
-from kvstats.snapshot import (
-    ReuseDistances,
-    SnapshotError,
-    parse_snapshot,
-    size_for_hit_ratio,
-    working_set,
-)
+from kvstats.reuse import size_for_hit_ratio, working_set
+from kvstats.snapshot import ReuseDistances, SnapshotError
+from kvstats.validate import parse_snapshot
 from tests.test_snapshot import valid
 
 BS = 4

@@ -14,7 +14,7 @@ import pytest
 from engine_shim.reference import EngineConfig, ReferenceEngine
 from engine_shim.reference.api import completions
 from engine_shim.server import ShimApp, ShimServer
-from kvstats.snapshot import parse_snapshot
+from kvstats.validate import parse_snapshot
 from tests.helpers import EngineProcess, wait_for
 
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from devtools.snapshots import canned_snapshot
-from kvstats.snapshot import SCHEMA_VERSION, SnapshotError, parse_snapshot
+from kvstats.snapshot import SCHEMA_VERSION, SnapshotError
+from kvstats.validate import parse_snapshot
 
 
 def valid() -> dict[str, Any]:

@@ -49,7 +49,8 @@ from engine_shim.adapters.vllm import (
     kv_allocation_bytes,
     reuse_distances_enabled,
 )
-from kvstats.snapshot import ProducerStatus, parse_snapshot
+from kvstats.snapshot import ProducerStatus
+from kvstats.validate import parse_snapshot
 
 
 def test_the_blind_spot_vllm_leaves() -> None:

@@ -21,7 +21,8 @@ import pytest
 
 from devtools.vllm_server import MAX_MODEL_LEN, VllmServer
 from engine_shim.bridges import convert
-from kvstats.snapshot import Snapshot, parse_snapshot
+from kvstats.snapshot import Snapshot
+from kvstats.validate import parse_snapshot
 
 BLOCK = 128  # vLLM's CPU block size
 SHARED = list(range(3, 3 + 3 * BLOCK))  # a 3-block prefix every request shares
