@@ -66,6 +66,7 @@ class RawServer:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.raw, self.close_after = raw, close
+        self.heads: list[bytes] = []
         self.paths: list[bytes] = []
         self.connections = 0
         threading.Thread(target=self._serve, daemon=True).start()
@@ -93,6 +94,7 @@ class RawServer:
                         return
                     buffer += data
                 head, _, buffer = buffer.partition(b"\r\n\r\n")
+                self.heads.append(head)
                 self.paths.append(head.split(b" ")[1])
                 conn.sendall(self.raw)
                 if self.close_after:
@@ -288,31 +290,11 @@ def test_the_request_names_the_target_as_http_requires(
 
 
 class RecordingServer(RawServer):
-    """A RawServer that keeps each request's head."""
-
-    def __init__(self, raw: bytes, close: bool) -> None:
-        self.heads: list[bytes] = []
-        super().__init__(raw, close)
+    """A RawServer at a URL without a query."""
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1/kv/stats"
-
-    def _talk(self, conn: socket.socket) -> None:
-        with conn:
-            buffer = b""
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buffer += data
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                self.heads.append(head)
-                conn.sendall(self.raw)
-                if self.close_after:
-                    conn.shutdown(socket.SHUT_WR)
-                    return
 
 
 def fetch(url: str, times: int = 1, max_bytes: int = MAX) -> list[bytes | PollError]:
