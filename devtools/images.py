@@ -113,15 +113,15 @@ def _make_stand_in() -> None:
             _run(("buildah", *_STORAGE, "rm", container), 60, check=False)
 
 
-def build(dockerfile: str, tag: str, base: str) -> None:
+def build(dockerfile: str, tag: str, base: str, build_args: dict[str, str] | None = None) -> None:
+    args = {"BASE_IMAGE": base, **(build_args or {})}
     buildah(
         "bud",
         "--isolation",
         "chroot",
         "--pull-never",
         "--layers=false",
-        "--build-arg",
-        f"BASE_IMAGE={base}",
+        *(option for key, value in args.items() for option in ("--build-arg", f"{key}={value}")),
         "-f",
         str(ROOT / dockerfile),
         "-t",
