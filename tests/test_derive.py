@@ -25,35 +25,8 @@ from exporter.derive import (
     pool_ratios,
 )
 from exporter.state import TargetState
-from kvstats.snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot
-
-
-def snap(
-    used: int = 160,
-    evictable: int | None = 800,
-    capacity: int = 1600,
-    instance: str = "a",
-    sequence: int = 1,
-    queries: int = 100,
-    hits: int = 50,
-    groups: tuple[KVGroup, ...] = (),
-    max_model_len: int | None = 64,
-    pools: tuple[Pool, ...] | None = None,
-) -> Snapshot:
-    available = None if evictable is None else capacity - used - evictable
-    return Snapshot(
-        engine=EngineIdentity("reference", "1", "m", 0, instance),
-        time=1.0,
-        sequence=sequence,
-        max_model_len=max_model_len,
-        pools=pools or (Pool("full", 16, capacity, used, evictable, available),),
-        groups=groups,
-        max_concurrency=None,
-        requests=Requests(1, 0),
-        counters=Counters(
-            prefix_query_tokens=queries, prefix_hit_tokens={"device": hits}, preemptions=2
-        ),
-    )
+from kvstats.snapshot import Counters, KVGroup, Pool, Snapshot
+from tests.builders import snap
 
 
 def test_pool_ratios_by_hand() -> None:

@@ -19,9 +19,9 @@ from exporter.config import parse_config
 from exporter.nvml import NvmlReader, NvmlUnavailable
 from exporter.state import sanitize_label
 from exporter.watch import format_engine_line, parse_exposition
+from tests.builders import valid
 from tests.fake_pynvml import FakeDevice, FakeNvml
 from tests.helpers import CannedServer, body, wait_for
-from tests.test_snapshot import valid
 
 GPU = "GPU-aaaaaaaa-0000-0000-0000-000000000000"
 

@@ -21,8 +21,8 @@ from engine_shim.server import ShimApp, ShimServer
 from exporter.app import Exporter, accepts_gzip
 from exporter.config import ConfigError, load_config, parse_config
 from exporter.webconfig import BasicAuth, load_web_config
+from tests.builders import valid
 from tests.helpers import CannedServer, body, wait_for
-from tests.test_snapshot import valid
 
 PASSWORD = "correct horse battery staple"
 

@@ -26,9 +26,9 @@ from engine_shim.server import ShimApp, ShimServer
 from exporter.app import Exporter
 from exporter.config import parse_config
 from kvstats.validate import parse_snapshot
+from tests.builders import valid
 from tests.conftest import FIXTURES
 from tests.helpers import CannedServer, body, wait_for
-from tests.test_snapshot import valid
 
 # Every faulty target answers from this process (one GIL with the exporter), all on the same
 # poll tick: on a loaded machine (two suites at once) a 404 took longer than a 0.3 s deadline

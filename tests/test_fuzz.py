@@ -23,8 +23,8 @@ from exporter.state import TargetState
 from kvstats.kinds import bridge_kinds
 from kvstats.snapshot import Snapshot, SnapshotError
 from kvstats.validate import parse_snapshot
+from tests.builders import valid
 from tests.conftest import FIXTURES
-from tests.test_snapshot import valid
 
 FUZZ_EXAMPLES = 400
 TARGET = parse_config(

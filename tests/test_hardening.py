@@ -26,11 +26,11 @@ from exporter.app import Exporter
 from exporter.exposition import ExporterView, Exposition
 from exporter.state import TargetState
 from kvstats.validate import parse_snapshot
+from tests.builders import valid
 from tests.fake_pynvml import FakeDevice, FakeNvml
 from tests.helpers import CannedServer, body, wait_for
 from tests.test_exporter_behaviour import get, snapshot_json, start
 from tests.test_fuzz import TARGET
-from tests.test_snapshot import valid
 
 ROOT = Path(__file__).resolve().parent.parent
 

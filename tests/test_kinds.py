@@ -20,8 +20,8 @@ from exporter.sources import body_parser
 from kvstats import kinds
 from kvstats.snapshot import SnapshotError
 from kvstats.validate import parse_snapshot
+from tests.builders import valid
 from tests.helpers import CannedServer, body, wait_for
-from tests.test_snapshot import valid
 
 TOY_TEXT = (
     b"# TYPE toy_kv_capacity_tokens gauge\ntoy_kv_capacity_tokens 1000\ntoy_kv_used_tokens 250\n"

@@ -18,8 +18,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.ports import wait_listening
+from tests.builders import valid
 from tests.helpers import CannedServer, body, wait_for
-from tests.test_snapshot import valid
 
 ROOT = Path(__file__).resolve().parent.parent
 

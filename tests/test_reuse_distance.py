@@ -29,7 +29,7 @@ from engine_shim.reuse_distance import RecencyOrder, ReuseDistanceTracker, bucke
 from kvstats.reuse import size_for_hit_ratio, working_set
 from kvstats.snapshot import ReuseDistances, SnapshotError
 from kvstats.validate import parse_snapshot
-from tests.test_snapshot import valid
+from tests.builders import valid
 
 BS = 4
 

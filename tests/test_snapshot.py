@@ -9,14 +9,9 @@ from typing import Any
 
 import pytest
 
-from devtools.snapshots import canned_snapshot
 from kvstats.snapshot import SCHEMA_VERSION, SnapshotError
 from kvstats.validate import parse_snapshot
-
-
-def valid() -> dict[str, Any]:
-    """A valid snapshot with every field set (the benchmarks' canned one)."""
-    return canned_snapshot()
+from tests.builders import valid
 
 
 def test_round_trip_is_exact() -> None:

@@ -15,7 +15,7 @@ import pytest
 from exporter.config import Target, parse_config
 from exporter.state import MAX_LABEL_LEN, POLL_BUCKETS, Histogram, TargetState, sanitize_label
 from kvstats.snapshot import ProducerStatus, Snapshot
-from tests.test_derive import snap
+from tests.builders import snap
 
 TARGET = Target(name="ref", kind="shim", url="http://127.0.0.1:1/v1/kv/stats", timeout=1.0)
 
