@@ -77,7 +77,7 @@ def _make_stand_in() -> None:
                 "--include=python3,python3-pip,python3-venv",
                 "bookworm",
                 str(rootfs),
-                "http://deb.debian.org/debian",
+                debian_mirror(),
             ),
             900,
         )
@@ -111,6 +111,24 @@ def _make_stand_in() -> None:
             buildah("commit", "--quiet", container, STAND_IN_BASE)
         finally:
             _run(("buildah", *_STORAGE, "rm", container), 60, check=False)
+
+
+def debian_mirror() -> str:
+    """The Debian mirror apt uses here (a CI machine may have its own), else deb.debian.org."""
+    for source in sorted(Path("/etc/apt").glob("sources.list*")) + sorted(
+        Path("/etc/apt/sources.list.d").glob("*")
+    ):
+        if not source.is_file():
+            continue
+        for line in source.read_text(errors="replace").splitlines():
+            words = line.split()
+            if words[:1] == ["URIs:"] or words[:1] == ["deb"]:
+                for word in words[1:]:
+                    if word.startswith(("http://", "https://")) and word.rstrip("/").endswith(
+                        "/debian"
+                    ):
+                        return word
+    return "http://deb.debian.org/debian"
 
 
 def build(dockerfile: str, tag: str, base: str, build_args: dict[str, str] | None = None) -> None:
