@@ -39,6 +39,9 @@ MODULES: dict[str, Target] = {
 }
 
 
+MAX_SHOWN = 60  # survivors whose diff is printed per module (the rest are counted)
+
+
 def copy_tree(dest: Path) -> list[str]:
     """The tracked files into ``dest``; returns their top-level names (for mutmut's also_copy)."""
     files = subprocess.run(
@@ -87,10 +90,9 @@ def mutate(module: str, target: Target) -> dict[str, object]:
             [mutmut, "results"], cwd=work, capture_output=True, text=True, check=False
         ).stdout
         survivors = []
-        for line in results.splitlines():
-            name = line.strip().split(":")[0]
-            if not name:
-                continue
+        names = [n for n in (line.strip().split(":")[0] for line in results.splitlines()) if n]
+        stats["unshown"] = max(0, len(names) - MAX_SHOWN)
+        for name in names[:MAX_SHOWN]:  # `mutmut show` takes a second or two each
             diff = subprocess.run(
                 [mutmut, "show", name], cwd=work, capture_output=True, text=True, check=False
             ).stdout
@@ -112,14 +114,20 @@ def main() -> int:
     killed = total = 0
     for module in chosen:
         stats = mutate(module, MODULES[module])
-        counts = {key: int(str(stats.get(key, 0))) for key in ("killed", "timeout", "total")}
+        keys = ("killed", "timeout", "total", "no_tests", "unshown")
+        counts = {key: int(str(stats.get(key, 0))) for key in keys}
         k, n = counts["killed"] + counts["timeout"], counts["total"]
         killed, total = killed + k, total + n
-        print(f"{module}: {k}/{n} mutants killed ({100 * k / max(n, 1):.1f} %)")
+        print(
+            f"{module}: {k}/{n} mutants killed ({100 * k / max(n, 1):.1f} %);"
+            f" {counts['no_tests']} in code no selected test runs"
+        )
         for name, change in stats["survivors"]:  # type: ignore[attr-defined]
             print(
                 f"    survived {name.split('__mutmut_')[0].split('.')[-1]}: " + " | ".join(change)
             )
+        if counts["unshown"]:
+            print(f"    ... and {counts['unshown']} more survivors")
     print(f"all: {killed}/{total} killed ({100 * killed / max(total, 1):.1f} %)")
     return 0
 
