@@ -43,6 +43,15 @@ def curve_at(
     return 0.0 if i == 0 else cumulative[i - 1] / total
 
 
+def _in_bucket(bounds: Sequence[float], cumulative: Sequence[float], i: int, rank: float) -> float:
+    """Where ``rank`` falls inside bucket ``i``, linearly (as histogram_quantile does)."""
+    lower, below = (0.0, 0.0) if i == 0 else (float(bounds[i - 1]), float(cumulative[i - 1]))
+    inside = cumulative[i] - below
+    if inside <= 0:
+        return float(bounds[i])
+    return lower + (bounds[i] - lower) * (rank - below) / inside
+
+
 def size_for_hit_ratio(
     bounds: Sequence[float], cumulative: Sequence[float], total: float, target: float
 ) -> float | None:
@@ -53,13 +62,7 @@ def size_for_hit_ratio(
         return None
     rank = target * total
     i = bisect.bisect_left(cumulative, rank)
-    if i == len(bounds):
-        return None
-    lower, below = (0.0, 0.0) if i == 0 else (float(bounds[i - 1]), float(cumulative[i - 1]))
-    inside = cumulative[i] - below
-    if inside <= 0:
-        return float(bounds[i])
-    return lower + (bounds[i] - lower) * (rank - below) / inside
+    return None if i == len(bounds) else _in_bucket(bounds, cumulative, i, rank)
 
 
 def working_set(
@@ -73,8 +76,4 @@ def working_set(
     i = bisect.bisect_left(cumulative, rank)
     if i >= len(bounds) - 1:
         return float(bounds[-2]) if len(bounds) > 1 else float(bounds[-1])
-    lower, below = (0.0, 0.0) if i == 0 else (float(bounds[i - 1]), float(cumulative[i - 1]))
-    inside = cumulative[i] - below
-    if inside <= 0:
-        return float(bounds[i])
-    return lower + (bounds[i] - lower) * (rank - below) / inside
+    return _in_bucket(bounds, cumulative, i, rank)

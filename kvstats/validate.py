@@ -331,8 +331,9 @@ def parse_snapshot(data: Any) -> Snapshot:
     ident = root.obj("engine")
     assert ident is not None
     kind = ident.req_string("kind")
-    if kind not in engine_kinds():
-        raise SnapshotError("engine.kind", f"must be one of {', '.join(engine_kinds())}")
+    known = engine_kinds()
+    if kind not in known:
+        raise SnapshotError("engine.kind", f"must be one of {', '.join(known)}")
     engine = EngineIdentity(
         kind=kind,
         version=ident.req_string("version"),
