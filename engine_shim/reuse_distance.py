@@ -24,19 +24,35 @@ The model, and where it is an approximation:
 Memory is bounded by spatial sampling (SHARDS): a block is tracked when its hash falls below a
 threshold; each tracked reference stands for 1/rate blocks. When more than ``max_tracked``
 blocks are tracked, the threshold is lowered (fixed-size SHARDS) and the blocks above it are
-forgotten. Cost: per block that becomes held or idle, a hash comparison and, when sampled, a
-dict update and at most one tombstone (a byte and a counter, O(1)); engines that know a
-request's blocks together pass them in one call, so most of that runs at C speed. Per lookup: a
-hash comparison per block, membership tests for the held and cold runs, and O(k log n) ranks by
-bisection for its n idle blocks over k buckets, each rank O(1) plus a C-speed count.
+forgotten.
+
+Spatial sampling alone is noisy when a few prefixes carry most lookups: whether a trace's few
+hot blocks fall below the threshold moves the whole curve (0.05-0.13 at 1/4-1/8, measured). So
+the sample is stratified: a block looked up by a second request within a window of recent
+lookups becomes *hot* and is tracked whatever its hash, each reference and each release counting
+for itself alone (weight 1); the others are sampled as before and stand for 1/rate of the
+blocks that are not hot. Which blocks are hot depends on the lookups, never on the hash, so the
+sampled stratum stays a uniform sample of its own and the estimate stays unbiased. Hot blocks are
+at most a quarter of ``max_tracked``, the least recently looked up demoted first.
+
+Cost: per block that becomes held or idle, a hash comparison (and a set test once some blocks
+are hot) and, when tracked, a dict update and at most one tombstone (a byte and a counter,
+O(1)); engines that know a request's blocks together pass them in one call, so most of that runs
+at C speed. Per lookup: a hash comparison per block, membership tests for the held and cold
+runs, and O(k log n) ranks by bisection for its n idle blocks over k buckets, each rank O(1)
+plus a C-speed count (two with hot blocks); at admission, one ordered-dict test per block.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import math
-from collections.abc import Hashable, Iterable, Sequence
+import operator
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import cast
 
 from kvstats.snapshot import ReuseDistances
 
@@ -46,9 +62,20 @@ HALF_OCTAVES = range(-8, 13)
 HASH_SPACE = 1 << 32
 SCRAMBLE = 0x9E3779B1  # Fibonacci hashing of integer keys (dense block ids)
 DEFAULT_MAX_TRACKED = 1 << 16
-# A lookup's sampled blocks: (bucket index, how many, their distances' sum); the bucket is
-# len(bounds) beyond the largest bound and len(bounds) + 1 for cold misses.
-Observation = list[tuple[int, int, float]]
+# A lookup's tracked blocks by bucket: (bucket index, how many, their distances' sum, tokens
+# each stands for); the bucket is len(bounds) beyond the largest bound and len(bounds) + 1 for
+# cold misses.
+Part = tuple[int, int, float, float]
+
+
+@dataclass(slots=True)
+class Observation:
+    """One prompt's lookup, taken before it pins anything; recorded at its first admission."""
+
+    parts: list[Part] = field(default_factory=list)
+    # Every block key looked up (root first): at record time, the ones seen in an earlier
+    # lookup become hot.
+    keys: Sequence[Hashable] = ()
 
 
 def bucket_bounds(pool_tokens: int, extra: Iterable[int] = ()) -> tuple[int, ...]:
@@ -83,13 +110,15 @@ class RecencyOrder:
     tombstone, so the ranks of one lookup share them) and counts t's chunk up to t at C speed.
     When the times run past the arrays, the live entries are renumbered in order (amortised
     O(1)). The dict's insertion order is the release order, so the oldest block is its first
-    key.
+    key. Entries marked *hot* are counted a second time, the same way, by a second byte array
+    (the tracker weighs them apart).
     """
 
     def __init__(self, capacity: int = 1024) -> None:
         self._time: dict[Hashable, int] = {}
         # The released keys, for membership tests at C speed (a live view: read, never write).
         self.keys = self._time.keys()
+        self.hot_keys: set[Hashable] = set()  # live entries marked hot
         self._next = 0
         self._reset(capacity)
 
@@ -100,6 +129,41 @@ class RecencyOrder:
         self._dead_in_chunk = [0] * chunks
         self._dead_count = 0
         self._dead_before: list[int] | None = None  # prefix sums of _dead_in_chunk
+        self._hot = bytearray(self._capacity)  # 1 at the time of each live hot entry
+        self._hot_in_chunk = [0] * chunks
+        self._hot_before: list[int] | None = None
+        for key in self.hot_keys:
+            self._mark(self._time[key], 1)
+
+    @property
+    def hot_count(self) -> int:
+        return len(self.hot_keys)
+
+    def _mark(self, t: int, value: int) -> None:
+        if self._hot[t] != value:
+            self._hot[t] = value
+            self._hot_in_chunk[t >> CHUNK_BITS] += 1 if value else -1
+            self._hot_before = None
+
+    def mark_hot(self, keys: Iterable[Hashable]) -> None:
+        """``set_hot(key, True)`` of each of ``keys``, all present (a request's hot blocks
+        just released: one loop, no call per key)."""
+        time, hot, in_chunk, hot_keys = self._time, self._hot, self._hot_in_chunk, self.hot_keys
+        for key in keys:
+            t = time[key]
+            if not hot[t]:
+                hot[t] = 1
+                in_chunk[t >> CHUNK_BITS] += 1
+                hot_keys.add(key)
+        self._hot_before = None
+
+    def set_hot(self, key: Hashable, hot: bool) -> None:
+        """Mark a live entry hot (or not); keys not present are ignored."""
+        t = self._time.get(key)
+        if t is None:
+            return
+        self._mark(t, 1 if hot else 0)
+        (self.hot_keys.add if hot else self.hot_keys.discard)(key)
 
     def __len__(self) -> int:
         return len(self._time)
@@ -147,18 +211,27 @@ class RecencyOrder:
         t = self._time.pop(key, None)
         if t is not None:
             self._bury(t)
+            if key in self.hot_keys:
+                self.hot_keys.discard(key)
+                self._mark(t, 0)
 
     def remove_all(self, keys: Sequence[Hashable]) -> None:
         """``remove`` of each key (``_bury`` inlined: this loop runs for every pinned block)."""
         if self._time.keys().isdisjoint(keys):  # e.g. new blocks: a C-speed test, no loop
             return
         pop, dead, dead_in_chunk, removed = self._time.pop, self._dead, self._dead_in_chunk, 0
+        hot_keys, hot, hot_in_chunk = self.hot_keys, self._hot, self._hot_in_chunk
         for key in keys:
             t = pop(key, None)
             if t is not None:
                 dead[t] = 1
                 dead_in_chunk[t >> CHUNK_BITS] += 1
                 removed += 1
+                if hot[t]:
+                    hot[t] = 0
+                    hot_in_chunk[t >> CHUNK_BITS] -= 1
+                    hot_keys.discard(key)
+                    self._hot_before = None
         if removed:
             self._dead_count += removed
             self._dead_before = None
@@ -175,6 +248,17 @@ class RecencyOrder:
         chunk = t >> CHUNK_BITS
         dead_through_t = before[chunk] + self._dead.count(1, chunk << CHUNK_BITS, t + 1)
         return (self._next - 1 - t) - (self._dead_count - dead_through_t)
+
+    def hot_newer_than_time(self, t: int) -> int:
+        """Live hot entries released after time ``t``."""
+        if not self.hot_keys:
+            return 0
+        before = self._hot_before
+        if before is None:
+            before = self._hot_before = [0, *itertools.accumulate(self._hot_in_chunk)]
+        chunk = t >> CHUNK_BITS
+        hot_through_t = before[chunk] + self._hot.count(1, chunk << CHUNK_BITS, t + 1)
+        return len(self.hot_keys) - hot_through_t
 
     def oldest(self) -> Hashable | None:
         return next(iter(self._time), None)
@@ -207,12 +291,24 @@ class ReuseDistanceTracker:
         pool_tokens: int,
         extra_bounds: Iterable[int] = (),
         max_tracked: int = DEFAULT_MAX_TRACKED,
+        hot_capacity: int | None = None,
     ) -> None:
         self.block_size = block_size
         self.bounds = bucket_bounds(pool_tokens, extra_bounds)
         self.max_tracked = max_tracked
         self._idle = RecencyOrder()
         self._held: set[Hashable] = set()
+        # Hot blocks (tracked whatever their hash), least recently looked up first; 0: none.
+        self._hot_capacity = hot_capacity
+        # key -> the lookup (a count) that last asked for it.
+        self._hot: dict[Hashable, int] = {}
+        self._lookups = 0
+        # Keys of recent lookups that are not hot, oldest first: a second lookup makes one hot.
+        self._seen: dict[Hashable, None] = {}
+        # Engines that keep their own sets of tracked blocks (the vLLM adapter) hear of a key
+        # that became hot (and answer whether they hold its block now) or stopped being hot.
+        self.on_promote: Callable[[Hashable], bool] | None = None
+        self.on_demote: Callable[[Hashable], None] | None = None
         # Looked-up tokens per bucket (not cumulative), as sampled estimates.
         self._buckets = [0.0] * len(self.bounds)
         self._distance_sum = 0.0
@@ -227,6 +323,15 @@ class ReuseDistanceTracker:
             threshold //= 2
         self._set_threshold(threshold)
 
+    def sample_at_most(self, rate: float) -> None:
+        """Track at most this share of the blocks (benchmarks and tests of the sampling; the
+        blocks above the new threshold are forgotten, as when memory fills)."""
+        threshold = max(1, int(HASH_SPACE * rate))
+        if threshold < self.threshold:
+            self._set_threshold(threshold)
+            self._forget_untracked()
+            self._bound_memory()
+
     @property
     def rate(self) -> float:
         return self.threshold / HASH_SPACE
@@ -238,31 +343,50 @@ class ReuseDistanceTracker:
     def _sampled(self, key: Hashable) -> bool:
         return sample_hash(key) < self.threshold
 
+    def tracks(self, key: Hashable) -> bool:
+        """Whether events about this key count: it is sampled, or hot."""
+        return sample_hash(key) < self.threshold or key in self._hot
+
+    @property
+    def hot(self) -> int:
+        return len(self._hot)
+
+    @property
+    def hot_capacity(self) -> int:
+        """At most a quarter of the tracked blocks are hot, unless set (0: no hot blocks)."""
+        return self.max_tracked // 4 if self._hot_capacity is None else self._hot_capacity
+
+    @hot_capacity.setter
+    def hot_capacity(self, value: int) -> None:
+        self._hot_capacity = value
+
     # ------------------------------------------------------------------ engine events
     # On the engine's hot path (every block that becomes held or idle): one hash comparison
     # for the blocks not sampled, a few dict operations for those that are. Engines that know
     # a request's blocks together (the reference engine) tell them in one call each.
 
     def pinned(self, key: Hashable) -> None:
-        if sample_hash(key) < self.threshold:
+        if sample_hash(key) < self.threshold or key in self._hot:
             self.pinned_sampled(key)
 
     def released(self, key: Hashable) -> None:
-        if sample_hash(key) < self.threshold:
+        if sample_hash(key) < self.threshold or key in self._hot:
             self.released_sampled(key)
 
     def pinned_sampled(self, key: Hashable) -> None:
-        """``pinned`` of a key the caller found sampled (its own inlined test)."""
+        """``pinned`` of a key the caller found tracked (its own inlined test)."""
         self._idle.remove(key)
         self._held.add(key)
         if len(self._held) + len(self._idle) > self.max_tracked:
             self._bound_memory()
 
     def released_sampled(self, key: Hashable) -> None:
-        """``released`` of a key the caller found sampled."""
+        """``released`` of a key the caller found tracked."""
         self._held.discard(key)
         idle = self._idle
         idle.release(key)
+        if key in self._hot:
+            idle.set_hot(key, True)
         if len(idle) > self._idle_limit or len(idle) + len(self._held) > self.max_tracked:
             self._bound_memory()
 
@@ -282,6 +406,8 @@ class ReuseDistanceTracker:
             self._held.difference_update(keys)
             idle = self._idle
             idle.release_all(keys)
+            if self._hot:
+                idle.mark_hot(self._hot.keys() & keys)
             if len(idle) > self._idle_limit or len(idle) + len(self._held) > self.max_tracked:
                 self._bound_memory()
 
@@ -305,18 +431,26 @@ class ReuseDistanceTracker:
 
     def _idle_distance(self, t: int, pinned_tokens: int) -> float:
         """The distance of the idle block released at ``t``: the pinned tokens, the block
-        itself, and each sampled block released since for 1/rate blocks (scaling the block
-        itself too would add 1/rate - 1 blocks of bias)."""
-        return (
-            pinned_tokens
-            + self.block_size
-            + self._idle.newer_than_time(t) * (self.block_size / self.rate)
-        )
+        itself, each hot block released since for itself and each other tracked one for 1/rate
+        blocks (scaling the block itself too would add 1/rate - 1 blocks of bias)."""
+        idle, bs = self._idle, self.block_size
+        newer = idle.newer_than_time(t)
+        hot = idle.hot_newer_than_time(t) if idle.hot_keys else 0
+        return pinned_tokens + bs + (newer - hot) * (bs / self.rate) + hot * bs
 
     def _sampled_keys(self, keys: Sequence[Hashable]) -> Sequence[Hashable]:
+        """The tracked keys among ``keys``: sampled, or hot."""
         threshold = self.threshold
         if threshold >= HASH_SPACE:  # every block tracked
             return keys
+        hot = self._hot
+        if keys and type(keys[0]) is bytes:  # block hashes: sample_hash inlined
+            from_bytes, digests = int.from_bytes, cast("Sequence[bytes]", keys)
+            if hot:
+                return [k for k in digests if from_bytes(k[:4], "little") < threshold or k in hot]
+            return [k for k in digests if from_bytes(k[:4], "little") < threshold]
+        if hot:
+            return [key for key in keys if sample_hash(key) < threshold or key in hot]
         return [key for key in keys if sample_hash(key) < threshold]
 
     def distances(self, keys: Sequence[Hashable], pinned_tokens: int) -> list[float]:
@@ -324,7 +458,9 @@ class ReuseDistanceTracker:
         return [self._distance(key, pinned_tokens) for key in self._sampled_keys(keys)]
 
     def observe(self, keys: Sequence[Hashable], pinned_tokens: int) -> Observation:
-        """A lookup's sampled keys by bucket, taken before anything is pinned. No side effects.
+        """A lookup's tracked keys by bucket, taken before anything is pinned. No side effects:
+        an engine may look a waiting request up again and record only its admission. Hot keys
+        and sampled ones are bucketed apart (they stand for different numbers of blocks).
 
         Along a prompt (see the module's notes) the blocks other requests hold come first,
         then idle blocks released ever longer ago (distances never decrease), then cold ones.
@@ -332,18 +468,30 @@ class ReuseDistanceTracker:
         idle run is cut at each bucket bound it crosses by bisection: O(k log n) ranks for n
         idle blocks over k buckets, not n. (A run's distance sum is taken from its ends.)
         Anything out of that order is classified block by block."""
-        sampled = self._sampled_keys(keys)
-        out: Observation = []
+        observed = Observation(keys=keys)
+        tracked = self._sampled_keys(keys)
+        weight, hot = self.block_size / self.rate, self._hot
+        if hot and not hot.keys().isdisjoint(tracked):
+            hot_part = [key for key in tracked if key in hot]
+            tracked = [key for key in tracked if key not in hot]
+            self._observe_stratum(hot_part, pinned_tokens, float(self.block_size), observed.parts)
+        self._observe_stratum(tracked, pinned_tokens, weight, observed.parts)
+        return observed
+
+    def _observe_stratum(
+        self, sampled: Sequence[Hashable], pinned_tokens: int, weight: float, out: list[Part]
+    ) -> None:
+        """``observe`` of one stratum's keys (in prompt order), each standing for ``weight``."""
         n = len(sampled)
         if not n:
-            return out
+            return
         bounds, bs = self.bounds, self.block_size
         held = self._held
         h = 0
         while h < n and sampled[h] in held:
             h += 1
         if h:
-            out.append((bisect.bisect_left(bounds, bs), h, float(bs * h)))
+            out.append((bisect.bisect_left(bounds, bs), h, float(bs * h), weight))
         rest = sampled[h:] if h else sampled
         times = self._idle.times_of(rest)
         try:
@@ -351,22 +499,21 @@ class ReuseDistanceTracker:
         except ValueError:
             c = len(times)
         if c:
-            self._observe_idle_run(times, c, pinned_tokens, out)
+            self._observe_idle_run(times, c, pinned_tokens, weight, out)
         if c < len(times):
             tail = rest[c:]
             if times.count(None) == len(tail) and held.isdisjoint(tail):
-                out.append((len(bounds) + 1, len(tail), 0.0))  # cold
+                out.append((len(bounds) + 1, len(tail), 0.0, weight))  # cold
             else:  # not in the engines' order: each block on its own
                 for key in tail:
                     d = self._distance(key, pinned_tokens)
                     if d == math.inf:
-                        out.append((len(bounds) + 1, 1, 0.0))
+                        out.append((len(bounds) + 1, 1, 0.0, weight))
                     else:
-                        out.append((bisect.bisect_left(bounds, d), 1, d))
-        return out
+                        out.append((bisect.bisect_left(bounds, d), 1, d, weight))
 
     def _observe_idle_run(
-        self, times: list[int | None], c: int, pinned_tokens: int, out: Observation
+        self, times: list[int | None], c: int, pinned_tokens: int, weight: float, out: list[Part]
     ) -> None:
         """Buckets of ``times[:c]``: idle blocks, newest release first."""
         bounds, idle_distance = self.bounds, self._idle_distance
@@ -386,29 +533,95 @@ class ReuseDistanceTracker:
                 else bisect.bisect_right(index, float(bounds[bucket]), start + 1, c, key=distance)
             )
             last = first if end == start + 1 else distance(end - 1)
-            out.append((bucket, end - start, (first + last) / 2 * (end - start)))
+            out.append((bucket, end - start, (first + last) / 2 * (end - start), weight))
             if end == c:
                 return
             start, first = end, distance(end)
 
-    def record(self, query_tokens: int, observed: Observation) -> None:
-        """A first admission: ``query_tokens`` looked up, ``observed`` its sampled blocks.
+    def record(self, query_tokens: int, observed: Observation, held_blocks: int = 0) -> None:
+        """A first admission: ``query_tokens`` looked up, ``observed`` its tracked blocks;
+        ``held_blocks``: how many of its first blocks the admission holds now (its hits), if
+        it pinned them before this call.
 
-        Each sampled block stands for 1/rate blocks (Horvitz-Thompson: unbiased, and every
-        weight positive, so the published counts never decrease). Renormalising per prompt
-        instead is biased under spatial sampling: a prompt whose shared prefix happens to be
-        unsampled would hand that prefix's weight to its cold tail.
+        Each sampled block stands for 1/rate blocks and each hot one for itself
+        (Horvitz-Thompson per stratum: unbiased, and every weight positive, so the published
+        counts never decrease). Renormalising per prompt instead is biased under spatial
+        sampling: a prompt whose shared prefix happens to be unsampled would hand that
+        prefix's weight to its cold tail.
         """
         self.query_tokens += query_tokens
         self._published = None
-        weight = self.block_size / self.rate
-        for bucket, n, distance_sum in observed:
+        for bucket, n, distance_sum, weight in observed.parts:
             if bucket < len(self._buckets):
                 self._buckets[bucket] += weight * n
             self._distance_sum += weight * distance_sum
+        if self.hot_capacity > 0 and self.threshold < HASH_SPACE:
+            self._promote_repeats(observed.keys, held_blocks)
 
-    def lookup(self, keys: Sequence[Hashable], query_tokens: int, pinned_tokens: int) -> None:
-        self.record(query_tokens, self.observe(keys, pinned_tokens))
+    def lookup(
+        self,
+        keys: Sequence[Hashable],
+        query_tokens: int,
+        pinned_tokens: int,
+        held_blocks: int = 0,
+    ) -> None:
+        self.record(query_tokens, self.observe(keys, pinned_tokens), held_blocks)
+
+    # ------------------------------------------------------------------ hot blocks
+
+    def _promote_repeats(self, keys: Sequence[Hashable], held_blocks: int) -> None:
+        """Keys seen in an earlier recent lookup become hot; hot ones are looked up again.
+        Set operations at C speed: most of a hot prefix's keys take no Python step."""
+        self._lookups += 1
+        hot, seen = self._hot, self._seen
+        if hot:
+            again = hot.keys() & keys
+            if again:
+                hot.update(dict.fromkeys(again, self._lookups))
+        repeats = seen.keys() & keys
+        if repeats:
+            held = set(keys[:held_blocks])
+            for key in repeats:
+                del seen[key]
+                self._promote(key, key in held)
+            if len(hot) > self.hot_capacity:
+                self._demote_least_recent()
+        new = set(keys).difference(hot)
+        if new:
+            seen.update(dict.fromkeys(new))
+            capacity = max(1024, self.max_tracked // 2)
+            if len(seen) > capacity:  # the oldest go, a quarter at a time
+                for key in list(itertools.islice(seen, len(seen) - capacity + capacity // 4)):
+                    del seen[key]
+        if self.tracked > self.max_tracked:
+            self._bound_memory()
+
+    def _promote(self, key: Hashable, held: bool) -> None:
+        self._hot[key] = self._lookups
+        idle = self._idle
+        engine_holds = self.on_promote(key) if self.on_promote is not None else False
+        if key in idle.keys:
+            idle.set_hot(key, True)
+        elif held or engine_holds:
+            self._held.add(key)
+
+    def _demote_least_recent(self) -> None:
+        """Back under the hot capacity (an eighth below it: demotions come in batches), the
+        blocks looked up least recently first."""
+        capacity = self.hot_capacity
+        excess = len(self._hot) - capacity + capacity // 8
+        for key, _ in heapq.nsmallest(excess, self._hot.items(), key=operator.itemgetter(1)):
+            del self._hot[key]
+            self._demote(key)
+
+    def _demote(self, key: Hashable) -> None:
+        """Back to the sampled stratum: tracked with weight 1/rate if sampled, else forgotten."""
+        if self._sampled(key):
+            self._idle.set_hot(key, False)
+        else:
+            self.forget(key)
+            if self.on_demote is not None:
+                self.on_demote(key)
 
     # ------------------------------------------------------------------ memory bound
 
@@ -418,17 +631,23 @@ class ReuseDistanceTracker:
         self._idle_limit = self.bounds[-1] / self.block_size * self.rate + 1
         self._published = None
 
+    def _forget_untracked(self) -> None:
+        """After the threshold was lowered: the blocks above it that are not hot go."""
+        for key in [k for k in self._held if not self.tracks(k)]:
+            self._held.discard(key)
+        for key in [k for k in self._idle.snapshot_keys() if not self.tracks(k)]:
+            self._idle.remove(key)
+
     def _bound_memory(self) -> None:
-        while self.tracked > self.max_tracked:  # fixed-size SHARDS: sample less
+        idle = self._idle
+        while self.tracked > self.max_tracked and self.threshold > 1:  # fixed-size SHARDS
             self._set_threshold(self.threshold // 2)
-            for key in [k for k in self._held if not self._sampled(k)]:
-                self._held.discard(key)
-            for key in [k for k in self._idle.snapshot_keys() if not self._sampled(k)]:
-                self._idle.remove(key)
-        while len(self._idle) > self._idle_limit:
-            oldest = self._idle.oldest()
+            self._forget_untracked()
+        # Idle blocks beyond the largest bound, in sampled blocks (a hot one is rate of one).
+        while len(idle) - idle.hot_count * (1 - self.rate) > self._idle_limit:
+            oldest = idle.oldest()
             assert oldest is not None
-            self._idle.remove(oldest)
+            idle.remove(oldest)
 
     # ------------------------------------------------------------------ publishing
 

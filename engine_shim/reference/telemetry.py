@@ -65,8 +65,9 @@ class Telemetry:
         self.prefix_query_tokens += len(request.prompt)
         for tier, count in hits.items():
             self.prefix_hit_tokens[tier] += count
-        if observed is not None:
-            self.reuse.record(len(request.prompt), observed)
+        if observed is not None:  # its hits are pinned by now
+            held = sum(hits.values()) // self.config.block_size
+            self.reuse.record(len(request.prompt), observed, held_blocks=held)
 
     def snapshot(self, running: Sized, waiting: Sized) -> Snapshot:
         kv, bs = self.kv, self.config.block_size

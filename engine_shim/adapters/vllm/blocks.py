@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ...reuse_distance import HASH_SPACE, SCRAMBLE, ReuseDistanceTracker, sample_hash
+from ...reuse_distance import HASH_SPACE, SCRAMBLE, ReuseDistanceTracker
 
 MASK = HASH_SPACE - 1
 
@@ -139,6 +139,11 @@ class FreeQueueCounter:
         # as one and every distance behind them would read short.
         self.duplicates: set[int] = set()
         self.lookup_map = getattr(pool, "cached_block_hash_to_block", None)
+        if recency is not None:
+            if callable(getattr(self.lookup_map, "get_one_block", None)):
+                recency.on_promote, recency.on_demote = self.promoted, self.demoted
+            else:  # a hot key's block cannot be found: keep to the sampled blocks
+                recency.hot_capacity = 0
         self.threshold = -1
         self.blocks = self.tokens = 0
         # Blocks with a hash (prefix-cache resident, in use or evictable): what vLLM's KV
@@ -173,7 +178,7 @@ class FreeQueueCounter:
                 self.extra[block_id] = extra
         if self.recency is not None:
             self.sync_threshold()
-            if sample_hash(self.recency_key(block_id, key)) < self.threshold:
+            if self.recency.tracks(self.recency_key(block_id, key)):
                 self.sampled.add(block_id)
             else:
                 self.sampled.discard(block_id)
@@ -195,10 +200,34 @@ class FreeQueueCounter:
             candidates = self.sampled
         self.threshold = threshold
         sampled = set()
+        tracks = recency.tracks
         for i in candidates:
-            if sample_hash(self.recency_key(i, hash_get(blocks[i]))) < threshold:
+            if tracks(self.recency_key(i, hash_get(blocks[i]))):
                 sampled.add(i)
         self.sampled = sampled
+
+    def promoted(self, key: Any) -> bool:
+        """The tracker made ``key`` hot: its block (the one vLLM's lookup finds) is tracked
+        from now on. Whether vLLM holds it now (outside the free queue)."""
+        block = self._cached_block(key)
+        if block is None:
+            return False
+        self.sampled.add(self.id_get(block))
+        return self.prev_get(block) is None and not self.null_get(block)
+
+    def demoted(self, key: Any) -> None:
+        """``key`` is not hot any more (and not sampled): its block is not tracked."""
+        block = self._cached_block(key)
+        if block is not None:
+            self.sampled.discard(self.id_get(block))
+
+    def _cached_block(self, key: Any) -> Any:
+        """The block vLLM's lookup map holds under ``key`` and that is known by it, or None."""
+        get_one_block = getattr(self.lookup_map, "get_one_block", None)
+        block = get_one_block(key) if get_one_block is not None else None
+        if block is None or self.hash_get(block) != key or self.id_get(block) in self.duplicates:
+            return None
+        return block
 
     def recency_key(self, block_id: int, key: Any) -> Any:
         """What the reuse tracker knows a block by: its hash, or its id when it has none
@@ -246,7 +275,7 @@ class FreeQueueCounter:
             else:
                 if block_id in self.by_id:
                     recency.forget(block_id)
-                sampled = int.from_bytes(new[:4], "little") < threshold
+                sampled = int.from_bytes(new[:4], "little") < threshold or recency.tracks(new)
                 if sampled:
                     recency.pinned_sampled(new)
             if sampled:

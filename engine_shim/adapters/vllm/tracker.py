@@ -300,12 +300,9 @@ class BlockPoolTracker(_Base):
             return
         # vLLM never looks up the block holding the prompt's last token.
         cacheable = min(len(hashes), (int(request.num_tokens) - 1) // self.block_size)
-        threshold = reuse.threshold
-        keys = [
-            bytes(h) + suffix
-            for h in hashes[:cacheable]
-            if int.from_bytes(h[:4], "little") < threshold  # the sampled ones only
-        ]
+        # Every key: the tracker buckets the tracked ones and, at admission, makes the keys
+        # an earlier lookup had too hot.
+        keys = [bytes(h) + suffix for h in hashes[:cacheable]]
         if len(self._lookups) > 4096:  # requests aborted while waiting
             self._lookups.clear()
         used = self._used_blocks()
@@ -322,7 +319,10 @@ class BlockPoolTracker(_Base):
                 self.prefix_query_tokens += int(request.num_tokens)
                 self.prefix_hit_tokens += int(num_hits)
                 if looked_up is not None and self._counts.recency is not None:
-                    self._counts.recency.record(int(request.num_tokens), looked_up)
+                    try:
+                        self._counts.recency.record(int(request.num_tokens), looked_up)
+                    except Exception as exc:  # the curve stops; vLLM's bookkeeping goes on
+                        self._counts.stop_recency(exc)
             original(request, num_hits)
 
         self.manager.record_prefix_cache_stats = record
