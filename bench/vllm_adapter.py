@@ -29,8 +29,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+from devtools.vllm_oracle import brute_force_evictable
 from devtools.vllm_pool import MAX_LEN, Driver, new_manager
-from engine_shim.adapters.vllm import BlockPoolTracker, EngineFacts, LiveView, brute_force_evictable
+from engine_shim.adapters.vllm import BlockPoolTracker, EngineFacts, LiveView
 
 
 class Lane:

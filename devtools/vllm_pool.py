@@ -31,12 +31,8 @@ try:  # vLLM 0.33+ moved the planner out of kv_cache_utils
 except ImportError:
     from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
 
-from engine_shim.adapters.vllm import (
-    BlockPoolTracker,
-    EngineFacts,
-    brute_force_evictable,
-    brute_force_evictable_tokens,
-)
+from devtools.vllm_oracle import brute_force_evictable, brute_force_evictable_tokens
+from engine_shim.adapters.vllm import BlockPoolTracker, EngineFacts
 from engine_shim.events.merge import evictable_bounds
 from engine_shim.events.stream import EventStreamState
 from kvstats.snapshot import Pool

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Hashable, Mapping, Sequence
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, TypeVar
 
 from kvstats.capacity import GroupFootprint, cdiv, kv_cache_size_tokens, max_concurrency
-from kvstats.snapshot import Pool, Snapshot
+from kvstats.snapshot import Counters, Pool, Snapshot
 
 K = TypeVar("K", bound=Hashable)
 
@@ -229,7 +230,11 @@ class CounterKey(NamedTuple):
     tier: str | None = None
 
 
-COUNTER_FIELDS = ("prefix_query_tokens", "evicted_tokens", "preemptions", "iterations")
+# The snapshot's plain counters (prefix hits, by tier, are the one mapping): a counter added to
+# ``Counters`` is carried here without a list to keep in step (its family reads it by name).
+COUNTER_FIELDS = tuple(
+    f.name for f in dataclasses.fields(Counters) if f.name != "prefix_hit_tokens"
+)
 
 
 def counter_values(snapshot: Snapshot) -> dict[CounterKey, int]:

@@ -26,14 +26,12 @@ import platform
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
 
-from kvstats.reuse import reuse_marks
-from kvstats.snapshot import RESIDENT_TIERS, STATUS_STATES, ReuseDistances
+from kvstats.snapshot import ReuseDistances
 
 from . import __version__
 from .families import (
@@ -42,26 +40,31 @@ from .families import (
     EVENT_FAMILIES,
     EXPORTER_FAMILIES,
     GPU_FAMILIES,
+    POOL_FAMILIES,
     TARGET_FAMILIES,
     Family,
+    PoolState,
+    Values,
 )
 from .nvml import GpuReading
 from .state import EngineView, ReloadStats, TargetReport
+from .textformat import format_value
 
 log = logging.getLogger(__name__)
 
 Row = tuple[tuple[str, ...], float]  # label values in the family's label order, value
-# prometheus_client's own number formatting (untyped there): Go's, as Prometheus expects.
-floatToGoString = cast(Callable[[float], str], _untyped_float_to_go_string)
 
 
-def format_value(value: float) -> str:
-    """``floatToGoString``, with the common case (a small integer: counts, slots) done directly;
-    ``tests/test_exposition.py`` proves the two equal. Go's format switches to an exponent at
-    10^6 for positive numbers, so only integers below that take the shortcut."""
-    if type(value) is int and -(10**15) < value < 1_000_000:
-        return f"{value}.0"
-    return floatToGoString(value)
+def _values(families: Sequence[Family]) -> tuple[tuple[str, Callable[[Any], Values]], ...]:
+    out = []
+    for family in families:
+        assert family.values is not None, f"{family.name} declares no value function"
+        out.append((family.name, family.values))
+    return tuple(out)
+
+
+POOL_VALUES = _values(POOL_FAMILIES)
+ENGINE_VALUES = _values([f for f in ENGINE_SCOPED if f not in POOL_FAMILIES])
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,82 +84,16 @@ class ExporterView:
 
 
 def engine_rows(name: str, rank: int, view: EngineView, rows: dict[str, list[Row]]) -> None:
-    """Append one engine's (DP rank's) values to ``rows``, by family name."""
+    """Append one engine's (DP rank's) series to ``rows``, by family name: each family reads
+    its own values (``families.py``), per pool or per engine."""
     engine = (name, str(rank), view.model)
-    snap = view.snapshot
-    for pool in snap.pools:
+    for pool in view.snapshot.pools:
         labels = (*engine, pool.name)
-        ratios = view.ratios[pool.name]
-        rows["kvcache_pool_capacity_slots"].append((labels, pool.capacity_slots))
-        rows["kvcache_block_size_tokens"].append((labels, pool.block_size))
-        rows["kvcache_pool_slots"].append(((*labels, "used"), pool.used_slots))
-        rows["kvcache_active_usage_ratio"].append((labels, ratios.active))
-        if pool.evictable_slots is not None and pool.available_slots is not None:
-            rows["kvcache_pool_slots"].append(((*labels, "evictable"), pool.evictable_slots))
-            rows["kvcache_pool_slots"].append(((*labels, "available"), pool.available_slots))
-        if ratios.physical is not None and ratios.evictable is not None:
-            rows["kvcache_physical_usage_ratio"].append((labels, ratios.physical))
-            rows["kvcache_evictable_ratio"].append((labels, ratios.evictable))
-        if pool.bytes_per_slot is not None:
-            rows["kvcache_pool_bytes"].append((labels, pool.bytes_per_slot * pool.capacity_slots))
-        if pool.evictable_prefix_tokens is not None:
-            rows["kvcache_pool_evictable_prefix_tokens"].append(
-                (labels, pool.evictable_prefix_tokens)
-            )
-        if pool.peak_used_slots is not None:
-            rows["kvcache_pool_peak_slots"].append(((*labels, "used"), pool.peak_used_slots))
-        if pool.peak_physical_slots is not None:
-            rows["kvcache_pool_peak_slots"].append(
-                ((*labels, "physical"), pool.peak_physical_slots)
-            )
-        if pool.evictable_slots_lower is not None and pool.evictable_slots_upper is not None:
-            bounds = rows["kvcache_pool_evictable_slots_bound"]
-            bounds.append(((*labels, "lower"), pool.evictable_slots_lower))
-            bounds.append(((*labels, "upper"), pool.evictable_slots_upper))
-    optional = (
-        ("kvcache_max_concurrency", view.max_concurrency),
-        ("kvcache_concurrency_headroom", view.headroom),
-        ("kvcache_max_model_len_tokens", snap.max_model_len),
-        ("kvcache_capacity_tokens", view.capacity_tokens),
-    )
-    for family, value in optional:
-        if value is not None:
-            rows[family].append((engine, value))
-    if snap.requests is not None:
-        rows["kvcache_requests"].append(((*engine, "running"), snap.requests.running))
-        rows["kvcache_requests"].append(((*engine, "waiting"), snap.requests.waiting))
-    if view.eta_seconds is not None:
-        rows["kvcache_exhaustion_eta_seconds"].append((engine, view.eta_seconds))
-    rows["kvcache_snapshot_timestamp_seconds"].append((engine, snap.time))
-    for tier_name, tier in (("host", snap.host_tier), ("storage", snap.storage_tier)):
-        if tier is not None:
-            tier_labels = (*engine, tier_name)
-            rows["kvcache_tier_capacity_tokens"].append((tier_labels, tier.capacity_tokens))
-            rows["kvcache_tier_used_tokens"].append((tier_labels, tier.used_tokens))
-    for resident_tier in RESIDENT_TIERS:
-        if resident_tier in snap.prefix_resident_slots:
-            rows["kvcache_prefix_resident_slots"].append(
-                ((*engine, resident_tier), snap.prefix_resident_slots[resident_tier])
-            )
-    rows["kvcache_engine_info"].append(((*engine, snap.engine.kind, snap.engine.version), 1))
-    if snap.status is not None:  # producers that say nothing (bridges, older shims) get none
-        for state in STATUS_STATES:
-            rows["kvcache_shim_status"].append(
-                ((*engine, state), 1 if state == snap.status.state else 0)
-            )
-    for key, value in view.counters.items():
-        if key.tier is not None:
-            rows["kvcache_prefix_hit_tokens"].append(((*engine, key.tier), value))
-        else:
-            rows[f"kvcache_{key.name}"].append((engine, value))
-    reuse = snap.reuse_distance
-    if reuse is not None:
-        rows["kvcache_prefix_reuse_distance_tokens"].append((engine, reuse))  # type: ignore[arg-type]
-        rows["kvcache_prefix_reuse_sampling_ratio"].append((engine, reuse.sampling_rate))
-        for bound, mark in reuse_marks(snap):
-            rows["kvcache_prefix_reuse_bucket_info"].append(
-                ((*engine, format_value(bound), mark), 1)
-            )
+        state = PoolState(pool, view.ratios[pool.name])
+        for family, values in POOL_VALUES:
+            rows[family].extend([((*labels, *extra), value) for extra, value in values(state)])
+    for family, values in ENGINE_VALUES:
+        rows[family].extend([((*engine, *extra), value) for extra, value in values(view)])
 
 
 def target_rows(report: TargetReport, up: bool, render_errors: int) -> dict[str, list[Row]]:

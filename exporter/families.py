@@ -1,25 +1,43 @@
-"""Every metric family the exporter publishes, declared once: name, type, help, labels.
+"""Every metric family the exporter publishes, declared once: name, type, help, labels, and
+for the engine's families the function that reads their values from an engine's view.
 
 Grouped by concern and listed in exposition order. The renderer, the per-target series
 estimate, the metric table in docs/exporter.md (a test checks it) and the tests' list of names
-all read these declarations: adding a metric is one entry here and one line where its value is
-known.
+all read these declarations: adding an engine metric is one entry here, its value function
+beside it (in the spirit of kube-state-metrics' family generators).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 from engine_shim.events.stream import STREAM_ERRORS
-from kvstats.snapshot import HIT_TIERS, RESIDENT_TIERS, STATUS_STATES
+from kvstats.reuse import reuse_marks
+from kvstats.snapshot import HIT_TIERS, RESIDENT_TIERS, STATUS_STATES, Pool, Tier
 
+from .derive import CounterKey, PoolRatios
 from .errors import ERROR_REASONS
+from .state import EngineView
+from .textformat import format_value
 
 ENGINE = ("engine", "dp_rank", "model")
 POOL = (*ENGINE, "pool")
 GPU = ("gpu", "uuid")
 TARGET = ("engine",)
+
+
+# A family's series for one owner: the values of its labels past the owner's, and the value
+# (a histogram's is the whole ReuseDistances).
+Values = list[tuple[tuple[str, ...], Any]]
+
+
+class PoolState(NamedTuple):
+    """What a pool family reads: the pool, and its ratios."""
+
+    pool: Pool
+    ratios: PoolRatios
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +48,8 @@ class Family:
     labels: tuple[str, ...]
     # Series per owner (pool, engine, target, GPU) at most: the values its last label takes.
     fanout: int = 1
+    # Engine families: their series for one owner (a PoolState, or an EngineView).
+    values: Callable[[Any], Values] | None = None
     # The name in the text format (``_total`` for counters); set from the above.
     exposed: str = ""
 
@@ -43,12 +63,106 @@ class Family:
         return f"# HELP {self.exposed} {text}\n# TYPE {self.exposed} {self.type}\n"
 
 
-def _gauge(name: str, help: str, labels: tuple[str, ...], fanout: int = 1) -> Family:
-    return Family(name, "gauge", help, labels, fanout)
+def _gauge(
+    name: str,
+    help: str,
+    labels: tuple[str, ...],
+    fanout: int = 1,
+    values: Callable[[Any], Values] | None = None,
+) -> Family:
+    return Family(name, "gauge", help, labels, fanout, values)
 
 
-def _counter(name: str, help: str, labels: tuple[str, ...], fanout: int = 1) -> Family:
-    return Family(name, "counter", help, labels, fanout)
+def _counter(
+    name: str,
+    help: str,
+    labels: tuple[str, ...],
+    fanout: int = 1,
+    values: Callable[[Any], Values] | None = None,
+) -> Family:
+    return Family(name, "counter", help, labels, fanout, values)
+
+
+def _one(value: float | None) -> Values:
+    return [] if value is None else [((), value)]
+
+
+def _by(label_values: tuple[str, ...], values: tuple[float | None, ...]) -> Values:
+    """One series per label value, all or none (a state the engine cannot tell leaves out
+    the family's states together)."""
+    if any(v is None for v in values):
+        return []
+    return [((label,), v) for label, v in zip(label_values, values, strict=True)]
+
+
+# ----------------------------------------------------------------- pool value functions
+
+
+def _pool_slots(p: PoolState) -> Values:
+    pool = p.pool
+    return [
+        (("used",), pool.used_slots),
+        *_by(("evictable", "available"), (pool.evictable_slots, pool.available_slots)),
+    ]
+
+
+def _both_ratios(p: PoolState, which: int) -> Values:
+    """The physical and evictable ratios come together (both need the evictable count)."""
+    both = (p.ratios.physical, p.ratios.evictable)
+    return [] if None in both else [((), both[which])]
+
+
+def _pool_bytes(p: PoolState) -> Values:
+    per_slot = p.pool.bytes_per_slot
+    return _one(None if per_slot is None else per_slot * p.pool.capacity_slots)
+
+
+def _peaks(p: PoolState) -> Values:
+    peaks = ((("used",), p.pool.peak_used_slots), (("physical",), p.pool.peak_physical_slots))
+    return [(label, value) for label, value in peaks if value is not None]
+
+
+# --------------------------------------------------------------- engine value functions
+
+
+def _tiers(v: EngineView) -> list[tuple[str, Tier]]:
+    tiers = (("host", v.snapshot.host_tier), ("storage", v.snapshot.storage_tier))
+    return [(name, tier) for name, tier in tiers if tier is not None]
+
+
+def _requests(v: EngineView) -> Values:
+    r = v.snapshot.requests
+    return [] if r is None else [(("running",), r.running), (("waiting",), r.waiting)]
+
+
+def _status(v: EngineView) -> Values:
+    status = v.snapshot.status  # producers that say nothing (bridges, older shims) get none
+    if status is None:
+        return []
+    return [((state,), 1 if state == status.state else 0) for state in STATUS_STATES]
+
+
+def _resident(v: EngineView) -> Values:
+    slots = v.snapshot.prefix_resident_slots
+    return [((tier,), slots[tier]) for tier in RESIDENT_TIERS if tier in slots]
+
+
+def _counter_of(field: str) -> Callable[[EngineView], Values]:
+    key = CounterKey(field)
+    return lambda v: _one(v.counters.get(key))
+
+
+def _hits(v: EngineView) -> Values:
+    return [((key.tier,), value) for key, value in v.counters.items() if key.tier is not None]
+
+
+def _reuse_marks(v: EngineView) -> Values:
+    return [((format_value(bound), mark), 1) for bound, mark in reuse_marks(v.snapshot)]
+
+
+def _reuse_rate(v: EngineView) -> Values:
+    reuse = v.snapshot.reuse_distance
+    return [] if reuse is None else [((), reuse.sampling_rate)]
 
 
 # One series per pool of each engine (DP rank).
@@ -58,6 +172,7 @@ POOL_FAMILIES = (
         "Token slots in the KV pool (blocks x block size). On hybrid models sharing one pool a"
         " token takes a slot per KV group: kvcache_capacity_tokens is the token capacity.",
         POOL,
+        values=lambda p: [((), p.pool.capacity_slots)],
     ),
     _gauge(
         "kvcache_pool_slots",
@@ -66,23 +181,44 @@ POOL_FAMILIES = (
         " and available are absent where the engine cannot tell them apart.",
         (*POOL, "state"),
         fanout=3,
+        values=_pool_slots,
     ),
     _gauge(
         "kvcache_physical_usage_ratio",
         "(used + evictable) / capacity: physical occupancy incl. prefix cache.",
         POOL,
+        values=lambda p: _both_ratios(p, 0),
     ),
     _gauge(
-        "kvcache_active_usage_ratio", "used / capacity: share pinned by running requests.", POOL
+        "kvcache_active_usage_ratio",
+        "used / capacity: share pinned by running requests.",
+        POOL,
+        values=lambda p: [((), p.ratios.active)],
     ),
-    _gauge("kvcache_evictable_ratio", "evictable / capacity: reclaimable prefix cache.", POOL),
-    _gauge("kvcache_block_size_tokens", "Tokens per KV block (page).", POOL),
-    _gauge("kvcache_pool_bytes", "Physical bytes of the KV pool.", POOL),
+    _gauge(
+        "kvcache_evictable_ratio",
+        "evictable / capacity: reclaimable prefix cache.",
+        POOL,
+        values=lambda p: _both_ratios(p, 1),
+    ),
+    _gauge(
+        "kvcache_block_size_tokens",
+        "Tokens per KV block (page).",
+        POOL,
+        values=lambda p: [((), p.pool.block_size)],
+    ),
+    _gauge(
+        "kvcache_pool_bytes",
+        "Physical bytes of the KV pool.",
+        POOL,
+        values=_pool_bytes,
+    ),
     _gauge(
         "kvcache_pool_evictable_prefix_tokens",
         "Prefix-cache tokens the evictable blocks hold: fewer than the evictable slots where a"
         " cached block is only partly filled (vLLM's partial-block caching).",
         POOL,
+        values=lambda p: _one(p.pool.evictable_prefix_tokens),
     ),
     _gauge(
         "kvcache_pool_peak_slots",
@@ -90,6 +226,7 @@ POOL_FAMILIES = (
         " step since the exporter's previous poll: bursts between polls and scrapes.",
         (*POOL, "state"),
         fanout=2,
+        values=_peaks,
     ),
     _gauge(
         "kvcache_pool_evictable_slots_bound",
@@ -98,6 +235,9 @@ POOL_FAMILIES = (
         " is kvcache_pool_slots{state=evictable}, from the shim.",
         (*POOL, "bound"),
         fanout=2,
+        values=lambda p: _by(
+            ("lower", "upper"), (p.pool.evictable_slots_lower, p.pool.evictable_slots_upper)
+        ),
     ),
 )
 
@@ -107,42 +247,66 @@ ENGINE_FAMILIES = (
         "kvcache_max_concurrency",
         "Group-aware number of max_model_len requests the KV pools hold.",
         ENGINE,
+        values=lambda v: _one(v.max_concurrency),
     ),
     _gauge(
         "kvcache_concurrency_headroom",
         "More max_model_len requests that fit now in available + evictable KV.",
         ENGINE,
+        values=lambda v: _one(v.headroom),
     ),
-    _gauge("kvcache_max_model_len_tokens", "Longest request the engine accepts.", ENGINE),
+    _gauge(
+        "kvcache_max_model_len_tokens",
+        "Longest request the engine accepts.",
+        ENGINE,
+        values=lambda v: _one(v.snapshot.max_model_len),
+    ),
     _gauge(
         "kvcache_capacity_tokens",
         "Tokens the engine's KV cache holds, as the engine states it (vLLM:"
         " kv_cache_size_tokens = max concurrency x max_model_len, group-aware).",
         ENGINE,
+        values=lambda v: _one(v.capacity_tokens),
     ),
-    _gauge("kvcache_requests", "Requests by state.", (*ENGINE, "state"), fanout=2),
+    _gauge(
+        "kvcache_requests",
+        "Requests by state.",
+        (*ENGINE, "state"),
+        fanout=2,
+        values=_requests,
+    ),
     _gauge(
         "kvcache_exhaustion_eta_seconds",
         "Forecast seconds until used tokens reach capacity at the recent growth rate;"
         " absent when used is not growing.",
         ENGINE,
+        values=lambda v: _one(v.eta_seconds),
     ),
     _gauge(
         "kvcache_snapshot_timestamp_seconds",
         "When the engine published the snapshot last polled (Unix time).",
         ENGINE,
+        values=lambda v: [((), v.snapshot.time)],
     ),
     _gauge(
         "kvcache_tier_capacity_tokens",
         "Capacity of a lower cache tier.",
         (*ENGINE, "tier"),
         fanout=2,
+        values=lambda v: [((n,), t.capacity_tokens) for n, t in _tiers(v)],
     ),
-    _gauge("kvcache_tier_used_tokens", "Tokens held in a lower cache tier.", (*ENGINE, "tier"), 2),
+    _gauge(
+        "kvcache_tier_used_tokens",
+        "Tokens held in a lower cache tier.",
+        (*ENGINE, "tier"),
+        2,
+        values=lambda v: [((n,), t.used_tokens) for n, t in _tiers(v)],
+    ),
     _gauge(
         "kvcache_engine_info",
         "Engine identity; value 1.",
         (*ENGINE, "engine_kind", "engine_version"),
+        values=lambda v: [((v.snapshot.engine.kind, v.snapshot.engine.version), 1)],
     ),
     _gauge(
         "kvcache_prefix_resident_slots",
@@ -150,6 +314,7 @@ ENGINE_FAMILIES = (
         " external): from the vLLM shim, or from a KV event stream while it is whole.",
         (*ENGINE, "tier"),
         fanout=len(RESIDENT_TIERS),
+        values=_resident,
     ),
     _gauge(
         "kvcache_shim_status",
@@ -158,22 +323,42 @@ ENGINE_FAMILIES = (
         " does not recognise: only what is still exact is published).",
         (*ENGINE, "state"),
         fanout=len(STATUS_STATES),
+        values=_status,
     ),
 )
 
 COUNTER_FAMILIES = (
-    _counter("kvcache_prefix_query_tokens", "Prompt tokens looked up in the prefix cache.", ENGINE),
+    _counter(
+        "kvcache_prefix_query_tokens",
+        "Prompt tokens looked up in the prefix cache.",
+        ENGINE,
+        values=_counter_of("prefix_query_tokens"),
+    ),
     _counter(
         "kvcache_prefix_hit_tokens",
         "Prompt tokens served from cache, by tier (device, host, storage, p2p, external).",
         (*ENGINE, "tier"),
         fanout=len(HIT_TIERS),
+        values=_hits,
     ),
     _counter(
-        "kvcache_evicted_tokens", "Device KV slots freed by evicting cached prefixes.", ENGINE
+        "kvcache_evicted_tokens",
+        "Device KV slots freed by evicting cached prefixes.",
+        ENGINE,
+        values=_counter_of("evicted_tokens"),
     ),
-    _counter("kvcache_preemptions", "Requests preempted for lack of KV.", ENGINE),
-    _counter("kvcache_iterations", "Engine scheduler iterations.", ENGINE),
+    _counter(
+        "kvcache_preemptions",
+        "Requests preempted for lack of KV.",
+        ENGINE,
+        values=_counter_of("preemptions"),
+    ),
+    _counter(
+        "kvcache_iterations",
+        "Engine scheduler iterations.",
+        ENGINE,
+        values=_counter_of("iterations"),
+    ),
 )
 
 # Engines that publish reuse distances (the shim's reference engine and vLLM adapter): the
@@ -188,6 +373,7 @@ REUSE_FAMILIES = (
         " pool of C tokens would have had; cold misses are only in +Inf. Sampled (SHARDS);"
         " resets when the engine restarts.",
         ENGINE,
+        values=lambda v: _one(v.snapshot.reuse_distance),
     ),
     _gauge(
         "kvcache_prefix_reuse_bucket_info",
@@ -196,11 +382,13 @@ REUSE_FAMILIES = (
         " (pool_host_storage), or the largest (top); value 1.",
         (*ENGINE, "bound", "mark"),
         fanout=len(REUSE_MARKS),
+        values=_reuse_marks,
     ),
     _gauge(
         "kvcache_prefix_reuse_sampling_ratio",
         "Share of cache blocks whose reuse distances are tracked (spatial sampling).",
         ENGINE,
+        values=_reuse_rate,
     ),
 )
 

@@ -152,6 +152,64 @@ def _duration(seconds: float) -> str:
     return f"{round(seconds / 60, 1):g}m" if seconds >= 60 else f"{seconds:.0f}s"
 
 
+# Engine-wide values shown when present: (value key, how it reads).
+ENGINE_FIELDS: tuple[tuple[str, Callable[[dict[str, float]], str]], ...] = (
+    ("status:warming_up", lambda v: "WARMING UP (capacity not sized yet)"),
+    (
+        "status:unsupported",
+        lambda v: "UNSUPPORTED engine release (exact counts only: see the exporter log)",
+    ),
+    ("kvcache_capacity_tokens", lambda v: f"cap {v['kvcache_capacity_tokens']:.0f} tok"),
+    ("kvcache_max_concurrency", lambda v: f"max conc {v['kvcache_max_concurrency']:.1f}"),
+    ("kvcache_concurrency_headroom", lambda v: f"headroom {v['kvcache_concurrency_headroom']:.0f}"),
+    (
+        "requests:running",
+        lambda v: f"run {v['requests:running']:.0f} wait {v.get('requests:waiting', 0):.0f}",
+    ),
+    (
+        "kvcache_exhaustion_eta_seconds",
+        lambda v: f"full in {v['kvcache_exhaustion_eta_seconds']:.0f}s",
+    ),
+)
+
+
+def _pool_part(prefix: str, pool: dict[str, float]) -> str:
+    cap = pool.get("kvcache_pool_capacity_slots", 0.0)
+    used = pool.get("kvcache_pool_slots:used", 0.0)
+    evictable = pool.get("kvcache_pool_slots:evictable")
+    if evictable is None:
+        text = (
+            f"{prefix}active {_pct(pool.get('kvcache_active_usage_ratio'))}"
+            f" (evictable unknown) {used:.0f}/{cap:.0f} slots"
+        )
+    else:
+        text = (
+            f"{prefix}phys {_pct(pool.get('kvcache_physical_usage_ratio'))}"
+            f" (active {_pct(pool.get('kvcache_active_usage_ratio'))},"
+            f" evictable {_pct(pool.get('kvcache_evictable_ratio'))})"
+            f" {used + evictable:.0f}/{cap:.0f} slots"
+        )
+    peak = pool.get("kvcache_pool_peak_slots:used")
+    return text if peak is None or cap <= 0 else f"{text} peak {_pct(peak / cap)}"
+
+
+def _hit_part(now: EngineSample, before: EngineSample | None) -> str | None:
+    """Hit ratios by tier since the previous refresh."""
+    queries = now.values.get("kvcache_prefix_query_tokens_total")
+    if queries is None or not now.hits:
+        return None
+    base_q = before.values.get("kvcache_prefix_query_tokens_total", 0.0) if before else 0.0
+    dq = queries - base_q
+    if dq <= 0:
+        return "hit (no queries)"
+    hit_parts = []
+    for tier in TIER_SHORT:
+        if tier in now.hits:
+            dh = now.hits[tier] - (before.hits.get(tier, 0.0) if before else 0.0)
+            hit_parts.append(f"{TIER_SHORT[tier]} {100 * dh / dq:.0f}%")
+    return "hit " + " ".join(hit_parts)
+
+
 def format_engine_line(
     key: EngineKey,
     now: EngineSample,
@@ -159,55 +217,12 @@ def format_engine_line(
     what_if_base: WhatIfBase | None = None,
 ) -> str:
     engine, rank, model = key
-    parts = []
-    for i, (pool_name, pool) in enumerate(sorted(now.pools.items(), key=lambda p: p[0] != "full")):
-        cap = pool.get("kvcache_pool_capacity_slots", 0.0)
-        used = pool.get("kvcache_pool_slots:used", 0.0)
-        evictable = pool.get("kvcache_pool_slots:evictable")
-        prefix = "" if i == 0 else f"{pool_name} "
-        if evictable is None:
-            parts.append(
-                f"{prefix}active {_pct(pool.get('kvcache_active_usage_ratio'))}"
-                f" (evictable unknown) {used:.0f}/{cap:.0f} slots"
-            )
-        else:
-            parts.append(
-                f"{prefix}phys {_pct(pool.get('kvcache_physical_usage_ratio'))}"
-                f" (active {_pct(pool.get('kvcache_active_usage_ratio'))},"
-                f" evictable {_pct(pool.get('kvcache_evictable_ratio'))})"
-                f" {used + evictable:.0f}/{cap:.0f} slots"
-            )
-        peak = pool.get("kvcache_pool_peak_slots:used")
-        if peak is not None and cap > 0:
-            parts[-1] += f" peak {_pct(peak / cap)}"
-    v = now.values
-    if "status:warming_up" in v:
-        parts.append("WARMING UP (capacity not sized yet)")
-    if "status:unsupported" in v:
-        parts.append("UNSUPPORTED engine release (exact counts only: see the exporter log)")
-    if "kvcache_capacity_tokens" in v:
-        parts.append(f"cap {v['kvcache_capacity_tokens']:.0f} tok")
-    if "kvcache_max_concurrency" in v:
-        parts.append(f"max conc {v['kvcache_max_concurrency']:.1f}")
-    if "kvcache_concurrency_headroom" in v:
-        parts.append(f"headroom {v['kvcache_concurrency_headroom']:.0f}")
-    if "requests:running" in v:
-        parts.append(f"run {v['requests:running']:.0f} wait {v.get('requests:waiting', 0):.0f}")
-    if "kvcache_exhaustion_eta_seconds" in v:
-        parts.append(f"full in {v['kvcache_exhaustion_eta_seconds']:.0f}s")
-    queries = v.get("kvcache_prefix_query_tokens_total")
-    if queries is not None and now.hits:
-        base_q = before.values.get("kvcache_prefix_query_tokens_total", 0.0) if before else 0.0
-        dq = queries - base_q
-        if dq > 0:
-            hit_parts = []
-            for tier in TIER_SHORT:
-                if tier in now.hits:
-                    dh = now.hits[tier] - (before.hits.get(tier, 0.0) if before else 0.0)
-                    hit_parts.append(f"{TIER_SHORT[tier]} {100 * dh / dq:.0f}%")
-            parts.append("hit " + " ".join(hit_parts))
-        else:
-            parts.append("hit (no queries)")
+    pools = sorted(now.pools.items(), key=lambda p: p[0] != "full")
+    parts = [_pool_part("" if i == 0 else f"{name} ", pool) for i, (name, pool) in enumerate(pools)]
+    parts += [show(now.values) for field, show in ENGINE_FIELDS if field in now.values]
+    hits = _hit_part(now, before)
+    if hits is not None:
+        parts.append(hits)
     what_if = format_what_if(now, what_if_base)
     if what_if:
         parts.append(what_if)

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,8 +27,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
-from exporter.exposition import Exposition, LineWriter, format_value
+from exporter.exposition import Exposition, LineWriter
 from exporter.families import ALL, BY_NAME, Family, series_estimate
+from exporter.textformat import format_value
 from tests.exposition_fixture import GPU_UUID, fleet_states, fleet_view
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,3 +214,43 @@ def test_a_reuse_histogram_is_what_prometheus_client_writes(
     registry.register(type("C", (), {"collect": lambda self: [reference]})())
     ours = family.header() + LineWriter().reuse_histograms(family, [(("ref", "0", "m"), hist)])
     assert ours == generate_latest(registry).decode()
+
+
+def test_each_engine_family_reads_its_own_values_within_its_declared_fanout() -> None:
+    """Families declare their value functions beside them: over the fixture fleet (every family
+    has samples), each engine family gives series of its own label arity, never more per owner
+    than its fan-out (what the series estimate counts), and every family shows up."""
+    from exporter.derive import COUNTER_FIELDS
+    from exporter.exposition import ENGINE_VALUES, POOL_VALUES
+    from exporter.families import BY_NAME, ENGINE, POOL, POOL_FAMILIES, PoolState
+
+    seen: set[str] = set()
+    for target in fleet_view().targets:
+        for view in target.engines.values():
+            # Each pool as polled, and as a KV event stream bounds it (bridges without a shim).
+            pools = [
+                variant
+                for pool in view.snapshot.pools
+                for variant in (
+                    pool,
+                    dataclasses.replace(pool, evictable_slots_lower=1, evictable_slots_upper=2),
+                )
+            ]
+            owners: list[tuple[Any, tuple[tuple[str, Any], ...], int]] = [
+                (PoolState(pool, view.ratios[pool.name]), POOL_VALUES, len(POOL)) for pool in pools
+            ]
+            owners.append((view, ENGINE_VALUES, len(ENGINE)))
+            for owner, table, own_labels in owners:
+                for name, values in table:
+                    family = BY_NAME[name]
+                    series = values(owner)
+                    assert len(series) <= family.fanout, name
+                    for extra, _ in series:
+                        assert own_labels + len(extra) == len(family.labels), name
+                    if series:
+                        seen.add(name)
+    engine_families = {name for name, _ in POOL_VALUES + ENGINE_VALUES}
+    assert seen == engine_families
+    assert {f.name for f in POOL_FAMILIES} == {name for name, _ in POOL_VALUES}
+    # A counter the snapshot gains is published only once it has a family reading it.
+    assert {f"kvcache_{name}" for name in COUNTER_FIELDS} <= engine_families

@@ -12,7 +12,8 @@ import json
 import os
 from typing import Any
 
-from engine_shim.adapters.vllm import KVCacheShimScheduler, brute_force_evictable_tokens
+from devtools.vllm_oracle import brute_force_evictable_tokens
+from engine_shim.adapters.vllm import KVCacheShimScheduler
 from engine_shim.events.merge import evictable_bounds
 from kvstats.snapshot import Pool
 

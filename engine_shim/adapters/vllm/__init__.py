@@ -20,12 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .blocks import (
-    UnsupportedVllm,
-    block_layout,
-    brute_force_evictable,
-    brute_force_evictable_tokens,
-)
+from .blocks import UnsupportedVllm, block_layout
 from .facts import iteration_log_enabled, reuse_distances_enabled
 from .scheduler import LiveView
 from .tracker import (
@@ -44,8 +39,6 @@ __all__ = [
     "PublicPoolView",
     "UnsupportedVllm",
     "block_layout",
-    "brute_force_evictable",
-    "brute_force_evictable_tokens",
     "iteration_log_enabled",
     "kv_allocation_bytes",
     "reuse_distances_enabled",

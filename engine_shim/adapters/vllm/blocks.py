@@ -460,21 +460,3 @@ def tracked_block_class(base: type, layout: BlockLayout, counter: FreeQueueCount
         (base,),
         {"__slots__": (), "set_block_hash": set_block_hash, "reset_hash": reset_hash},
     )
-
-
-def brute_force_evictable(block_pool: Any) -> int:
-    """vLLM's own definition, O(N): for tests and start-up."""
-    return sum(
-        1
-        for b in block_pool.blocks
-        if b.ref_cnt == 0 and not b.is_null and b.block_hash is not None
-    )
-
-
-def brute_force_evictable_tokens(block_pool: Any, cached_tokens: Callable[..., int]) -> int:
-    """Prefix tokens in evictable blocks, O(N): for tests and start-up."""
-    return sum(
-        cached_tokens(b.block_hash, getattr(b, "block_hash_num_tokens", None))
-        for b in block_pool.blocks
-        if b.ref_cnt == 0 and not b.is_null and b.block_hash is not None
-    )

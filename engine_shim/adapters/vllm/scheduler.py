@@ -221,143 +221,163 @@ def kv_event_sources(scheduler: Any, dp_rank: int) -> dict[str, Any]:
         return {}
 
 
+def _startup_line(tracker: Tracker, host: str, port: int, log_steps: bool) -> None:
+    facts = tracker.facts
+    if isinstance(tracker, BlockPoolTracker):
+        hooked = (
+            f"verified KVCacheBlock.{{ref_cnt,{tracker.layout.hash_field},is_null}} and"
+            f" {len(POOL_MUTATORS + SCHEDULER_HOOKS)} scheduler hooks"
+        )
+    else:
+        hooked = "UNSUPPORTED: used/free blocks only"
+    log.info(
+        "kvcache shim %s: %s; %s; %d blocks of %d tokens; KV stats for DP rank %d at"
+        " http://%s:%d/v1/kv/stats%s",
+        __version__,
+        facts.version.split(",")[0],
+        hooked,
+        int(tracker.pool.num_gpu_blocks),
+        tracker.block_size,
+        facts.dp_rank,
+        host,
+        port,
+        "; one KV line per step" if log_steps else "",
+    )
+
+
+class ShimScheduling:
+    """What the shim adds to vLLM's scheduler, as a mixin placed before vLLM's class (which is
+    only known once vLLM is imported: ``_scheduler_class``). ``super()`` is vLLM's scheduler."""
+
+    _kvcache_view: LiveView | None = None
+    _kvcache_endpoint: ShimEndpoint | None = None
+    _kvcache_log_steps = False
+    kvcache_tracker: Tracker | None = None
+    kvcache_missing_hooks: tuple[str, ...] = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # A bad value of the shim's own settings stops the start early, before vLLM's.
+        reuse_distances = reuse_distances_enabled()
+        self._kvcache_log_steps = iteration_log_enabled()
+        super().__init__(*args, **kwargs)
+        tracker = attach_tracker(self, list(self.kvcache_missing_hooks), reuse_distances)
+        if tracker is None:
+            return
+        self.kvcache_tracker = tracker
+        self._kvcache_view = LiveView(tracker, _request_counts(self))
+        self._start_endpoint(tracker)
+
+    def _start_endpoint(self, tracker: Tracker) -> None:
+        from ...server import ShimApp
+
+        facts = tracker.facts
+        host, port = listen_address(facts.dp_rank)
+        view = self._kvcache_view
+        assert view is not None
+        self._kvcache_endpoint = ShimEndpoint(
+            ShimApp(
+                snapshots=lambda: [view.snapshot()],
+                healthy=lambda: True,
+                bearer_token=os.environ.get("KVCACHE_SHIM_TOKEN") or None,
+                kv_event_sources=lambda: kv_event_sources(self, facts.dp_rank),
+            ),
+            host,
+            port,
+            facts.dp_rank,
+        )
+        if self._kvcache_endpoint.start():
+            _startup_line(
+                tracker, host, self._kvcache_endpoint.server.port, self._kvcache_log_steps
+            )
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        view = self._kvcache_view
+        if view is None:
+            return super().schedule(*args, **kwargs)  # type: ignore[misc]
+        with view.lock:
+            output = super().schedule(*args, **kwargs)  # type: ignore[misc]
+            try:
+                if output.total_num_scheduled_tokens > 0:
+                    view.steps_in_flight += 1
+                view.tracker.note_step()
+            except Exception as exc:
+                _bookkeeping_failed(self, exc)
+            view.touched()
+        return output
+
+    def update_from_output(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        view = self._kvcache_view
+        if view is None:
+            return super().update_from_output(scheduler_output, *args, **kwargs)  # type: ignore[misc]
+        with view.lock:
+            result = super().update_from_output(scheduler_output, *args, **kwargs)  # type: ignore[misc]
+            try:
+                self._count_step(view, scheduler_output, result)
+            except Exception as exc:
+                _bookkeeping_failed(self, exc)
+            view.touched()
+        return result
+
+    def _count_step(self, view: LiveView, scheduler_output: Any, result: Any) -> None:
+        if scheduler_output.total_num_scheduled_tokens > 0:
+            view.steps_in_flight = max(0, view.steps_in_flight - 1)
+        # An iteration is a step that returned output to a client, as vLLM's
+        # iteration_tokens_total counts; async scheduling's extra step after a request's
+        # last token (its output is discarded) is not one.
+        if any(outputs.outputs for outputs in result.values()):
+            view.tracker.iterations += 1
+            if self._kvcache_log_steps:
+                log.info(view.tracker.step_line(*view._counts()))
+        view.tracker.note_step()
+
+
+def _preempt_request(self: Any, *args: Any, **kwargs: Any) -> Any:
+    if self.kvcache_tracker is not None:
+        self.kvcache_tracker.preemptions += 1  # inside schedule(): the lock is held
+    return super(ShimScheduling, self)._preempt_request(*args, **kwargs)
+
+
+def _shutdown(self: Any) -> None:
+    if self._kvcache_endpoint is not None:
+        self._kvcache_endpoint.stop()
+    super(ShimScheduling, self).shutdown()
+
+
+def _locked(name: str) -> Callable[..., Any]:
+    """A vLLM scheduler method run under the view's lock, marking the state current after."""
+
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        view: LiveView | None = self._kvcache_view
+        if view is None:
+            return getattr(super(ShimScheduling, self), name)(*args, **kwargs)
+        with view.lock:
+            result = getattr(super(ShimScheduling, self), name)(*args, **kwargs)
+            view.touched()
+        return result
+
+    method.__name__ = name
+    return method
+
+
 def _scheduler_class() -> type:
+    """``ShimScheduling`` over vLLM's scheduler; the hooks it wraps only where vLLM has them."""
     try:
         from vllm.v1.core.sched.async_scheduler import AsyncScheduler as Base
     except ImportError:  # a vLLM without it: the synchronous scheduler, same interface
         from vllm.v1.core.sched.scheduler import Scheduler as Base
 
-    from ...server import ShimApp
+    def has(name: str) -> bool:
+        return callable(getattr(Base, name, None))
 
-    missing = missing_hooks(Base)
-
-    def locked(name: str) -> Callable[..., Any]:
-        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            view: LiveView | None = self._kvcache_view
-            if view is None:
-                return getattr(super(KVCacheShimScheduler, self), name)(*args, **kwargs)
-            with view.lock:
-                result = getattr(super(KVCacheShimScheduler, self), name)(*args, **kwargs)
-                view.touched()
-            return result
-
-        method.__name__ = name
-        return method
-
-    class KVCacheShimScheduler(Base):  # type: ignore[misc]
-        """vLLM's scheduler plus the KV stats endpoint (see the package docstring)."""
-
-        _kvcache_view: LiveView | None = None
-        _kvcache_endpoint: ShimEndpoint | None = None
-        _kvcache_log_steps = False
-        kvcache_tracker: Tracker | None = None
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            # A bad value of the shim's own settings stops the start early, before vLLM's.
-            reuse_distances = reuse_distances_enabled()
-            self._kvcache_log_steps = iteration_log_enabled()
-            super().__init__(*args, **kwargs)
-            tracker = attach_tracker(self, missing, reuse_distances)
-            if tracker is None:
-                return
-            self.kvcache_tracker = tracker
-            self._kvcache_view = LiveView(tracker, _request_counts(self))
-            self._start_endpoint(tracker)
-
-        def _start_endpoint(self, tracker: Tracker) -> None:
-            facts = tracker.facts
-            host, port = listen_address(facts.dp_rank)
-            view = self._kvcache_view
-            assert view is not None
-            self._kvcache_endpoint = ShimEndpoint(
-                ShimApp(
-                    snapshots=lambda: [view.snapshot()],
-                    healthy=lambda: True,
-                    bearer_token=os.environ.get("KVCACHE_SHIM_TOKEN") or None,
-                    kv_event_sources=lambda: kv_event_sources(self, facts.dp_rank),
-                ),
-                host,
-                port,
-                facts.dp_rank,
-            )
-            if not self._kvcache_endpoint.start():
-                return
-            if isinstance(tracker, BlockPoolTracker):
-                hooked = (
-                    f"verified KVCacheBlock.{{ref_cnt,{tracker.layout.hash_field},is_null}} and"
-                    f" {len(POOL_MUTATORS + SCHEDULER_HOOKS)} scheduler hooks"
-                )
-            else:
-                hooked = "UNSUPPORTED: used/free blocks only"
-            log.info(
-                "kvcache shim %s: %s; %s; %d blocks of %d tokens; KV stats for DP rank %d at"
-                " http://%s:%d/v1/kv/stats%s",
-                __version__,
-                facts.version.split(",")[0],
-                hooked,
-                int(tracker.pool.num_gpu_blocks),
-                tracker.block_size,
-                facts.dp_rank,
-                host,
-                self._kvcache_endpoint.server.port,
-                "; one KV line per step" if self._kvcache_log_steps else "",
-            )
-
-        def schedule(self, *args: Any, **kwargs: Any) -> Any:
-            view = self._kvcache_view
-            if view is None:
-                return super().schedule(*args, **kwargs)
-            with view.lock:
-                output = super().schedule(*args, **kwargs)
-                try:
-                    if output.total_num_scheduled_tokens > 0:
-                        view.steps_in_flight += 1
-                    view.tracker.note_step()
-                except Exception as exc:
-                    _bookkeeping_failed(self, exc)
-                view.touched()
-            return output
-
-        def update_from_output(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-            view = self._kvcache_view
-            if view is None:
-                return super().update_from_output(scheduler_output, *args, **kwargs)
-            with view.lock:
-                result = super().update_from_output(scheduler_output, *args, **kwargs)
-                try:
-                    self._count_step(view, scheduler_output, result)
-                except Exception as exc:
-                    _bookkeeping_failed(self, exc)
-                view.touched()
-            return result
-
-        def _count_step(self, view: LiveView, scheduler_output: Any, result: Any) -> None:
-            if scheduler_output.total_num_scheduled_tokens > 0:
-                view.steps_in_flight = max(0, view.steps_in_flight - 1)
-            # An iteration is a step that returned output to a client, as vLLM's
-            # iteration_tokens_total counts; async scheduling's extra step after a request's
-            # last token (its output is discarded) is not one.
-            if any(outputs.outputs for outputs in result.values()):
-                view.tracker.iterations += 1
-                if self._kvcache_log_steps:
-                    log.info(view.tracker.step_line(*view._counts()))
-            view.tracker.note_step()
-
-        def _preempt_request(self, *args: Any, **kwargs: Any) -> Any:
-            if self.kvcache_tracker is not None:
-                self.kvcache_tracker.preemptions += 1  # inside schedule(): the lock is held
-            return super()._preempt_request(*args, **kwargs)
-
-        def shutdown(self) -> None:
-            if self._kvcache_endpoint is not None:
-                self._kvcache_endpoint.stop()
-            super().shutdown()
-
+    namespace: dict[str, Any] = {
+        "__module__": __name__,
+        "__doc__": "vLLM's scheduler plus the KV stats endpoint (see the package docstring).",
+        "kvcache_missing_hooks": tuple(missing_hooks(Base)),
+    }
     for name in ("add_request", "finish_requests", "reset_prefix_cache", "update_draft_token_ids"):
-        if callable(getattr(Base, name, None)):
-            setattr(KVCacheShimScheduler, name, locked(name))
-    for name in ("_preempt_request", "shutdown"):  # only override what the base has
-        if not callable(getattr(Base, name, None)):
-            delattr(KVCacheShimScheduler, name)
-    KVCacheShimScheduler.kvcache_missing_hooks = tuple(missing)
-    return KVCacheShimScheduler
+        if has(name):
+            namespace[name] = _locked(name)
+    for name, method in (("_preempt_request", _preempt_request), ("shutdown", _shutdown)):
+        if has(name):  # only override what the base has
+            namespace[name] = method
+    return type("KVCacheShimScheduler", (ShimScheduling, Base), namespace)
