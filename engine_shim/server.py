@@ -46,51 +46,67 @@ def body_limit(method: str, path: str) -> int:
     return MAX_BODY_BYTES if (method, path) == ("POST", "/v1/completions") else 0
 
 
-def _handler(app: ShimApp) -> Callable[[Request], Response]:
-    def send(status: int, body: Any, close: bool = False) -> Response:
-        data = json.dumps(body, separators=(",", ":")).encode()
-        return Response(status, data, "application/json", close=close)
+def _send(status: int, body: Any, close: bool = False) -> Response:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    return Response(status, data, "application/json", close=close)
 
-    def error(status: int, message: str, close: bool = False) -> Response:
-        return send(status, {"error": {"code": status, "message": message}}, close)
 
-    def authorised(request: Request) -> bool:
-        if app.bearer_token is None:
+def _error(status: int, message: str, close: bool = False) -> Response:
+    return _send(status, {"error": {"code": status, "message": message}}, close)
+
+
+class _Routes:
+    """The shim's few routes: reads on GET/HEAD, the demo's completions on POST."""
+
+    def __init__(self, app: ShimApp) -> None:
+        self.app = app
+
+    def authorised(self, request: Request) -> bool:
+        if self.app.bearer_token is None:
             return True
         given = request.headers.get("authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {app.bearer_token}".encode())
+        return hmac.compare_digest(given.encode(), f"Bearer {self.app.bearer_token}".encode())
 
-    def handle(request: Request) -> Response:
+    def handle(self, request: Request) -> Response:
         path = request.path
         if request.method in ("GET", "HEAD"):
-            if path == "/healthz":
-                ok = app.healthy()
-                return send(
-                    200 if ok else 503, {"status": "ok" if ok else "engine loop not running"}
-                )
-            if path == "/v1/kv/stats":
-                if not authorised(request):
-                    return error(401, "missing or wrong bearer token")
-                snaps = app.snapshots()
-                body: Any = snaps[0].to_json() if len(snaps) == 1 else [s.to_json() for s in snaps]
-                return send(200, body)
-            if path == "/kv_event_sources" and app.kv_event_sources is not None:
-                return send(200, app.kv_event_sources())
-            return error(404, f"no such path: {path}")
-        if request.method == "POST" and path == "/v1/completions" and app.completions is not None:
-            if not authorised(request):
-                return error(401, "missing or wrong bearer token")
-            if not {"content-length", "transfer-encoding"} & request.headers.keys():
-                return error(411, "Content-Length is required", close=True)
-            try:
-                return send(200, app.completions(_json_object(request.body)))
-            except HTTPError as exc:
-                return error(exc.status, exc.message)
+            return self.read(request)
+        completions = self.app.completions is not None
+        if request.method == "POST" and path == "/v1/completions" and completions:
+            return self.complete(request)
         if path in SERVED_PATHS:
-            return error(405, f"{request.method} {path} is not served", close=True)
-        return error(404, f"no such path: {path}", close=True)
+            return _error(405, f"{request.method} {path} is not served", close=True)
+        return _error(404, f"no such path: {path}", close=True)
 
-    return handle
+    def read(self, request: Request) -> Response:
+        app, path = self.app, request.path
+        if path == "/healthz":
+            ok = app.healthy()
+            return _send(200 if ok else 503, {"status": "ok" if ok else "engine loop not running"})
+        if path == "/v1/kv/stats":
+            if not self.authorised(request):
+                return _error(401, "missing or wrong bearer token")
+            snaps = app.snapshots()
+            body: Any = snaps[0].to_json() if len(snaps) == 1 else [s.to_json() for s in snaps]
+            return _send(200, body)
+        if path == "/kv_event_sources" and app.kv_event_sources is not None:
+            return _send(200, app.kv_event_sources())
+        return _error(404, f"no such path: {path}")
+
+    def complete(self, request: Request) -> Response:
+        assert self.app.completions is not None
+        if not self.authorised(request):
+            return _error(401, "missing or wrong bearer token")
+        if not {"content-length", "transfer-encoding"} & request.headers.keys():
+            return _error(411, "Content-Length is required", close=True)
+        try:
+            return _send(200, self.app.completions(_json_object(request.body)))
+        except HTTPError as exc:
+            return _error(exc.status, exc.message)
+
+
+def _handler(app: ShimApp) -> Callable[[Request], Response]:
+    return _Routes(app).handle
 
 
 SERVED_PATHS = ("/healthz", "/v1/kv/stats", "/kv_event_sources", "/v1/completions")

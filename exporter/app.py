@@ -232,36 +232,27 @@ def body_limit(method: str, path: str) -> int:
     return RELOAD_BODY_BYTES if (method, path) == ("POST", "/-/reload") else 0
 
 
-def _handler(exporter: Exporter) -> Callable[[Request], Response]:
-    def unauthorised() -> Response:
-        return Response(401, headers=[("WWW-Authenticate", f'Basic realm="{REALM}"')])
+def _unauthorised() -> Response:
+    return Response(401, headers=[("WWW-Authenticate", f'Basic realm="{REALM}"')])
 
-    def handle(request: Request) -> Response:
-        path = request.path
+
+class _Routes:
+    """The exporter's routes: /metrics, /healthz and the landing page on GET/HEAD, reloads on
+    POST /-/reload (with ``lifecycle``); everything but /healthz behind basic auth if set."""
+
+    def __init__(self, exporter: Exporter) -> None:
+        self.exporter = exporter
+
+    def handle(self, request: Request) -> Response:
+        path, exporter = request.path, self.exporter
         if request.method in ("GET", "HEAD"):
             # /healthz says only "ok": left open for orchestrators' probes.
             if path != "/healthz" and not exporter.auth.check(request.headers.get("authorization")):
-                return unauthorised()
-            if path == "/metrics":
-                if accepts_gzip(request.headers.get("accept-encoding", "")):
-                    return Response(
-                        200,
-                        exporter.exposition.render_gzip(),
-                        CONTENT_TYPE_LATEST,
-                        [("Content-Encoding", "gzip")],
-                    )
-                return Response(200, exporter.exposition.render(), CONTENT_TYPE_LATEST)
-            if path == "/healthz":
-                ok = exporter.healthy()
-                return Response(
-                    200 if ok else 503, b"ok\n" if ok else b"not ready: targets not polled yet\n"
-                )
-            if path == "/":
-                return Response(200, _landing(exporter), "text/html; charset=utf-8")
-            return Response(404, b"not found\n")
+                return _unauthorised()
+            return self.read(request)
         if request.method == "POST" and path == "/-/reload" and exporter.lifecycle:
             if not exporter.auth.check(request.headers.get("authorization")):
-                return unauthorised()
+                return _unauthorised()
             ok, message = exporter.reload()
             return Response(200 if ok else 500, f"{message}\n".encode())
         # 405 on a path served by GET, 404 elsewhere.
@@ -274,4 +265,26 @@ def _handler(exporter: Exporter) -> Callable[[Request], Response]:
             )
         return Response(404, b"not found\n", close=True)
 
-    return handle
+    def read(self, request: Request) -> Response:
+        path, exporter = request.path, self.exporter
+        if path == "/metrics":
+            if accepts_gzip(request.headers.get("accept-encoding", "")):
+                return Response(
+                    200,
+                    exporter.exposition.render_gzip(),
+                    CONTENT_TYPE_LATEST,
+                    [("Content-Encoding", "gzip")],
+                )
+            return Response(200, exporter.exposition.render(), CONTENT_TYPE_LATEST)
+        if path == "/healthz":
+            ok = exporter.healthy()
+            return Response(
+                200 if ok else 503, b"ok\n" if ok else b"not ready: targets not polled yet\n"
+            )
+        if path == "/":
+            return Response(200, _landing(exporter), "text/html; charset=utf-8")
+        return Response(404, b"not found\n")
+
+
+def _handler(exporter: Exporter) -> Callable[[Request], Response]:
+    return _Routes(exporter).handle

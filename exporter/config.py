@@ -332,43 +332,9 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
             source, "poll_interval", f"{interval * 1000:g} ms is below the minimum of 100ms"
         )
     timeout = parse_duration(s.data.get("timeout", min(2.0, interval)), source, "timeout")
-    nvml = s.data.get("nvml", "auto")
-    if nvml is True:
-        nvml = "on"
-    elif nvml is False:
-        nvml = "off"
-    if nvml not in NVML_MODES:
-        raise ConfigError(source, "nvml", f"must be one of {', '.join(NVML_MODES)}, got {nvml!r}")
-
-    raw_targets = s.data.get("targets")
-    if not isinstance(raw_targets, list) or not raw_targets:
-        raise ConfigError(source, "targets", "expected a non-empty list of targets")
-    targets = tuple(_target(t, source, f"targets[{i}]", timeout) for i, t in enumerate(raw_targets))
-    names = [t.name for t in targets]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            raise ConfigError(source, f"targets[{i}].name", f"duplicate target name {name!r}")
-    for i, t in enumerate(targets):
-        if t.timeout > interval:
-            raise ConfigError(
-                source,
-                f"targets[{i}].timeout",
-                f"{t.timeout} s is longer than poll_interval {interval} s",
-            )
-
-    gpus: dict[str, tuple[str, ...]] = {}
-    raw_gpus = s.data.get("gpus", {}) or {}
-    if not isinstance(raw_gpus, dict):
-        raise ConfigError(source, "gpus", "expected a mapping of target name to GPU UUIDs")
-    for engine, uuids in raw_gpus.items():
-        if engine not in names:
-            raise ConfigError(source, f"gpus.{engine}", "names no target")
-        if isinstance(uuids, str):
-            uuids = [uuids]
-        if not isinstance(uuids, list) or not all(isinstance(u, str) and u for u in uuids):
-            raise ConfigError(source, f"gpus.{engine}", "expected a GPU UUID or a list of them")
-        gpus[engine] = tuple(uuids)
-
+    nvml = _nvml_mode(s.data.get("nvml", "auto"), source)
+    targets = _targets(s.data.get("targets"), source, timeout, interval)
+    gpus = _gpu_map(s.data.get("gpus", {}) or {}, source, [t.name for t in targets])
     return Config(
         listen_host=host,
         listen_port=port,
@@ -390,6 +356,52 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
         source=source,
         web_config_file=s.string("web_config_file"),
     )
+
+
+def _nvml_mode(nvml: Any, source: str) -> str:
+    """``nvml``: auto, on or off (YAML's booleans read as on and off)."""
+    if nvml is True:
+        nvml = "on"
+    elif nvml is False:
+        nvml = "off"
+    if nvml not in NVML_MODES:
+        raise ConfigError(source, "nvml", f"must be one of {', '.join(NVML_MODES)}, got {nvml!r}")
+    return str(nvml)
+
+
+def _targets(raw: Any, source: str, timeout: float, interval: float) -> tuple[Target, ...]:
+    """The targets, named uniquely, each answering within a poll interval."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(source, "targets", "expected a non-empty list of targets")
+    targets = tuple(_target(t, source, f"targets[{i}]", timeout) for i, t in enumerate(raw))
+    names = [t.name for t in targets]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(source, f"targets[{i}].name", f"duplicate target name {name!r}")
+    for i, t in enumerate(targets):
+        if t.timeout > interval:
+            raise ConfigError(
+                source,
+                f"targets[{i}].timeout",
+                f"{t.timeout} s is longer than poll_interval {interval} s",
+            )
+    return targets
+
+
+def _gpu_map(raw: Any, source: str, names: list[str]) -> dict[str, tuple[str, ...]]:
+    """``gpus``: target name -> the GPU UUIDs its pools live on (a UUID or a list)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "gpus", "expected a mapping of target name to GPU UUIDs")
+    gpus: dict[str, tuple[str, ...]] = {}
+    for engine, uuids in raw.items():
+        if engine not in names:
+            raise ConfigError(source, f"gpus.{engine}", "names no target")
+        if isinstance(uuids, str):
+            uuids = [uuids]
+        if not isinstance(uuids, list) or not all(isinstance(u, str) and u for u in uuids):
+            raise ConfigError(source, f"gpus.{engine}", "expected a GPU UUID or a list of them")
+        gpus[engine] = tuple(uuids)
+    return gpus
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

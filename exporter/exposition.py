@@ -55,12 +55,21 @@ log = logging.getLogger(__name__)
 Row = tuple[tuple[str, ...], float]  # label values in the family's label order, value
 
 
-def _values(families: Sequence[Family]) -> tuple[tuple[str, Callable[[Any], Values]], ...]:
-    out = []
+# The families of one owner: (name, value) of those with one series, (name, values) of the rest.
+ValueTable = tuple[
+    tuple[tuple[str, Callable[[Any], Any]], ...], tuple[tuple[str, Callable[[Any], Values]], ...]
+]
+
+
+def _values(families: Sequence[Family]) -> ValueTable:
+    """The families' value functions, checked once: each declares exactly one."""
     for family in families:
-        assert family.values is not None, f"{family.name} declares no value function"
-        out.append((family.name, family.values))
-    return tuple(out)
+        assert (family.value is None) != (family.values is None), (
+            f"{family.name} must declare one value function: value= or values="
+        )
+    ones = tuple((f.name, f.value) for f in families if f.value is not None)
+    manys = tuple((f.name, f.values) for f in families if f.values is not None)
+    return ones, manys
 
 
 POOL_VALUES = _values(POOL_FAMILIES)
@@ -90,10 +99,22 @@ def engine_rows(name: str, rank: int, view: EngineView, rows: dict[str, list[Row
     for pool in view.snapshot.pools:
         labels = (*engine, pool.name)
         state = PoolState(pool, view.ratios[pool.name])
-        for family, values in POOL_VALUES:
-            rows[family].extend([((*labels, *extra), value) for extra, value in values(state)])
-    for family, values in ENGINE_VALUES:
-        rows[family].extend([((*engine, *extra), value) for extra, value in values(view)])
+        _append(rows, labels, state, POOL_VALUES)
+    _append(rows, engine, view, ENGINE_VALUES)
+
+
+def _append(
+    rows: dict[str, list[Row]], labels: tuple[str, ...], owner: Any, table: ValueTable
+) -> None:
+    """The owner's series of each family in ``table``, after the owner's ``labels``."""
+    ones, manys = table
+    for family, one in ones:
+        value = one(owner)
+        if value is not None:
+            rows[family].append((labels, value))
+    for family, many in manys:
+        for extra, value in many(owner):
+            rows[family].append((labels + extra, value))
 
 
 def target_rows(report: TargetReport, up: bool, render_errors: int) -> dict[str, list[Row]]:
@@ -315,8 +336,11 @@ class TargetRenderer:
 # ------------------------------------------------------------------- fleet-wide series
 
 
-def gpu_rows(view: ExporterView, targets: Sequence[TargetLines]) -> dict[str, list[Row]]:
-    rows: dict[str, list[Row]] = {f.name: [] for f in GPU_FAMILIES}
+def _gpu_joins(
+    view: ExporterView, targets: Sequence[TargetLines]
+) -> tuple[dict[str, int], dict[str, set[tuple[str, str, str]]]]:
+    """Per GPU UUID: the bytes of the KV pools on it (pools on one GPU only), and the engines
+    whose pools are on it (the snapshot's UUID, else the config's ``gpus`` map)."""
     pool_bytes_by_uuid: dict[str, int] = {}
     engines_by_uuid: dict[str, set[tuple[str, str, str]]] = {}
     for target in targets:
@@ -335,6 +359,12 @@ def gpu_rows(view: ExporterView, targets: Sequence[TargetLines]) -> dict[str, li
                         pool_bytes_by_uuid[uuid] = pool_bytes_by_uuid.get(uuid, 0) + (
                             pool.bytes_per_slot * pool.capacity_slots
                         )
+    return pool_bytes_by_uuid, engines_by_uuid
+
+
+def gpu_rows(view: ExporterView, targets: Sequence[TargetLines]) -> dict[str, list[Row]]:
+    rows: dict[str, list[Row]] = {f.name: [] for f in GPU_FAMILIES}
+    pool_bytes_by_uuid, engines_by_uuid = _gpu_joins(view, targets)
     if not view.nvml_enabled:
         # No GPU access in the sidecar: the engines' own UUIDs still join them to another GPU
         # exporter's series (dcgm-exporter's, by UUID); the GPU index is NVML's to know.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Literal, NamedTuple
 
 from engine_shim.events.stream import STREAM_ERRORS
@@ -48,7 +49,10 @@ class Family:
     labels: tuple[str, ...]
     # Series per owner (pool, engine, target, GPU) at most: the values its last label takes.
     fanout: int = 1
-    # Engine families: their series for one owner (a PoolState, or an EngineView).
+    # Engine families, the function that reads their series from one owner (a PoolState, or
+    # an EngineView): ``value`` for a family of one series (None: absent), ``values`` for one
+    # with labels of its own past the owner's (each series' label values and value).
+    value: Callable[[Any], Any] | None = None
     values: Callable[[Any], Values] | None = None
     # The name in the text format (``_total`` for counters); set from the above.
     exposed: str = ""
@@ -68,9 +72,10 @@ def _gauge(
     help: str,
     labels: tuple[str, ...],
     fanout: int = 1,
+    value: Callable[[Any], Any] | None = None,
     values: Callable[[Any], Values] | None = None,
 ) -> Family:
-    return Family(name, "gauge", help, labels, fanout, values)
+    return Family(name, "gauge", help, labels, fanout, value, values)
 
 
 def _counter(
@@ -78,13 +83,10 @@ def _counter(
     help: str,
     labels: tuple[str, ...],
     fanout: int = 1,
+    value: Callable[[Any], Any] | None = None,
     values: Callable[[Any], Values] | None = None,
 ) -> Family:
-    return Family(name, "counter", help, labels, fanout, values)
-
-
-def _one(value: float | None) -> Values:
-    return [] if value is None else [((), value)]
+    return Family(name, "counter", help, labels, fanout, value, values)
 
 
 def _by(label_values: tuple[str, ...], values: tuple[float | None, ...]) -> Values:
@@ -106,15 +108,9 @@ def _pool_slots(p: PoolState) -> Values:
     ]
 
 
-def _both_ratios(p: PoolState, which: int) -> Values:
-    """The physical and evictable ratios come together (both need the evictable count)."""
-    both = (p.ratios.physical, p.ratios.evictable)
-    return [] if None in both else [((), both[which])]
-
-
-def _pool_bytes(p: PoolState) -> Values:
+def _pool_bytes(p: PoolState) -> int | None:
     per_slot = p.pool.bytes_per_slot
-    return _one(None if per_slot is None else per_slot * p.pool.capacity_slots)
+    return None if per_slot is None else per_slot * p.pool.capacity_slots
 
 
 def _peaks(p: PoolState) -> Values:
@@ -147,9 +143,9 @@ def _resident(v: EngineView) -> Values:
     return [((tier,), slots[tier]) for tier in RESIDENT_TIERS if tier in slots]
 
 
-def _counter_of(field: str) -> Callable[[EngineView], Values]:
+def _counter_of(field: str) -> Callable[[EngineView], int | None]:
     key = CounterKey(field)
-    return lambda v: _one(v.counters.get(key))
+    return lambda v: v.counters.get(key)
 
 
 def _hits(v: EngineView) -> Values:
@@ -160,9 +156,9 @@ def _reuse_marks(v: EngineView) -> Values:
     return [((format_value(bound), mark), 1) for bound, mark in reuse_marks(v.snapshot)]
 
 
-def _reuse_rate(v: EngineView) -> Values:
+def _reuse_rate(v: EngineView) -> float | None:
     reuse = v.snapshot.reuse_distance
-    return [] if reuse is None else [((), reuse.sampling_rate)]
+    return None if reuse is None else reuse.sampling_rate
 
 
 # One series per pool of each engine (DP rank).
@@ -172,7 +168,7 @@ POOL_FAMILIES = (
         "Token slots in the KV pool (blocks x block size). On hybrid models sharing one pool a"
         " token takes a slot per KV group: kvcache_capacity_tokens is the token capacity.",
         POOL,
-        values=lambda p: [((), p.pool.capacity_slots)],
+        value=attrgetter("pool.capacity_slots"),
     ),
     _gauge(
         "kvcache_pool_slots",
@@ -187,38 +183,38 @@ POOL_FAMILIES = (
         "kvcache_physical_usage_ratio",
         "(used + evictable) / capacity: physical occupancy incl. prefix cache.",
         POOL,
-        values=lambda p: _both_ratios(p, 0),
+        value=lambda p: p.ratios.physical if p.ratios.evictable is not None else None,
     ),
     _gauge(
         "kvcache_active_usage_ratio",
         "used / capacity: share pinned by running requests.",
         POOL,
-        values=lambda p: [((), p.ratios.active)],
+        value=attrgetter("ratios.active"),
     ),
     _gauge(
         "kvcache_evictable_ratio",
         "evictable / capacity: reclaimable prefix cache.",
         POOL,
-        values=lambda p: _both_ratios(p, 1),
+        value=lambda p: p.ratios.evictable if p.ratios.physical is not None else None,
     ),
     _gauge(
         "kvcache_block_size_tokens",
         "Tokens per KV block (page).",
         POOL,
-        values=lambda p: [((), p.pool.block_size)],
+        value=attrgetter("pool.block_size"),
     ),
     _gauge(
         "kvcache_pool_bytes",
         "Physical bytes of the KV pool.",
         POOL,
-        values=_pool_bytes,
+        value=_pool_bytes,
     ),
     _gauge(
         "kvcache_pool_evictable_prefix_tokens",
         "Prefix-cache tokens the evictable blocks hold: fewer than the evictable slots where a"
         " cached block is only partly filled (vLLM's partial-block caching).",
         POOL,
-        values=lambda p: _one(p.pool.evictable_prefix_tokens),
+        value=attrgetter("pool.evictable_prefix_tokens"),
     ),
     _gauge(
         "kvcache_pool_peak_slots",
@@ -247,26 +243,26 @@ ENGINE_FAMILIES = (
         "kvcache_max_concurrency",
         "Group-aware number of max_model_len requests the KV pools hold.",
         ENGINE,
-        values=lambda v: _one(v.max_concurrency),
+        value=attrgetter("max_concurrency"),
     ),
     _gauge(
         "kvcache_concurrency_headroom",
         "More max_model_len requests that fit now in available + evictable KV.",
         ENGINE,
-        values=lambda v: _one(v.headroom),
+        value=attrgetter("headroom"),
     ),
     _gauge(
         "kvcache_max_model_len_tokens",
         "Longest request the engine accepts.",
         ENGINE,
-        values=lambda v: _one(v.snapshot.max_model_len),
+        value=attrgetter("snapshot.max_model_len"),
     ),
     _gauge(
         "kvcache_capacity_tokens",
         "Tokens the engine's KV cache holds, as the engine states it (vLLM:"
         " kv_cache_size_tokens = max concurrency x max_model_len, group-aware).",
         ENGINE,
-        values=lambda v: _one(v.capacity_tokens),
+        value=attrgetter("capacity_tokens"),
     ),
     _gauge(
         "kvcache_requests",
@@ -280,13 +276,13 @@ ENGINE_FAMILIES = (
         "Forecast seconds until used tokens reach capacity at the recent growth rate;"
         " absent when used is not growing.",
         ENGINE,
-        values=lambda v: _one(v.eta_seconds),
+        value=attrgetter("eta_seconds"),
     ),
     _gauge(
         "kvcache_snapshot_timestamp_seconds",
         "When the engine published the snapshot last polled (Unix time).",
         ENGINE,
-        values=lambda v: [((), v.snapshot.time)],
+        value=attrgetter("snapshot.time"),
     ),
     _gauge(
         "kvcache_tier_capacity_tokens",
@@ -332,7 +328,7 @@ COUNTER_FAMILIES = (
         "kvcache_prefix_query_tokens",
         "Prompt tokens looked up in the prefix cache.",
         ENGINE,
-        values=_counter_of("prefix_query_tokens"),
+        value=_counter_of("prefix_query_tokens"),
     ),
     _counter(
         "kvcache_prefix_hit_tokens",
@@ -345,19 +341,19 @@ COUNTER_FAMILIES = (
         "kvcache_evicted_tokens",
         "Device KV slots freed by evicting cached prefixes.",
         ENGINE,
-        values=_counter_of("evicted_tokens"),
+        value=_counter_of("evicted_tokens"),
     ),
     _counter(
         "kvcache_preemptions",
         "Requests preempted for lack of KV.",
         ENGINE,
-        values=_counter_of("preemptions"),
+        value=_counter_of("preemptions"),
     ),
     _counter(
         "kvcache_iterations",
         "Engine scheduler iterations.",
         ENGINE,
-        values=_counter_of("iterations"),
+        value=_counter_of("iterations"),
     ),
 )
 
@@ -373,7 +369,7 @@ REUSE_FAMILIES = (
         " pool of C tokens would have had; cold misses are only in +Inf. Sampled (SHARDS);"
         " resets when the engine restarts.",
         ENGINE,
-        values=lambda v: _one(v.snapshot.reuse_distance),
+        value=attrgetter("snapshot.reuse_distance"),
     ),
     _gauge(
         "kvcache_prefix_reuse_bucket_info",
@@ -388,7 +384,7 @@ REUSE_FAMILIES = (
         "kvcache_prefix_reuse_sampling_ratio",
         "Share of cache blocks whose reuse distances are tracked (spatial sampling).",
         ENGINE,
-        values=_reuse_rate,
+        value=_reuse_rate,
     ),
 )
 

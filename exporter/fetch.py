@@ -114,42 +114,52 @@ class Connection:
         code = rest.split(" ", 1)[0]
         if not version.startswith("HTTP/1.") or not code.isdigit() or len(code) != 3:
             raise ValueError(f"bad status line {status_line[:80]!r}")
-        headers: dict[str, str] = {}
-        for _ in range(MAX_HEADERS + 1):
-            line = await reader.readline()
-            if line in (b"\r\n", b"\n"):
-                break
-            if not line:
-                raise asyncio.IncompleteReadError(b"", None)
-            name, sep, value = line.decode("latin-1").partition(":")
-            if not sep:
-                raise ValueError(f"bad header line {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
-        else:
-            raise ValueError(f"more than {MAX_HEADERS} headers")
+        headers = await _read_headers(reader)
         keep_alive = headers.get("connection", "").lower() != "close" and version == "HTTP/1.1"
         if code != "200":
             self.close()  # the body is not read: this connection is done
             raise PollError("http_status", f"HTTP {code} from {self.host_header}{self.path}")
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            body = await _read_chunked(reader, max_bytes)
-        elif "content-length" in headers:
-            declared = headers["content-length"]
-            if not (declared.isascii() and declared.isdigit()) or len(declared) > 18:
-                raise ValueError(f"bad Content-Length {declared[:40]!r}")
-            if int(declared) > max_bytes:
-                raise PollError("too_large", f"Content-Length {declared} exceeds {max_bytes} bytes")
-            body = await reader.readexactly(int(declared))
-        else:  # delimited by the server closing the connection
-            body = await _read_to_close(reader, max_bytes)
-            keep_alive = False
-        if not keep_alive:
+        body, to_close = await _read_body(reader, headers, max_bytes)
+        if to_close or not keep_alive:
             self.close()
         return body
 
 
 class _ClosedBeforeAnswer(Exception):
     """The server closed the connection before any byte of an answer."""
+
+
+async def _read_headers(reader: asyncio.StreamReader) -> dict[str, str]:
+    """The answer's headers (names lowercased), at most ``MAX_HEADERS`` of them."""
+    headers: dict[str, str] = {}
+    for _ in range(MAX_HEADERS + 1):
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n"):
+            return headers
+        if not line:
+            raise asyncio.IncompleteReadError(b"", None)
+        name, sep, value = line.decode("latin-1").partition(":")
+        if not sep:
+            raise ValueError(f"bad header line {line[:80]!r}")
+        headers[name.strip().lower()] = value.strip()
+    raise ValueError(f"more than {MAX_HEADERS} headers")
+
+
+async def _read_body(
+    reader: asyncio.StreamReader, headers: dict[str, str], max_bytes: int
+) -> tuple[bytes, bool]:
+    """The body as its headers frame it, and whether it ended with the connection."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return await _read_chunked(reader, max_bytes), False
+    if "content-length" in headers:
+        declared = headers["content-length"]
+        if not (declared.isascii() and declared.isdigit()) or len(declared) > 18:
+            raise ValueError(f"bad Content-Length {declared[:40]!r}")
+        if int(declared) > max_bytes:
+            raise PollError("too_large", f"Content-Length {declared} exceeds {max_bytes} bytes")
+        return await reader.readexactly(int(declared)), False
+    # delimited by the server closing the connection
+    return await _read_to_close(reader, max_bytes), True
 
 
 async def _read_chunked(reader: asyncio.StreamReader, max_bytes: int) -> bytes:

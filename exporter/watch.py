@@ -72,20 +72,44 @@ def _add_sample(
     if "pool" in labels:
         key = name + (f":{labels['state']}" if "state" in labels else "")
         sample.pools[labels["pool"]][key] = value
-    elif name == "kvcache_prefix_hit_tokens_total":
-        sample.hits[labels["tier"]] = value
-    elif name == "kvcache_requests":
-        sample.values[f"requests:{labels['state']}"] = value
-    elif name == "kvcache_shim_status":
-        if value == 1:
-            sample.values[f"status:{labels['state']}"] = 1
-    elif name == f"{REUSE}_bucket":
-        if labels["le"] != "+Inf":
-            sample.reuse[float(labels["le"])] = value
-    elif name == "kvcache_prefix_reuse_bucket_info":
-        sample.marks[labels["mark"]] = float(labels["bound"])
     else:
-        sample.values[name] = value
+        reader = SAMPLE_READERS.get(name)
+        if reader is None:
+            sample.values[name] = value
+        else:
+            reader(sample, labels, value)
+
+
+def _hits(sample: EngineSample, labels: dict[str, str], value: float) -> None:
+    sample.hits[labels["tier"]] = value
+
+
+def _requests(sample: EngineSample, labels: dict[str, str], value: float) -> None:
+    sample.values[f"requests:{labels['state']}"] = value
+
+
+def _status(sample: EngineSample, labels: dict[str, str], value: float) -> None:
+    if value == 1:
+        sample.values[f"status:{labels['state']}"] = 1
+
+
+def _reuse_bucket(sample: EngineSample, labels: dict[str, str], value: float) -> None:
+    if labels["le"] != "+Inf":
+        sample.reuse[float(labels["le"])] = value
+
+
+def _reuse_mark(sample: EngineSample, labels: dict[str, str], value: float) -> None:
+    sample.marks[labels["mark"]] = float(labels["bound"])
+
+
+# Engine series that are not one plain value, by name: where each lands in the sample.
+SAMPLE_READERS: dict[str, Callable[[EngineSample, dict[str, str], float], None]] = {
+    "kvcache_prefix_hit_tokens_total": _hits,
+    "kvcache_requests": _requests,
+    "kvcache_shim_status": _status,
+    f"{REUSE}_bucket": _reuse_bucket,
+    "kvcache_prefix_reuse_bucket_info": _reuse_mark,
+}
 
 
 def _pct(value: float | None) -> str:

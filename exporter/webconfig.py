@@ -20,6 +20,7 @@ import ssl
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import bcrypt
 
@@ -57,10 +58,23 @@ def load_web_config(path: str | Path) -> WebConfig:
         raise ConfigError(
             source, sorted(unknown)[0], "unknown key (allowed: basic_auth_users, tls_server_config)"
         )
-    base = Path(path).resolve().parent
-    tls = data.get("tls_server_config") or {}
+    cert, key, ca = _tls_files(data.get("tls_server_config") or {}, source, Path(path))
+    web = WebConfig(cert, key, ca, _users(data.get("basic_auth_users") or {}, source))
+    if cert is not None:
+        try:
+            web.ssl_context()
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                source, "tls_server_config", f"cannot load the certificate or key: {exc}"
+            ) from None
+    return web
+
+
+def _tls_files(tls: Any, source: str, path: Path) -> tuple[Path | None, Path | None, Path | None]:
+    """cert_file, key_file and client_ca_file, relative to the web config file, each existing."""
     if not isinstance(tls, dict):
         raise ConfigError(source, "tls_server_config", "expected a mapping")
+    base = path.resolve().parent
 
     def file_key(key: str) -> Path | None:
         value = tls.get(key)
@@ -74,7 +88,11 @@ def load_web_config(path: str | Path) -> WebConfig:
     cert, key, ca = file_key("cert_file"), file_key("key_file"), file_key("client_ca_file")
     if (cert is None) != (key is None):
         raise ConfigError(source, "tls_server_config", "cert_file and key_file go together")
-    users = data.get("basic_auth_users") or {}
+    return cert, key, ca
+
+
+def _users(users: Any, source: str) -> dict[str, bytes]:
+    """basic_auth_users: user name -> bcrypt hash (never a password)."""
     if not isinstance(users, dict):
         raise ConfigError(
             source, "basic_auth_users", "expected a mapping of user name to bcrypt hash"
@@ -88,15 +106,7 @@ def load_web_config(path: str | Path) -> WebConfig:
                 "expected a bcrypt hash ($2y$...), not a password",
             )
         hashed[str(user)] = digest.encode()
-    web = WebConfig(cert, key, ca, hashed)
-    if cert is not None:
-        try:
-            web.ssl_context()
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError(
-                source, "tls_server_config", f"cannot load the certificate or key: {exc}"
-            ) from None
-    return web
+    return hashed
 
 
 # bcrypt reads at most 72 bytes; exporter-toolkit (Go) refuses longer passwords, and so do we.

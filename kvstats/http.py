@@ -341,33 +341,15 @@ class HTTPServer:
         self, h: h11.Connection, reader: asyncio.StreamReader, client: str
     ) -> tuple[Response | None, Request | None]:
         """The next request, read whole, or the refusal to answer instead (then close)."""
-        limits = self.limits
-        # This request's raw bytes up to the end of its head: what h11 kept past the previous
-        # request (pipelined), then what arrives.
-        head = bytearray(h.trailing_data[0][: limits.max_head_bytes + 4])
-        deadline = time.monotonic() + limits.idle_timeout
-        started = bool(head)
-        if started:
-            deadline = time.monotonic() + limits.head_timeout
+        # What h11 kept past the previous request (pipelined), then what arrives.
+        head = _Head(self.limits, h.trailing_data[0])
         while True:
             try:
                 event = h.next_event()
             except h11.RemoteProtocolError as exc:
-                status = exc.error_status_hint if exc.error_status_hint >= 400 else 400
-                if "exceeds" in str(exc) or "too long" in str(exc).lower():
-                    status = 431
-                return Response(status, f"{exc}\n".encode()), None
+                return _refusal(exc), None
             if event is h11.NEED_DATA:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("no complete request head in time" if started else "idle")
-                async with asyncio.timeout(remaining):
-                    data = await reader.read(65536)
-                if data and not started:
-                    started = True
-                    deadline = time.monotonic() + limits.head_timeout
-                if len(head) <= limits.max_head_bytes:
-                    head += data[: limits.max_head_bytes + 4 - len(head)]
+                data = await head.read(reader)
                 h.receive_data(data)  # b"": the client closed (h11 then says so)
                 if not data and h.their_state is h11.IDLE:
                     raise ConnectionResetError("closed between requests")
@@ -375,27 +357,13 @@ class HTTPServer:
             if isinstance(event, h11.ConnectionClosed):
                 raise ConnectionResetError("closed between requests")
             if isinstance(event, h11.Request):
-                refusal = self._check_head(event, bytes(head))
+                refusal = self._check_head(event, bytes(head.raw))
                 if refusal is not None:
                     return refusal, None
                 body = await self._read_body(h, event, reader)
                 if isinstance(body, Response):
                     return body, None
-                unread = body is None
-                headers: dict[str, str] = {}
-                for name, value in event.headers:
-                    key = name.decode("latin-1").lower()
-                    text = value.decode("latin-1")
-                    headers[key] = f"{headers[key]}, {text}" if key in headers else text
-                request = Request(
-                    event.method.decode("ascii", "replace"),
-                    event.target.decode("latin-1"),
-                    headers,
-                    body or b"",
-                    client,
-                    unread,
-                )
-                return None, request
+                return None, _request(event, body, client)
             return Response(400, b"unexpected data before a request\n"), None
 
     def _check_head(self, event: h11.Request, head: bytes) -> Response | None:
@@ -425,13 +393,7 @@ class HTTPServer:
         limit = self.body_limit(
             event.method.decode("ascii", "replace"), event.target.decode("latin-1").split("?")[0]
         )
-        declared = None
-        chunked = False
-        for name, value in event.headers:
-            if name == b"content-length":
-                declared = int(value)
-            elif name == b"transfer-encoding":
-                chunked = True
+        declared, chunked = _framing(event)
         if not chunked and not declared:
             end = h.next_event()  # an empty body: its end is already known
             if not isinstance(end, h11.EndOfMessage):
@@ -443,31 +405,100 @@ class HTTPServer:
             return None  # answered without reading it, then closed
         if declared is not None and declared > limit:
             return Response(413, f"a body of at most {limit} bytes\n".encode())
-        parts: list[bytes] = []
-        size = 0
         try:
             async with asyncio.timeout(self.limits.body_timeout):
-                while True:
-                    try:
-                        item = h.next_event()
-                    except h11.RemoteProtocolError as exc:
-                        return Response(400, f"{exc}\n".encode())
-                    if item is h11.NEED_DATA:
-                        data = await reader.read(65536)
-                        h.receive_data(data)
-                        if not data:
-                            raise ConnectionResetError("closed inside a request body")
-                    elif isinstance(item, h11.Data):
-                        size += len(item.data)
-                        if size > limit:
-                            return Response(413, f"a body of at most {limit} bytes\n".encode())
-                        parts.append(bytes(item.data))
-                    elif isinstance(item, h11.EndOfMessage):
-                        return b"".join(parts)
-                    else:
-                        return Response(400, b"unexpected event in a request body\n")
+                return await _receive_body(h, reader, limit)
         except TimeoutError:
             return Response(408, b"the request body did not arrive in time\n")
+
+
+class _Head:
+    """A request's raw bytes up to the end of its head (what h11 does not keep), and its
+    deadline: the keep-alive idle timeout until its first byte, the head timeout from then."""
+
+    def __init__(self, limits: Limits, pipelined: bytes) -> None:
+        self.limits = limits
+        self.raw = bytearray(pipelined[: limits.max_head_bytes + 4])
+        self.started = bool(self.raw)
+        timeout = limits.head_timeout if self.started else limits.idle_timeout
+        self.deadline = time.monotonic() + timeout
+
+    async def read(self, reader: asyncio.StreamReader) -> bytes:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no complete request head in time" if self.started else "idle")
+        async with asyncio.timeout(remaining):
+            data = await reader.read(65536)
+        if data and not self.started:
+            self.started = True
+            self.deadline = time.monotonic() + self.limits.head_timeout
+        if len(self.raw) <= self.limits.max_head_bytes:
+            self.raw += data[: self.limits.max_head_bytes + 4 - len(self.raw)]
+        return data
+
+
+def _refusal(exc: h11.RemoteProtocolError) -> Response:
+    """The answer to a head h11 cannot parse: its status hint, 431 for a head too large."""
+    status = exc.error_status_hint if exc.error_status_hint >= 400 else 400
+    if "exceeds" in str(exc) or "too long" in str(exc).lower():
+        status = 431
+    return Response(status, f"{exc}\n".encode())
+
+
+def _request(event: h11.Request, body: bytes | None, client: str) -> Request:
+    """A request read whole (``body`` None: left unread, the connection closes after)."""
+    headers: dict[str, str] = {}
+    for name, value in event.headers:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return Request(
+        event.method.decode("ascii", "replace"),
+        event.target.decode("latin-1"),
+        headers,
+        body or b"",
+        client,
+        body is None,
+    )
+
+
+def _framing(event: h11.Request) -> tuple[int | None, bool]:
+    """The body's declared length (h11 has checked it), and whether it is chunked."""
+    declared = None
+    chunked = False
+    for name, value in event.headers:
+        if name == b"content-length":
+            declared = int(value)
+        elif name == b"transfer-encoding":
+            chunked = True
+    return declared, chunked
+
+
+async def _receive_body(
+    h: h11.Connection, reader: asyncio.StreamReader, limit: int
+) -> bytes | Response:
+    """The body's bytes up to its end, refused (413) as soon as they pass ``limit``."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            item = h.next_event()
+        except h11.RemoteProtocolError as exc:
+            return Response(400, f"{exc}\n".encode())
+        if item is h11.NEED_DATA:
+            data = await reader.read(65536)
+            h.receive_data(data)
+            if not data:
+                raise ConnectionResetError("closed inside a request body")
+        elif isinstance(item, h11.Data):
+            size += len(item.data)
+            if size > limit:
+                return Response(413, f"a body of at most {limit} bytes\n".encode())
+            parts.append(bytes(item.data))
+        elif isinstance(item, h11.EndOfMessage):
+            return b"".join(parts)
+        else:
+            return Response(400, b"unexpected event in a request body\n")
 
 
 class _Connection:

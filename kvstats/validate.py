@@ -171,6 +171,14 @@ def _parse_pool(data: Any, path: str) -> Pool:
         evictable_slots_lower=r.count("evictable_slots_lower", required=False),
         evictable_slots_upper=r.count("evictable_slots_upper", required=False),
     )
+    _check_slots(pool, path)
+    _check_evictable_detail(pool, path)
+    _check_peaks(pool, path)
+    return pool
+
+
+def _check_slots(pool: Pool, path: str) -> None:
+    """used + evictable + available = capacity, where the engine tells them apart."""
     if pool.block_size == 0:
         raise SnapshotError(f"{path}.block_size", "must be positive")
     if pool.used_slots > pool.capacity_slots:
@@ -191,6 +199,10 @@ def _parse_pool(data: Any, path: str) -> Pool:
                 f" + {pool.available_slots} = {total}, not capacity_slots"
                 f" {pool.capacity_slots}",
             )
+
+
+def _check_evictable_detail(pool: Pool, path: str) -> None:
+    """Prefix tokens within the evictable slots; bounds only where the exact count is unknown."""
     if pool.evictable_prefix_tokens is not None and (
         pool.evictable_slots is None or pool.evictable_prefix_tokens > pool.evictable_slots
     ):
@@ -211,6 +223,10 @@ def _parse_pool(data: Any, path: str) -> Pool:
             raise SnapshotError(
                 path, f"evictable bounds {lower}..{upper} must rise and fit in capacity - used"
             )
+
+
+def _check_peaks(pool: Pool, path: str) -> None:
+    """Each peak between its current value and the capacity."""
     physical_now = pool.capacity_slots - (pool.available_slots or 0)
     for key, peak, now in (
         ("peak_used_slots", pool.peak_used_slots, pool.used_slots),
@@ -220,7 +236,6 @@ def _parse_pool(data: Any, path: str) -> Pool:
             raise SnapshotError(
                 f"{path}.{key}", f"{peak} must be between the current {now} and capacity_slots"
             )
-    return pool
 
 
 def _parse_group(data: Any, path: str, pool_names: set[str]) -> KVGroup:

@@ -216,41 +216,54 @@ def test_a_reuse_histogram_is_what_prometheus_client_writes(
     assert ours == generate_latest(registry).decode()
 
 
+def family_series(table: Any, owner: Any) -> dict[str, list[tuple[tuple[str, ...], Any]]]:
+    """Each family's series for ``owner`` from a value table (``exposition.ValueTable``)."""
+    ones, manys = table
+    out: dict[str, list[tuple[tuple[str, ...], Any]]] = {}
+    for name, one in ones:
+        value = one(owner)
+        out[name] = [] if value is None else [((), value)]
+    for name, many in manys:
+        out[name] = many(owner)
+    return out
+
+
+def owners_of(view: Any) -> list[tuple[Any, Any, int]]:
+    """An engine's owners of series: each pool as polled, and as a KV event stream bounds it
+    (bridges without a shim), then the engine; with their value table and label count."""
+    from exporter.exposition import ENGINE_VALUES, POOL_VALUES
+    from exporter.families import ENGINE, POOL, PoolState
+
+    owners: list[tuple[Any, Any, int]] = []
+    for pool in view.snapshot.pools:
+        bounded = dataclasses.replace(pool, evictable_slots_lower=1, evictable_slots_upper=2)
+        for variant in (pool, bounded):
+            owners.append((PoolState(variant, view.ratios[pool.name]), POOL_VALUES, len(POOL)))
+    owners.append((view, ENGINE_VALUES, len(ENGINE)))
+    return owners
+
+
 def test_each_engine_family_reads_its_own_values_within_its_declared_fanout() -> None:
     """Families declare their value functions beside them: over the fixture fleet (every family
     has samples), each engine family gives series of its own label arity, never more per owner
-    than its fan-out (what the series estimate counts), and every family shows up."""
+    than its fan-out (what the series estimate counts), and every family shows up; engine_rows
+    labels them with the engine and the pool."""
     from exporter.derive import COUNTER_FIELDS
-    from exporter.exposition import ENGINE_VALUES, POOL_VALUES
-    from exporter.families import BY_NAME, ENGINE, POOL, POOL_FAMILIES, PoolState
+    from exporter.exposition import engine_rows
+    from exporter.families import BY_NAME, ENGINE_SCOPED
 
     seen: set[str] = set()
     for target in fleet_view().targets:
-        for view in target.engines.values():
-            # Each pool as polled, and as a KV event stream bounds it (bridges without a shim).
-            pools = [
-                variant
-                for pool in view.snapshot.pools
-                for variant in (
-                    pool,
-                    dataclasses.replace(pool, evictable_slots_lower=1, evictable_slots_upper=2),
-                )
-            ]
-            owners: list[tuple[Any, tuple[tuple[str, Any], ...], int]] = [
-                (PoolState(pool, view.ratios[pool.name]), POOL_VALUES, len(POOL)) for pool in pools
-            ]
-            owners.append((view, ENGINE_VALUES, len(ENGINE)))
-            for owner, table, own_labels in owners:
-                for name, values in table:
-                    family = BY_NAME[name]
-                    series = values(owner)
-                    assert len(series) <= family.fanout, name
-                    for extra, _ in series:
-                        assert own_labels + len(extra) == len(family.labels), name
-                    if series:
-                        seen.add(name)
-    engine_families = {name for name, _ in POOL_VALUES + ENGINE_VALUES}
-    assert seen == engine_families
-    assert {f.name for f in POOL_FAMILIES} == {name for name, _ in POOL_VALUES}
+        for rank, view in target.engines.items():
+            for owner, table, own_labels in owners_of(view):
+                for name, rows in family_series(table, owner).items():
+                    assert len(rows) <= BY_NAME[name].fanout, name
+                    assert all(own_labels + len(x) == len(BY_NAME[name].labels) for x, _ in rows)
+                    seen |= {name} if rows else set()
+            labelled: dict[str, list[Any]] = {f.name: [] for f in ENGINE_SCOPED}
+            engine_rows(target.target.name, rank, view, labelled)
+            for name, rows in labelled.items():
+                assert all(len(labels) == len(BY_NAME[name].labels) for labels, _ in rows), name
+    assert seen == {f.name for f in ENGINE_SCOPED}
     # A counter the snapshot gains is published only once it has a family reading it.
-    assert {f"kvcache_{name}" for name in COUNTER_FIELDS} <= engine_families
+    assert {f"kvcache_{name}" for name in COUNTER_FIELDS} <= seen

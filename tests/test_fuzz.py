@@ -142,6 +142,28 @@ def test_bridges_on_arbitrary_text(kind: str, text: str) -> None:
         assert_renders(snap)
 
 
+def mutate_line(lines: list[str], i: int, op: str, data: st.DataObject) -> list[str]:
+    """One mutation of an engine's exposition text at line ``i``."""
+    if op == "drop":
+        del lines[i]
+    elif op == "dup":
+        lines.insert(i, lines[i])
+    elif op == "value" and not lines[i].startswith("#") and " " in lines[i]:
+        number = data.draw(
+            st.sampled_from(["NaN", "-1", "+Inf", "-Inf", "1e308", "0", "abc", "-0.5"])
+        )
+        lines[i] = lines[i].rsplit(" ", 1)[0] + " " + number
+    elif op == "flip" and lines[i]:
+        j = data.draw(st.integers(0, len(lines[i]) - 1))
+        lines[i] = lines[i][:j] + data.draw(st.characters()) + lines[i][j + 1 :]
+    elif op == "truncate":
+        lines = lines[: i + 1]
+        lines[-1] = lines[-1][: data.draw(st.integers(0, len(lines[-1])))]
+    elif op == "label" and "{" in lines[i]:
+        lines[i] = lines[i].replace("{", '{engine="7",dp_rank="3",tp_rank="1",', 1)
+    return lines
+
+
 @SETTINGS
 @given(kind=st.sampled_from(bridge_kinds()), data=st.data())
 def test_bridges_on_mutated_engine_text(kind: str, data: st.DataObject) -> None:
@@ -151,23 +173,7 @@ def test_bridges_on_mutated_engine_text(kind: str, data: st.DataObject) -> None:
             break
         i = data.draw(st.integers(0, len(lines) - 1))
         op = data.draw(st.sampled_from(["drop", "dup", "value", "flip", "truncate", "label"]))
-        if op == "drop":
-            del lines[i]
-        elif op == "dup":
-            lines.insert(i, lines[i])
-        elif op == "value" and not lines[i].startswith("#") and " " in lines[i]:
-            number = data.draw(
-                st.sampled_from(["NaN", "-1", "+Inf", "-Inf", "1e308", "0", "abc", "-0.5"])
-            )
-            lines[i] = lines[i].rsplit(" ", 1)[0] + " " + number
-        elif op == "flip" and lines[i]:
-            j = data.draw(st.integers(0, len(lines[i]) - 1))
-            lines[i] = lines[i][:j] + data.draw(st.characters()) + lines[i][j + 1 :]
-        elif op == "truncate":
-            lines = lines[: i + 1]
-            lines[-1] = lines[-1][: data.draw(st.integers(0, len(lines[-1])))]
-        elif op == "label" and "{" in lines[i]:
-            lines[i] = lines[i].replace("{", '{engine="7",dp_rank="3",tp_rank="1",', 1)
+        lines = mutate_line(lines, i, op, data)
     try:
         result = convert(kind, "\n".join(lines) + "\n")
     except BridgeError:

@@ -113,6 +113,51 @@ def _pool(
     )
 
 
+def _full_pool(
+    samples: Samples, where: LabelFilter, capacity: int, page: int, tag: str, missing: list[str]
+) -> Pool | None:
+    """The device pool: its three counts (SGLang >= 0.5.11), else used tokens alone."""
+    full = _pool(samples, where, "kv_", "full", capacity, page, tag, missing)
+    if full is not None:
+        return full
+    used = as_count(samples.one("sglang:num_used_tokens", where))
+    if used is None or used > capacity:
+        missing.append(f"{tag}: neither kv_*_tokens (SGLang >= 0.5.11) nor num_used_tokens")
+        return None
+    missing.append(f"{tag}: evictable tokens (SGLang < 0.5.11 exports no kv_evictable_tokens)")
+    return Pool(
+        name="full",
+        block_size=page,
+        capacity_slots=capacity,
+        used_slots=used,
+        evictable_slots=None,
+        available_slots=None,
+    )
+
+
+def _prefix_counts(
+    samples: Samples, where: LabelFilter, n_dp: int, tag: str, missing: list[str]
+) -> tuple[int | None, dict[str, int]]:
+    """Prefix query tokens and hit tokens by tier. Per-rank prefill counters first (scheduler
+    collector); the tokenizer's cached_tokens_total has no dp_rank, so it is only usable with a
+    single DP rank."""
+    modes = samples.all("sglang:prefill_effective_tokens_total", where)
+    if modes:
+        by_mode = {s.labels.get("mode", ""): as_count(s.value) or 0 for s in modes}
+        return sum(by_mode.values()), {tier: by_mode.get(mode, 0) for mode, tier in TIERS.items()}
+    if n_dp != 1:
+        missing.append(f"{tag}: prefix hits (no per-rank prefill_effective_tokens_total)")
+        return None, {}
+    hits: dict[str, int] = {}
+    for s in samples.all("sglang:cached_tokens_total"):
+        source = s.labels.get("cache_source", "")
+        tier = "storage" if source.startswith("storage") else source
+        if tier in ("device", "host", "storage") and (value := as_count(s.value)) is not None:
+            hits[tier] = hits.get(tier, 0) + value
+    missing.append(f"{tag}: prefix query tokens (no prefill_effective_tokens_total)")
+    return None, hits
+
+
 def _rank_snapshot(
     samples: Samples,
     dp: str,
@@ -129,23 +174,10 @@ def _rank_snapshot(
     if capacity is None or capacity == 0:
         missing.append(f"{tag}: no valid {SCHEDULER_PROBE}")
         return None
-    pools: list[Pool] = []
-    full = _pool(samples, where, "kv_", "full", capacity, page, tag, missing)
+    full = _full_pool(samples, where, capacity, page, tag, missing)
     if full is None:
-        used = as_count(samples.one("sglang:num_used_tokens", where))
-        if used is None or used > capacity:
-            missing.append(f"{tag}: neither kv_*_tokens (SGLang >= 0.5.11) nor num_used_tokens")
-            return None
-        missing.append(f"{tag}: evictable tokens (SGLang < 0.5.11 exports no kv_evictable_tokens)")
-        full = Pool(
-            name="full",
-            block_size=page,
-            capacity_slots=capacity,
-            used_slots=used,
-            evictable_slots=None,
-            available_slots=None,
-        )
-    pools.append(full)
+        return None
+    pools = [full]
     swa_capacity = as_count(samples.one("sglang:max_total_num_tokens_swa", where))
     if swa_capacity:
         swa = _pool(samples, where, "swa_", "swa", swa_capacity, page, tag, missing)
@@ -166,24 +198,7 @@ def _rank_snapshot(
         "unknown",
     )
 
-    # Per-rank prefill counters first (scheduler collector); the tokenizer's cached_tokens_total
-    # has no dp_rank, so it is only usable with a single DP rank.
-    hits: dict[str, int] = {}
-    queries = None
-    modes = samples.all("sglang:prefill_effective_tokens_total", where)
-    if modes:
-        by_mode = {s.labels.get("mode", ""): as_count(s.value) or 0 for s in modes}
-        queries = sum(by_mode.values())
-        hits = {tier: by_mode.get(mode, 0) for mode, tier in TIERS.items()}
-    elif n_dp == 1:
-        for s in samples.all("sglang:cached_tokens_total"):
-            source = s.labels.get("cache_source", "")
-            tier = "storage" if source.startswith("storage") else source
-            if tier in ("device", "host", "storage") and (value := as_count(s.value)) is not None:
-                hits[tier] = hits.get(tier, 0) + value
-        missing.append(f"{tag}: prefix query tokens (no prefill_effective_tokens_total)")
-    else:
-        missing.append(f"{tag}: prefix hits (no per-rank prefill_effective_tokens_total)")
+    queries, hits = _prefix_counts(samples, where, n_dp, tag, missing)
 
     evicted = as_count(samples.total("sglang:evicted_tokens_total", where))
     preemptions = as_count(samples.total("sglang:num_retracted_requests_total", where))

@@ -9,12 +9,14 @@ separable from outside the engine core: evictable is reported unknown, never 0.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from kvstats.snapshot import Counters, EngineIdentity, KVGroup, Pool, Requests, Snapshot
 
 from ._samples import (
     BridgeError,
     BridgeResult,
+    LabelFilter,
     Samples,
     as_count,
     is_number,
@@ -100,6 +102,57 @@ def convert(text: str, now: float) -> BridgeResult:
     return per_rank(engines, build, "engine")
 
 
+class _Capacity(NamedTuple):
+    concurrency: float | None
+    tokens: int | None
+    max_model_len: int | None
+    groups: tuple[KVGroup, ...]
+
+
+def _capacity(config: dict[str, str], num_blocks: int, tag: str, missing: list[str]) -> _Capacity:
+    """What vLLM's cache_config_info says of the capacity, group-aware where it can."""
+    concurrency = _float_or_none(_config_value(config, "kv_cache_max_concurrency"))
+    if concurrency is not None and (not math.isfinite(concurrency) or concurrency <= 0):
+        concurrency = None
+    size_text = _config_value(config, "kv_cache_size_tokens")
+    tokens = int(size_text) if size_text is not None and is_number(size_text) else None
+    if tokens is None:
+        missing.append(f"{tag}: kv_cache_size_tokens (older vLLM): token capacity unknown")
+    if concurrency is None:
+        missing.append(f"{tag}: kv_cache_max_concurrency (older vLLM)")
+        return _Capacity(None, tokens, None, ())
+    # vLLM: max_concurrency = num_blocks / sum(blocks per request over groups), so the
+    # group-aware footprint is recoverable even for hybrid models.
+    footprint = round(num_blocks / concurrency)
+    groups = (KVGroup(name="all", kind="other", pool="full", blocks_per_request=footprint),)
+    max_model_len = None
+    if tokens is not None:
+        candidate = round(tokens / concurrency)
+        if int(concurrency * candidate) == tokens:
+            max_model_len = candidate
+    return _Capacity(concurrency, tokens, max_model_len, groups)
+
+
+def _hit_tokens(
+    samples: Samples, where: LabelFilter, tag: str, missing: list[str]
+) -> dict[str, int]:
+    """Cached prompt tokens by tier: by source where vLLM says, else all on the device."""
+    hits: dict[str, int] = {}
+    by_source = samples.all("vllm:prompt_tokens_cached_by_source_total", where)
+    if not by_source:
+        device = as_count(samples.total("vllm:prefix_cache_hits_total", where))
+        return {} if device is None else {"device": device}
+    for sample in by_source:
+        source = sample.labels.get("source", "")
+        tier = TIER_OF_SOURCE.get(source)
+        value = as_count(sample.value)
+        if tier is not None and value is not None:
+            hits[tier] = hits.get(tier, 0) + value
+        elif value:
+            missing.append(f"{tag}: {value} cached tokens from source {source!r} have no tier")
+    return hits
+
+
 def _engine_snapshot(
     samples: Samples,
     engine: str,
@@ -130,27 +183,7 @@ def _engine_snapshot(
     used_blocks = round(usage * usable)
     missing.append(f"{tag}: evictable tokens (vLLM does not export them; use the in-process shim)")
 
-    concurrency_text = _config_value(config, "kv_cache_max_concurrency")
-    size_text = _config_value(config, "kv_cache_size_tokens")
-    concurrency = _float_or_none(concurrency_text)
-    if concurrency is not None and (not math.isfinite(concurrency) or concurrency <= 0):
-        concurrency = None
-    max_model_len = None
-    capacity_tokens = int(size_text) if size_text is not None and is_number(size_text) else None
-    if capacity_tokens is None:
-        missing.append(f"{tag}: kv_cache_size_tokens (older vLLM): token capacity unknown")
-    groups: tuple[KVGroup, ...] = ()
-    if concurrency is not None:
-        # vLLM: max_concurrency = num_blocks / sum(blocks per request over groups), so the
-        # group-aware footprint is recoverable even for hybrid models.
-        footprint = round(num_blocks / concurrency)
-        groups = (KVGroup(name="all", kind="other", pool="full", blocks_per_request=footprint),)
-        if capacity_tokens is not None:
-            candidate = round(capacity_tokens / concurrency)
-            if int(concurrency * candidate) == capacity_tokens:
-                max_model_len = candidate
-    else:
-        missing.append(f"{tag}: kv_cache_max_concurrency (older vLLM)")
+    capacity = _capacity(config, num_blocks, tag, missing)
 
     bytes_per_slot = _bytes_per_slot(config, num_blocks, bs)
     if bytes_per_slot is None:
@@ -167,21 +200,7 @@ def _engine_snapshot(
         "unknown",
     )
 
-    hits: dict[str, int] = {}
-    by_source = samples.all("vllm:prompt_tokens_cached_by_source_total", where)
-    if by_source:
-        for sample in by_source:
-            source = sample.labels.get("source", "")
-            tier = TIER_OF_SOURCE.get(source)
-            value = as_count(sample.value)
-            if tier is not None and value is not None:
-                hits[tier] = hits.get(tier, 0) + value
-            elif value:
-                missing.append(f"{tag}: {value} cached tokens from source {source!r} have no tier")
-    else:
-        device = as_count(samples.total("vllm:prefix_cache_hits_total", where))
-        if device is not None:
-            hits["device"] = device
+    hits = _hit_tokens(samples, where, tag, missing)
     queries = as_count(samples.total("vllm:prefix_cache_queries_total", where))
     external = as_count(samples.total("vllm:external_prefix_cache_queries_total", where))
     if queries is not None and external:
@@ -201,7 +220,7 @@ def _engine_snapshot(
         ),
         time=now,
         sequence=0,
-        max_model_len=max_model_len,
+        max_model_len=capacity.max_model_len,
         pools=(
             Pool(
                 name="full",
@@ -213,9 +232,9 @@ def _engine_snapshot(
                 bytes_per_slot=bytes_per_slot,
             ),
         ),
-        groups=groups,
-        max_concurrency=concurrency,
-        capacity_tokens=capacity_tokens,
+        groups=capacity.groups,
+        max_concurrency=capacity.concurrency,
+        capacity_tokens=capacity.tokens,
         requests=None if running is None or waiting is None else Requests(running, waiting),
         counters=Counters(
             prefix_query_tokens=queries, prefix_hit_tokens=hits, preemptions=preemptions

@@ -604,38 +604,42 @@ def test_the_allocators_hot_path_is_vllms_own() -> None:
 HASH_FIELDS = {"_block_hash", "block_hash", "_block_hash_num_tokens", "block_hash_num_tokens"}
 
 
+def written(target: ast.expr) -> list[ast.Attribute]:
+    """Hash fields an assignment target writes (``a.x = ``, ``a.x, b.y = ``), not ones it
+    only reads (``d[a.x] = ``)."""
+    if isinstance(target, ast.Attribute):
+        return [target] if target.attr in HASH_FIELDS else []
+    if isinstance(target, ast.Tuple | ast.List):
+        return [a for element in target.elts for a in written(element)]
+    if isinstance(target, ast.Starred):
+        return written(target.value)
+    return []
+
+
+def scan_writes(node: ast.AST, where: str, path: str, out: list[tuple[str, str, int]]) -> None:
+    """Append (file, function, line) of each hash-field write under ``node``."""
+    for child in ast.iter_child_nodes(node):
+        inner = where
+        if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+            inner = child.name
+        targets: list[ast.expr] = []
+        if isinstance(child, ast.Assign):
+            targets = child.targets
+        elif isinstance(child, ast.AugAssign | ast.AnnAssign):
+            targets = [child.target]
+        out += [(path, inner, a.lineno) for t in targets for a in written(t)]
+        scan_writes(child, inner, path, out)
+
+
 def hash_writes(root: Path) -> list[tuple[str, str, int]]:
     """(file, function, line) of every assignment to a block's hash field under ``root``."""
-
-    def written(target: ast.expr) -> list[ast.Attribute]:
-        """Attributes an assignment target writes (``a.x = ``, ``a.x, b.y = ``), not ones it
-        only reads (``d[a.x] = ``)."""
-        if isinstance(target, ast.Attribute):
-            return [target] if target.attr in HASH_FIELDS else []
-        if isinstance(target, ast.Tuple | ast.List):
-            return [a for element in target.elts for a in written(element)]
-        if isinstance(target, ast.Starred):
-            return written(target.value)
-        return []
-
-    def scan(node: ast.AST, where: str, path: str, out: list[tuple[str, str, int]]) -> None:
-        for child in ast.iter_child_nodes(node):
-            inner = where
-            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
-                inner = child.name
-            targets: list[ast.expr] = []
-            if isinstance(child, ast.Assign):
-                targets = child.targets
-            elif isinstance(child, ast.AugAssign | ast.AnnAssign):
-                targets = [child.target]
-            out += [(path, inner, a.lineno) for t in targets for a in written(t)]
-            scan(child, inner, path, out)
-
     writes: list[tuple[str, str, int]] = []
     for path in sorted(root.rglob("*.py")):
         source = path.read_bytes()
         if b"block_hash" in source:  # only these files can name the fields
-            scan(ast.parse(source, str(path)), "<module>", str(path.relative_to(root)), writes)
+            scan_writes(
+                ast.parse(source, str(path)), "<module>", str(path.relative_to(root)), writes
+            )
     return writes
 
 

@@ -13,16 +13,17 @@ still starts and serves, and the snapshot says ``unsupported`` (see ``scheduler`
 
 The parts: ``blocks`` (each release's block layout, the counting subclass), ``tracker`` (the
 snapshot from the counts, or from vLLM's public pool API), ``facts`` (config and settings),
-``scheduler`` (the scheduler subclass, its lock, the endpoint).
+``scheduler`` (the scheduler mixin over vLLM's class, its lock, the endpoint); the live view
+and the endpoint themselves are any in-process adapter's (``engine_shim/adapters/live.py``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..live import LiveView
 from .blocks import UnsupportedVllm, block_layout
 from .facts import iteration_log_enabled, reuse_distances_enabled
-from .scheduler import LiveView
 from .tracker import (
     BlockPoolTracker,
     EngineFacts,

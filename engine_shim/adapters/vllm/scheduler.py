@@ -11,14 +11,11 @@ settings stops the start (the operator asked for something that cannot be done).
 from __future__ import annotations
 
 import os
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-from kvstats.snapshot import Snapshot
-
 from ... import __version__
+from ..live import LiveView, ShimEndpoint
 from .blocks import UnsupportedVllm
 from .facts import (
     facts_from_config,
@@ -44,101 +41,8 @@ POOL_MUTATORS = (
 )
 # Other scheduler internals the shim relies on; a missing one makes the numbers partial.
 SCHEDULER_HOOKS = ("_preempt_request", "shutdown", "get_request_counts")
-BIND_RETRY_SECONDS = 10.0
 
 Tracker = BlockPoolTracker | PublicPoolView
-
-
-class LiveView:
-    """The snapshot a stats reader gets, consistent with the scheduler thread.
-
-    When no model step is in flight the engine is idle (or between steps): its state is current
-    now, so the snapshot is built fresh with ``time`` = now and a quiet engine never looks
-    stale. While a step is in flight the pool stays as the last scheduler call left it, and
-    ``time`` is that call's end: an engine stuck in a step ages, and only a hung engine trips
-    ``KVCacheStaleData``. Building is O(1) (the tracker's counts).
-    """
-
-    def __init__(self, tracker: Tracker, counts: Callable[[], tuple[int, int]]) -> None:
-        self.tracker = tracker
-        self._counts = counts
-        self.lock = threading.Lock()
-        self.steps_in_flight = 0
-        self.state_time = time.time()
-
-    def touched(self) -> None:
-        """Called under ``lock`` at the end of every mutator."""
-        self.state_time = time.time()
-
-    def snapshot(self) -> Snapshot:
-        with self.lock:
-            running, waiting = self._counts()
-            at = None if self.steps_in_flight == 0 else self.state_time
-            return self.tracker.snapshot(running, waiting, at=at)
-
-
-class ShimEndpoint:
-    """The stats server of one engine core; a busy port must never stop vLLM from serving.
-
-    On a port that is taken, the engine starts anyway: one ERROR line says which address and
-    how to fix it, the exporter's target for this engine reads down (connection refused,
-    counted), and binding is retried every ``BIND_RETRY_SECONDS`` until it succeeds.
-    """
-
-    def __init__(self, app: Any, host: str, port: int, dp_rank: int) -> None:
-        self.app, self.host, self.port, self.dp_rank = app, host, port, dp_rank
-        self.server: Any = None
-        self._stop = threading.Event()
-        self._retry: threading.Thread | None = None
-
-    def start(self) -> bool:
-        if self._try_bind(first=True):
-            return True
-        self._retry = threading.Thread(
-            target=self._keep_trying, name="kvcache-shim-bind", daemon=True
-        )
-        self._retry.start()
-        return False
-
-    def _try_bind(self, first: bool) -> bool:
-        from ...server import ShimServer
-
-        try:
-            server = ShimServer(self.app, self.host, self.port)
-        except OSError as exc:
-            if first:
-                log.error(
-                    "kvcache shim: cannot serve KV stats for DP rank %d on %s:%d (%s). vLLM keeps"
-                    " serving; the exporter will show this engine as down. Give every vLLM"
-                    " server on this host its own KVCACHE_SHIM_LISTEN port (each DP rank adds 1)."
-                    " Retrying every %.0f s.",
-                    self.dp_rank,
-                    self.host,
-                    self.port,
-                    exc.strerror or exc,
-                    BIND_RETRY_SECONDS,
-                )
-            return False
-        server.start()
-        self.server = server
-        if not first:
-            log.warning(
-                "kvcache shim: port free again; KV stats for DP rank %d at http://%s:%d/v1/kv/stats",
-                self.dp_rank,
-                self.host,
-                server.port,
-            )
-        return True
-
-    def _keep_trying(self) -> None:
-        while not self._stop.wait(BIND_RETRY_SECONDS):
-            if self._try_bind(first=False):
-                return
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self.server is not None:
-            self.server.stop()
 
 
 def missing_hooks(base: type) -> list[str]:
@@ -249,7 +153,7 @@ class ShimScheduling:
     """What the shim adds to vLLM's scheduler, as a mixin placed before vLLM's class (which is
     only known once vLLM is imported: ``_scheduler_class``). ``super()`` is vLLM's scheduler."""
 
-    _kvcache_view: LiveView | None = None
+    _kvcache_view: LiveView[Tracker] | None = None
     _kvcache_endpoint: ShimEndpoint | None = None
     _kvcache_log_steps = False
     kvcache_tracker: Tracker | None = None
@@ -284,11 +188,12 @@ class ShimScheduling:
             host,
             port,
             facts.dp_rank,
+            engine="vLLM",
+            log=log,
         )
-        if self._kvcache_endpoint.start():
-            _startup_line(
-                tracker, host, self._kvcache_endpoint.server.port, self._kvcache_log_steps
-            )
+        endpoint = self._kvcache_endpoint
+        if endpoint.start():
+            _startup_line(tracker, host, endpoint.server.port, self._kvcache_log_steps)
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         view = self._kvcache_view
@@ -318,7 +223,7 @@ class ShimScheduling:
             view.touched()
         return result
 
-    def _count_step(self, view: LiveView, scheduler_output: Any, result: Any) -> None:
+    def _count_step(self, view: LiveView[Tracker], scheduler_output: Any, result: Any) -> None:
         if scheduler_output.total_num_scheduled_tokens > 0:
             view.steps_in_flight = max(0, view.steps_in_flight - 1)
         # An iteration is a step that returned output to a client, as vLLM's
@@ -347,7 +252,7 @@ def _locked(name: str) -> Callable[..., Any]:
     """A vLLM scheduler method run under the view's lock, marking the state current after."""
 
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-        view: LiveView | None = self._kvcache_view
+        view: LiveView[Tracker] | None = self._kvcache_view
         if view is None:
             return getattr(super(ShimScheduling, self), name)(*args, **kwargs)
         with view.lock:
