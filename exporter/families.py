@@ -12,16 +12,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from engine_shim.events.stream import STREAM_ERRORS
 from kvstats.reuse import reuse_marks
 from kvstats.snapshot import HIT_TIERS, RESIDENT_TIERS, STATUS_STATES, Pool, Tier
 
-from .derive import CounterKey, PoolRatios
+from .derive import CounterKey
 from .errors import ERROR_REASONS
-from .state import EngineView
 from .textformat import format_value
+
+if TYPE_CHECKING:  # state.py imports the pollers, which import this module
+    from .derive import PoolRatios
+    from .state import EngineView
 
 ENGINE = ("engine", "dp_rank", "model")
 POOL = (*ENGINE, "pool")
