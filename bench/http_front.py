@@ -1,5 +1,5 @@
-"""Hostile clients against both HTTP servers, by class, with figures (tests/test_http_front.py
-holds the same classes as pass/fail checks).
+"""Hostile clients against both HTTP servers, by class, with figures
+(tests/system/test_http_front.py holds the same classes as pass/fail checks).
 
     .venv/bin/python bench/http_front.py              # this checkout
     .venv/bin/python bench/http_front.py --tree DIR   # the servers of another checkout
@@ -37,7 +37,7 @@ from devtools.hostile_http import (  # noqa: E402
     rss_bytes,
     scrape_latencies,
 )
-from tests.test_http_front import ATTACKS  # noqa: E402
+from tests.system.test_http_front import ATTACKS  # noqa: E402
 
 
 def main() -> None:

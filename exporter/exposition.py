@@ -10,8 +10,8 @@ joined body, and its gzip, are reused until something changes. Work therefore fo
 slower of the poll and scrape rates: 64 targets polled every second and scraped every 15 s are
 rendered once per scrape, not fifteen times. The text is format 0.0.4 exactly as
 prometheus_client writes it (its own ``floatToGoString``, its label escaping and order):
-``tests/test_exposition.py`` proves the output equal to ``generate_latest`` over the same data
-and to the exposition before this renderer, sample for sample.
+``tests/exporter/test_exposition.py`` proves the output equal to ``generate_latest`` over the
+same data and to the exposition before this renderer, sample for sample.
 
 A target whose series cannot be written (a value past float range, a label that is not valid
 UTF-8; the parsers refuse both) is left out of the scrape: its ``target_up`` is 0 and

@@ -70,26 +70,22 @@ class Family:
         return f"# HELP {self.exposed} {text}\n# TYPE {self.exposed} {self.type}\n"
 
 
-def _gauge(
-    name: str,
-    help: str,
-    labels: tuple[str, ...],
-    fanout: int = 1,
-    value: Callable[[Any], Any] | None = None,
-    values: Callable[[Any], Values] | None = None,
-) -> Family:
-    return Family(name, "gauge", help, labels, fanout, value, values)
+def _declare(kind: Literal["gauge", "counter"]) -> Callable[..., Family]:
+    def declare(
+        name: str,
+        help: str,
+        labels: tuple[str, ...],
+        fanout: int = 1,
+        value: Callable[[Any], Any] | None = None,
+        values: Callable[[Any], Values] | None = None,
+    ) -> Family:
+        return Family(name, kind, help, labels, fanout, value, values)
+
+    return declare
 
 
-def _counter(
-    name: str,
-    help: str,
-    labels: tuple[str, ...],
-    fanout: int = 1,
-    value: Callable[[Any], Any] | None = None,
-    values: Callable[[Any], Values] | None = None,
-) -> Family:
-    return Family(name, "counter", help, labels, fanout, value, values)
+_gauge = _declare("gauge")
+_counter = _declare("counter")
 
 
 def _by(label_values: tuple[str, ...], values: tuple[float | None, ...]) -> Values:

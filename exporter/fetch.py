@@ -5,8 +5,8 @@ client's layers (connection pool, anyio cancel scopes, header models) for what i
 line and one response on one connection. This client does only that: HTTP/1.1 GET, one
 connection per target kept alive, ``Content-Length``, chunked and close-delimited bodies, TLS
 with the shared context, a size cap enforced while reading and one deadline for the whole
-answer. ``tests/test_fetch.py`` checks it against httpx on the same servers: same bodies, same
-outcome for every failure.
+answer. ``tests/exporter/test_fetch.py`` checks it against httpx on the same servers: same
+bodies, same outcome for every failure.
 """
 
 from __future__ import annotations

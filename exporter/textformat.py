@@ -13,8 +13,8 @@ floatToGoString = cast(Callable[[float], str], _untyped_float_to_go_string)
 
 def format_value(value: float) -> str:
     """``floatToGoString``, with the common case (a small integer: counts, slots) done directly;
-    ``tests/test_exposition.py`` proves the two equal. Go's format switches to an exponent at
-    10^6 for positive numbers, so only integers below that take the shortcut."""
+    ``tests/exporter/test_exposition.py`` proves the two equal. Go's format switches to an
+    exponent at 10^6 for positive numbers, so only integers below that take the shortcut."""
     if type(value) is int and -(10**15) < value < 1_000_000:
         return f"{value}.0"
     return floatToGoString(value)

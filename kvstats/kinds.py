@@ -5,7 +5,7 @@ One line per kind (node_exporter's ``registerCollector`` is the model). The expo
 the CLIs' choices, the bridge dispatch, the snapshot validator and the schema document all
 read it when they run, so a new bridge is one module in ``engine_shim/bridges`` (a
 ``convert(text, now)`` function and the ``FAMILIES`` it reads) plus one ``register`` line here
-(``tests/test_kinds.py`` registers a toy one and follows it through).
+(``tests/kvstats/test_kinds.py`` registers a toy one and follows it through).
 
 Two names, two questions: a *target kind* (the config's ``kind:``) is how a URL is read (a
 shim's JSON, or a bridge over an engine's own ``/metrics``); an *engine kind* (a snapshot's

@@ -25,16 +25,20 @@ class Target:
 
 
 MODULES: dict[str, Target] = {
-    "exporter/derive.py": Target(("tests/test_derive.py",)),
+    "exporter/derive.py": Target(("tests/exporter/test_derive.py",)),
     "exporter/state.py": Target(
-        ("tests/test_state.py", "tests/test_derive.py", "tests/test_exposition.py")
+        (
+            "tests/exporter/test_state.py",
+            "tests/exporter/test_derive.py",
+            "tests/exporter/test_exposition.py",
+        )
     ),
-    "exporter/fetch.py": Target(("tests/test_fetch.py",)),
-    "kvstats/capacity.py": Target(("tests/test_capacity.py",)),
-    "engine_shim/bridges/vllm.py": Target(("tests/test_bridges.py",)),
-    "engine_shim/bridges/sglang.py": Target(("tests/test_bridges.py",)),
-    "engine_shim/reference/prefix_cache.py": Target(("tests/test_prefix_cache.py",)),
-    "engine_shim/reuse_distance.py": Target(("tests/test_reuse_distance.py",)),
+    "exporter/fetch.py": Target(("tests/exporter/test_fetch.py",)),
+    "kvstats/capacity.py": Target(("tests/kvstats/test_capacity.py",)),
+    "engine_shim/bridges/vllm.py": Target(("tests/engine_shim/test_bridges.py",)),
+    "engine_shim/bridges/sglang.py": Target(("tests/engine_shim/test_bridges.py",)),
+    "engine_shim/reference/prefix_cache.py": Target(("tests/engine_shim/test_prefix_cache.py",)),
+    "engine_shim/reuse_distance.py": Target(("tests/engine_shim/test_reuse_distance.py",)),
     "engine_shim/adapters/vllm/": Target(("tests/vllm",), ".venv-vllm"),
 }
 

@@ -32,7 +32,7 @@ TARGET = parse_config(
 ).targets[0]
 
 
-BRIDGE_TEXT = {  # one real scrape per bridge kind (tests/test_kinds.py checks the set)
+BRIDGE_TEXT = {  # one real scrape per bridge kind (tests/kvstats/test_kinds.py checks the set)
     "vllm": (FIXTURES / "vllm-0.33.0-dp1.prom").read_text(),
     "sglang": (FIXTURES / "sglang-0.5.23-hicache.prom").read_text(),
 }

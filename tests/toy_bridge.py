@@ -1,5 +1,5 @@
 """A bridge for an engine that does not exist ("toy"), as a new bridge module would look:
-``FAMILIES`` and ``convert(text, now)``. Registered only by tests/test_kinds.py."""
+``FAMILIES`` and ``convert(text, now)``. Registered only by tests/kvstats/test_kinds.py."""
 
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ _BUCKET_TARGET = 128  # fingerprints per bucket before the table doubles (a 1 Ki
 
 class BlockMultiset:
     """64-bit fingerprints with multiplicity, 8 bytes each. ``collections.Counter`` does the
-    same job in ~100 bytes an entry; ``tests/test_kv_events.py`` proves the two agree."""
+    same job in ~100 bytes an entry; ``tests/engine_shim/test_kv_events.py`` proves the two
+    agree."""
 
     __slots__ = ("_buckets", "_mix", "_shift", "size")
 

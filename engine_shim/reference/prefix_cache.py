@@ -2,8 +2,8 @@
 
 Eviction takes the unpinned leaf released longest ago (SGLang's radix cache: a heap by last
 access); a parent left childless by an eviction joins the heap at its own release time, so it
-goes next only if nothing else has been idle longer. ``tests/test_prefix_cache.py`` checks the
-order against an oracle written from that definition.
+goes next only if nothing else has been idle longer. ``tests/engine_shim/test_prefix_cache.py``
+checks the order against an oracle written from that definition.
 
 Each node is one full block of the pool (SGLang's radix cache with page-sized edges; vLLM's
 prefix cache with hash chains). A request pins every node on its path, so a node with

@@ -32,9 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from devtools.ports import wait_listening
 from kvstats.reuse import size_for_hit_ratio
 from tests.helpers import wait_for
-from tests.test_dashboards_and_rules import DASHBOARDS, RULES, panels, tool
+from tests.mixin.test_dashboards_and_rules import DASHBOARDS, RULES, panels, tool
 
-GOLDEN = Path(__file__).parent / "testdata" / "exposition" / "fleet.golden.prom"
+GOLDEN = Path(__file__).parents[1] / "testdata" / "exposition" / "fleet.golden.prom"
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
 VICTORIA_METRICS, VMALERT = shutil.which("victoria-metrics"), shutil.which("vmalert")
 STEP = 30  # seconds between samples

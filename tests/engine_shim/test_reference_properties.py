@@ -20,7 +20,7 @@ from engine_shim.reference import EngineConfig, ReferenceEngine, Request
 from engine_shim.reference.prefix_cache import ROOT_HASH, Node, block_hash
 from engine_shim.reuse_distance import Observation
 from kvstats.validate import parse_snapshot
-from tests.test_prefix_cache import cached_nodes
+from tests.engine_shim.test_prefix_cache import cached_nodes
 
 PREFIXES = [[(7 * i + j) % 500 for j in range(40)] for i in range(4)]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kvstats import schema_doc
 
-DOC = Path(__file__).parent.parent / "docs" / "snapshot-schema.md"
+DOC = Path(__file__).parents[2] / "docs" / "snapshot-schema.md"
 
 
 def test_every_field_is_described() -> None:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from exporter.config import ConfigError, load_config, parse_config
 from exporter.webconfig import load_web_config
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "exporter.yaml"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "exporter.yaml"
 
 
 def test_shipped_example_is_valid() -> None:
@@ -147,7 +147,7 @@ def test_running_with_a_bad_config_exits_nonzero(tmp_path: Path) -> None:
 
 # exporter-toolkit's testdata pattern: *.good.yml load, *.bad.yml fail with the error on their
 # first line ("# error: KEY: PROBLEM"). Secrets in them ("hunter2", the tokens) must never show.
-TESTDATA = Path(__file__).parent / "testdata" / "config"
+TESTDATA = Path(__file__).parents[1] / "testdata" / "config"
 SECRETS = ("hunter2", "s3cret")
 TOKENS = {
     "KVCACHE_TEST_TOKEN_EMPTY": "",

@@ -27,12 +27,12 @@ from exporter.exposition import ExporterView, Exposition
 from exporter.state import TargetState
 from kvstats.validate import parse_snapshot
 from tests.builders import valid
+from tests.exporter.test_exporter_behaviour import get, snapshot_json, start
 from tests.fake_pynvml import FakeDevice, FakeNvml
 from tests.helpers import CannedServer, body, wait_for
-from tests.test_exporter_behaviour import get, snapshot_json, start
 from tests.test_fuzz import TARGET
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def counted(exp: Exporter, name: str, **labels: str) -> float:
@@ -222,7 +222,7 @@ def test_other_methods_are_405_on_served_paths_and_404_elsewhere(
 def test_a_request_hidden_in_a_refused_body_is_never_answered() -> None:
     """A refused POST's body is not read: the connection closes instead of parsing it as a
     second request (request desync)."""
-    from tests.test_exporter_security import raw_exchange, smuggling
+    from tests.exporter.test_exporter_security import raw_exchange, smuggling
 
     exporter = start([("t", "http://127.0.0.1:9")])
     try:

@@ -31,10 +31,10 @@ import yaml
 
 from devtools.ports import wait_listening
 from mixin.config import MixinConfig
-from tests.test_dashboards_and_rules import dashboard_exprs, substitute
+from tests.mixin.test_dashboards_and_rules import dashboard_exprs, substitute
 from tests.timescale import compress_minutes
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 GPU_UUID = "GPU-e2e00000-0000-0000-0000-000000000000"
 

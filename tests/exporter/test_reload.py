@@ -21,7 +21,7 @@ from devtools.ports import wait_listening
 from tests.builders import valid
 from tests.helpers import CannedServer, body, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def engine(instance: str) -> CannedServer:

@@ -22,7 +22,7 @@ from mixin.config import MixinConfig
 from tests.fake_pynvml import FakeDevice, FakeNvml
 from tests.helpers import EngineProcess, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "alerts" / "kvcache-rules.yml"
 RULE_TESTS = sorted((ROOT / "alerts" / "tests").glob("*.test.yml"))
 ALERTMANAGER = ROOT / "alerts" / "alertmanager.yml"

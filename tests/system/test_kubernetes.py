@@ -22,7 +22,7 @@ import yaml
 from exporter.config import parse_config
 from exporter.webconfig import load_web_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "deploy" / "kubernetes"
 OVERLAYS = sorted(p.name for p in (BUNDLE / "overlays").iterdir())
 KUBERNETES_VERSION = "1.31.0"

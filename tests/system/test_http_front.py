@@ -36,7 +36,7 @@ from devtools.hostile_http import (
 from kvstats.http import HTTPServer, Limits, Request, Response
 from tests.helpers import wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def raise_descriptor_limit(wanted: int = 8192) -> None:

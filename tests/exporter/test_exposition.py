@@ -32,8 +32,8 @@ from exporter.families import ALL, BY_NAME, Family, series_estimate
 from exporter.textformat import format_value
 from tests.exposition_fixture import GPU_UUID, fleet_states, fleet_view
 
-ROOT = Path(__file__).resolve().parent.parent
-GOLDEN = Path(__file__).parent / "testdata" / "exposition" / "fleet.golden.prom"
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).parents[1] / "testdata" / "exposition" / "fleet.golden.prom"
 
 
 def parsed(text: str) -> list[tuple[str, tuple[tuple[str, str], ...], float]]:

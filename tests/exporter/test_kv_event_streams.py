@@ -25,11 +25,11 @@ from devtools.static_server import spawn
 from exporter import event_streams
 from exporter.app import Exporter
 from exporter.config import parse_config
+from tests.exporter.test_exporter_behaviour import get, snapshot_json
 from tests.helpers import CannedServer, body, wait_for
 from tests.kv_publisher import Publisher
-from tests.test_exporter_behaviour import get, snapshot_json
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 VLLM_METRICS = (FIXTURES / "vllm-0.33.0-dp1.prom").read_bytes()
 BLOCK = 16
 

@@ -15,7 +15,7 @@ import pytest
 from mixin.dashboards import GRAFANA_VERSION, SCHEMA_VERSION
 from tests.grafana_schema import dashboard_typescript
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NODE = ROOT / "tests" / "node"
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
 

@@ -11,7 +11,7 @@ import yaml
 from mixin.build import main, outputs
 from mixin.config import MixinConfig, MixinConfigError, load_config, override
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rules_of(config: MixinConfig) -> dict[str, dict[str, object]]:
