@@ -44,6 +44,8 @@ from .families import (
     TARGET_FAMILIES,
     Family,
     PoolState,
+    StreamState,
+    TargetState,
     Values,
 )
 from .nvml import GpuReading
@@ -74,6 +76,9 @@ def _values(families: Sequence[Family]) -> ValueTable:
 
 POOL_VALUES = _values(POOL_FAMILIES)
 ENGINE_VALUES = _values([f for f in ENGINE_SCOPED if f not in POOL_FAMILIES])
+# The poll-duration histogram is written from the report itself (``LineWriter.histogram``).
+TARGET_VALUES = _values([f for f in TARGET_FAMILIES if f.type != "histogram"])
+STREAM_VALUES = _values(EVENT_FAMILIES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,45 +123,12 @@ def _append(
 
 
 def target_rows(report: TargetReport, up: bool, render_errors: int) -> dict[str, list[Row]]:
-    """The exporter's own series for one target."""
-    name = (report.target.name,)
-    rows: dict[str, list[Row]] = {
-        "kvcache_exporter_target_up": [(name, 1 if up else 0)],
-        "kvcache_exporter_polls": [(name, report.polls)],
-        "kvcache_exporter_poll_errors": [
-            ((*name, reason), count) for reason, count in report.errors.items()
-        ],
-        "kvcache_exporter_last_success_timestamp_seconds": (
-            [] if report.last_success is None else [(name, report.last_success)]
-        ),
-        "kvcache_exporter_engine_restarts": [(name, report.restarts)],
-        "kvcache_exporter_render_errors": [(name, render_errors)],
-    }
-    rows.update(stream_rows(report))
-    return rows
-
-
-def stream_rows(report: TargetReport) -> dict[str, list[Row]]:
-    """The target's KV event streams, one set of series per DP rank."""
-    rows: dict[str, list[Row]] = {f.name: [] for f in EVENT_FAMILIES}
-    events = report.target.events
-    rows["kvcache_events_discovery_errors"] = (
-        [((report.target.name,), report.discovery_errors)]
-        if events is not None and events.discover
-        else []
-    )
+    """The exporter's own series for one target, and for each of its KV event streams."""
+    rows: dict[str, list[Row]] = {f.name: [] for f in TARGET_FAMILIES + EVENT_FAMILIES}
+    name = report.target.name
+    _append(rows, (name,), TargetState(report, up, render_errors), TARGET_VALUES)
     for stream in report.streams:
-        labels = (report.target.name, str(stream.dp_rank))
-        rows["kvcache_events_batches"].append((labels, stream.batches))
-        rows["kvcache_events"].append((labels, stream.events))
-        rows["kvcache_events_batches_lost"].append((labels, stream.lost_batches))
-        rows["kvcache_events_replayed_batches"].append((labels, stream.replayed_batches))
-        for reason, count in stream.errors.items():
-            rows["kvcache_events_errors"].append(((*labels, reason), count))
-        if stream.last_batch_time is not None and report.read_at is not None:
-            age = max(0.0, report.read_at - stream.last_batch_time)
-            rows["kvcache_events_last_batch_age_seconds"].append((labels, age))
-        rows["kvcache_events_resident_whole"].append((labels, 1 if stream.whole else 0))
+        _append(rows, (name, str(stream.dp_rank)), StreamState(report, stream), STREAM_VALUES)
     return rows
 
 

@@ -23,8 +23,10 @@ from .errors import ERROR_REASONS
 from .textformat import format_value
 
 if TYPE_CHECKING:  # state.py imports the pollers, which import this module
+    from engine_shim.events.stream import StreamReport
+
     from .derive import PoolRatios
-    from .state import EngineView
+    from .state import EngineView, TargetReport
 
 ENGINE = ("engine", "dp_rank", "model")
 POOL = (*ENGINE, "pool")
@@ -42,6 +44,21 @@ class PoolState(NamedTuple):
 
     pool: Pool
     ratios: PoolRatios
+
+
+class TargetState(NamedTuple):
+    """What a target family reads: the poller's report, whether it is up, render errors."""
+
+    report: TargetReport
+    up: bool
+    render_errors: int
+
+
+class StreamState(NamedTuple):
+    """What an event-stream family reads: the target's report and one DP rank's stream."""
+
+    report: TargetReport
+    stream: StreamReport
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,26 +422,52 @@ GPU_FAMILIES = (
     ),
 )
 
+# --------------------------------------------------------- target and stream value functions
+
+
+def _discovery_errors(t: TargetState) -> int | None:
+    events = t.report.target.events
+    return t.report.discovery_errors if events is not None and events.discover else None
+
+
+def _batch_age(s: StreamState) -> float | None:
+    last, read_at = s.stream.last_batch_time, s.report.read_at
+    return None if last is None or read_at is None else max(0.0, read_at - last)
+
+
 # The exporter's view of each target.
 TARGET_FAMILIES = (
-    _gauge("kvcache_exporter_target_up", "1 when the last poll of the target succeeded.", TARGET),
-    _counter("kvcache_exporter_polls", "Polls of the target.", TARGET),
+    _gauge(
+        "kvcache_exporter_target_up",
+        "1 when the last poll of the target succeeded.",
+        TARGET,
+        value=lambda t: 1 if t.up else 0,
+    ),
+    _counter(
+        "kvcache_exporter_polls",
+        "Polls of the target.",
+        TARGET,
+        value=attrgetter("report.polls"),
+    ),
     _counter(
         "kvcache_exporter_poll_errors",
         "Failed polls by reason (unsupported_engine: answered, but by an engine release the"
         " shim does not recognise; the target stays up with what is still exact).",
         (*TARGET, "reason"),
         len(ERROR_REASONS),
+        values=lambda t: [((r,), n) for r, n in t.report.errors.items()],
     ),
     _gauge(
         "kvcache_exporter_last_success_timestamp_seconds",
         "When the target was last polled successfully (Unix time).",
         TARGET,
+        value=attrgetter("report.last_success"),
     ),
     _counter(
         "kvcache_exporter_engine_restarts",
         "Engine restarts seen (new instance id or counters going back).",
         TARGET,
+        value=attrgetter("report.restarts"),
     ),
     Family(
         "kvcache_exporter_poll_duration_seconds",
@@ -437,43 +480,64 @@ TARGET_FAMILIES = (
         "kvcache_exporter_render_errors",
         "Renders of /metrics that left a target's series out (they could not be written).",
         TARGET,
+        value=attrgetter("render_errors"),
     ),
     _counter(
         "kvcache_events_discovery_errors",
         "Failed asks of the engine where its KV event streams are (events: discover): an"
         " engine without --kv-events-config, unreachable, or an answer that names none.",
         TARGET,
+        value=_discovery_errors,
     ),
 )
 
 # One series per KV event stream (a target's DP rank, see exporter/event_streams.py).
 STREAM = (*TARGET, "dp_rank")
 EVENT_FAMILIES = (
-    _counter("kvcache_events_batches", "KV event batches received (live and replayed).", STREAM),
-    _counter("kvcache_events", "KV events received (BlockStored, BlockRemoved, ...).", STREAM),
+    _counter(
+        "kvcache_events_batches",
+        "KV event batches received (live and replayed).",
+        STREAM,
+        value=attrgetter("stream.batches"),
+    ),
+    _counter(
+        "kvcache_events",
+        "KV events received (BlockStored, BlockRemoved, ...).",
+        STREAM,
+        value=attrgetter("stream.events"),
+    ),
     _counter(
         "kvcache_events_batches_lost",
         "KV event batches missed (sequence gaps the replay socket could not fill).",
         STREAM,
+        value=attrgetter("stream.lost_batches"),
     ),
-    _counter("kvcache_events_replayed_batches", "KV event batches recovered by replay.", STREAM),
+    _counter(
+        "kvcache_events_replayed_batches",
+        "KV event batches recovered by replay.",
+        STREAM,
+        value=attrgetter("stream.replayed_batches"),
+    ),
     _counter(
         "kvcache_events_errors",
         "KV event frames, batches or events not applied, by reason.",
         (*STREAM, "reason"),
         fanout=len(STREAM_ERRORS),
+        values=lambda s: [((r,), n) for r, n in s.stream.errors.items()],
     ),
     _gauge(
         "kvcache_events_last_batch_age_seconds",
         "Seconds since the stream's last batch (or since subscribing, if none came), at the"
         " last poll: a silent stream on a busy engine is broken.",
         STREAM,
+        value=_batch_age,
     ),
     _gauge(
         "kvcache_events_resident_whole",
         "1 while every batch since a known-empty cache was applied, so resident counts are"
         " exact; 0 after a loss until AllBlocksCleared or an engine restart.",
         STREAM,
+        value=lambda s: 1 if s.stream.whole else 0,
     ),
 )
 

@@ -267,3 +267,32 @@ def test_each_engine_family_reads_its_own_values_within_its_declared_fanout() ->
     assert seen == {f.name for f in ENGINE_SCOPED}
     # A counter the snapshot gains is published only once it has a family reading it.
     assert {f"kvcache_{name}" for name in COUNTER_FIELDS} <= seen
+
+
+def test_each_target_and_stream_family_reads_its_own_values_within_its_fanout() -> None:
+    """The exporter's per-target and per-stream families, the same way: of their declared label
+    arity, within their fan-out, every one seen on the fixture fleet (the poll-duration
+    histogram is written from the report itself)."""
+    from exporter.exposition import STREAM_VALUES, TARGET_VALUES
+    from exporter.families import (
+        BY_NAME,
+        EVENT_FAMILIES,
+        STREAM,
+        TARGET,
+        TARGET_FAMILIES,
+        StreamState,
+        TargetState,
+    )
+
+    seen: set[str] = set()
+    for report in fleet_view().targets:
+        owners: list[tuple[Any, Any, int]] = [(TargetState(report, True, 0), TARGET_VALUES, 1)]
+        owners += [(StreamState(report, s), STREAM_VALUES, len(STREAM)) for s in report.streams]
+        for owner, table, own_labels in owners:
+            for name, rows in family_series(table, owner).items():
+                assert len(rows) <= BY_NAME[name].fanout, name
+                assert all(own_labels + len(x) == len(BY_NAME[name].labels) for x, _ in rows)
+                seen |= {name} if rows else set()
+    assert len(TARGET) == 1
+    declared = {f.name for f in TARGET_FAMILIES + EVENT_FAMILIES if f.type != "histogram"}
+    assert seen == declared
