@@ -223,11 +223,15 @@ class FreeQueueCounter:
 
     def _cached_block(self, key: Any) -> Any:
         """The block vLLM's lookup map holds under ``key`` and that is known by it, or None."""
-        get_one_block = getattr(self.lookup_map, "get_one_block", None)
-        block = get_one_block(key) if get_one_block is not None else None
+        block = self._first_block(key)
         if block is None or self.hash_get(block) != key or self.id_get(block) in self.duplicates:
             return None
         return block
+
+    def _first_block(self, key: Any) -> Any:
+        """The block vLLM's lookup finds for ``key`` (None too where the map cannot say)."""
+        get_one_block = getattr(self.lookup_map, "get_one_block", None)
+        return None if get_one_block is None else get_one_block(key)
 
     def recency_key(self, block_id: int, key: Any) -> Any:
         """What the reuse tracker knows a block by: its hash, or its id when it has none
@@ -237,10 +241,7 @@ class FreeQueueCounter:
     def is_duplicate(self, block: Any, key: Any) -> bool:
         """Whether vLLM's lookup map already holds ``key`` for another block (asked as a
         block gets its hash: vLLM sets the hash before inserting the block in the map)."""
-        get_one_block = getattr(self.lookup_map, "get_one_block", None)
-        if get_one_block is None:  # a map without it: every block keyed by its hash
-            return False
-        first = get_one_block(key)
+        first = self._first_block(key)  # a map without get_one_block: keyed by hash, always
         return first is not None and first is not block
 
     def changed(self, block: Any, before: tuple[int, int]) -> None:
@@ -275,7 +276,7 @@ class FreeQueueCounter:
             else:
                 if block_id in self.by_id:
                     recency.forget(block_id)
-                sampled = int.from_bytes(new[:4], "little") < threshold or recency.tracks(new)
+                sampled = recency.tracks(new)
                 if sampled:
                     recency.pinned_sampled(new)
             if sampled:
