@@ -88,9 +88,11 @@ def bucket_bounds(pool_tokens: int, extra: Iterable[int] = ()) -> tuple[int, ...
 
 def sample_hash(key: Hashable) -> int:
     """A uniform 32-bit value per block: bytes digests are already uniform, so use their bits
-    (stable across processes, so benchmark runs sample the same blocks)."""
+    (stable across processes, so benchmark runs sample the same blocks). Big-endian, so that
+    for a digest of 4 bytes or more ``sample_hash(key) < t`` is ``key < t.to_bytes(4, "big")``:
+    a comparison of bytes, which a whole prompt's keys run through at C speed."""
     if type(key) is bytes:  # block hashes: the hot path, checked first
-        return int.from_bytes(key[:4], "little")
+        return int.from_bytes(key[:4], "big")
     if isinstance(key, int):  # e.g. a block id: scrambled (Fibonacci hashing), ids are dense
         return (key * SCRAMBLE) & (HASH_SPACE - 1)
     return hash(key) & (HASH_SPACE - 1)
@@ -300,8 +302,9 @@ class ReuseDistanceTracker:
         self._held: set[Hashable] = set()
         # Hot blocks (tracked whatever their hash), least recently looked up first; 0: none.
         self._hot_capacity = hot_capacity
-        # key -> the lookup (a count) that last asked for it.
-        self._hot: dict[Hashable, int] = {}
+        # key -> the lookup (a count) that last asked for it. Engines may read it (not write):
+        # the vLLM adapter inlines ``tracks`` on its per-block path.
+        self.hot_blocks: dict[Hashable, int] = {}
         self._lookups = 0
         # Keys of recent lookups that are not hot, oldest first: a second lookup makes one hot.
         self._seen: dict[Hashable, None] = {}
@@ -345,11 +348,11 @@ class ReuseDistanceTracker:
 
     def tracks(self, key: Hashable) -> bool:
         """Whether events about this key count: it is sampled, or hot."""
-        return sample_hash(key) < self.threshold or key in self._hot
+        return sample_hash(key) < self.threshold or key in self.hot_blocks
 
     @property
     def hot(self) -> int:
-        return len(self._hot)
+        return len(self.hot_blocks)
 
     @property
     def hot_capacity(self) -> int:
@@ -366,11 +369,11 @@ class ReuseDistanceTracker:
     # a request's blocks together (the reference engine) tell them in one call each.
 
     def pinned(self, key: Hashable) -> None:
-        if sample_hash(key) < self.threshold or key in self._hot:
+        if sample_hash(key) < self.threshold or key in self.hot_blocks:
             self.pinned_sampled(key)
 
     def released(self, key: Hashable) -> None:
-        if sample_hash(key) < self.threshold or key in self._hot:
+        if sample_hash(key) < self.threshold or key in self.hot_blocks:
             self.released_sampled(key)
 
     def pinned_sampled(self, key: Hashable) -> None:
@@ -385,7 +388,7 @@ class ReuseDistanceTracker:
         self._held.discard(key)
         idle = self._idle
         idle.release(key)
-        if key in self._hot:
+        if key in self.hot_blocks:
             idle.set_hot(key, True)
         if len(idle) > self._idle_limit or len(idle) + len(self._held) > self.max_tracked:
             self._bound_memory()
@@ -406,8 +409,8 @@ class ReuseDistanceTracker:
             self._held.difference_update(keys)
             idle = self._idle
             idle.release_all(keys)
-            if self._hot:
-                idle.mark_hot(self._hot.keys() & keys)
+            if self.hot_blocks:
+                idle.mark_hot(self.hot_blocks.keys() & keys)
             if len(idle) > self._idle_limit or len(idle) + len(self._held) > self.max_tracked:
                 self._bound_memory()
 
@@ -440,15 +443,16 @@ class ReuseDistanceTracker:
 
     def _sampled_keys(self, keys: Sequence[Hashable]) -> Sequence[Hashable]:
         """The tracked keys among ``keys``: sampled, or hot."""
-        threshold = self.threshold
-        if threshold >= HASH_SPACE:  # every block tracked
+        threshold, below = self.threshold, self.threshold_key
+        if below is None or not keys:  # every block tracked
             return keys
-        hot = self._hot
-        if keys and type(keys[0]) is bytes:  # block hashes: sample_hash inlined
-            from_bytes, digests = int.from_bytes, cast("Sequence[bytes]", keys)
+        hot = self.hot_blocks
+        digests = cast("Sequence[bytes]", keys)
+        if set(map(type, keys)) == {bytes} and min(map(len, digests)) >= 4:  # C speed
+            tracked = map(below.__gt__, digests)
             if hot:
-                return [k for k in digests if from_bytes(k[:4], "little") < threshold or k in hot]
-            return [k for k in digests if from_bytes(k[:4], "little") < threshold]
+                tracked = map(operator.or_, tracked, map(hot.__contains__, keys))
+            return list(itertools.compress(keys, tracked))
         if hot:
             return [key for key in keys if sample_hash(key) < threshold or key in hot]
         return [key for key in keys if sample_hash(key) < threshold]
@@ -470,10 +474,10 @@ class ReuseDistanceTracker:
         Anything out of that order is classified block by block."""
         observed = Observation(keys=keys)
         tracked = self._sampled_keys(keys)
-        weight, hot = self.block_size / self.rate, self._hot
+        weight, hot = self.block_size / self.rate, self.hot_blocks
         if hot and not hot.keys().isdisjoint(tracked):
-            hot_part = [key for key in tracked if key in hot]
-            tracked = [key for key in tracked if key not in hot]
+            hot_part = list(filter(hot.__contains__, tracked))
+            tracked = list(itertools.filterfalse(hot.__contains__, tracked))
             self._observe_stratum(hot_part, pinned_tokens, float(self.block_size), observed.parts)
         self._observe_stratum(tracked, pinned_tokens, weight, observed.parts)
         return observed
@@ -487,9 +491,7 @@ class ReuseDistanceTracker:
             return
         bounds, bs = self.bounds, self.block_size
         held = self._held
-        h = 0
-        while h < n and sampled[h] in held:
-            h += 1
+        h = len(list(itertools.takewhile(held.__contains__, sampled)))  # the held run
         if h:
             out.append((bisect.bisect_left(bounds, bs), h, float(bs * h), weight))
         rest = sampled[h:] if h else sampled
@@ -538,10 +540,14 @@ class ReuseDistanceTracker:
                 return
             start, first = end, distance(end)
 
-    def record(self, query_tokens: int, observed: Observation, held_blocks: int = 0) -> None:
+    def record(
+        self, query_tokens: int, observed: Observation, held_blocks: int = 0, promote: bool = True
+    ) -> None:
         """A first admission: ``query_tokens`` looked up, ``observed`` its tracked blocks;
         ``held_blocks``: how many of its first blocks the admission holds now (its hits), if
-        it pinned them before this call.
+        it pinned them before this call. ``promote=False`` leaves its keys out of finding hot
+        blocks (an engine that admits many requests a step does that for one of them: a hot
+        prefix is in most admissions, and which one is chosen does not depend on the hash).
 
         Each sampled block stands for 1/rate blocks and each hot one for itself
         (Horvitz-Thompson per stratum: unbiased, and every weight positive, so the published
@@ -555,7 +561,7 @@ class ReuseDistanceTracker:
             if bucket < len(self._buckets):
                 self._buckets[bucket] += weight * n
             self._distance_sum += weight * distance_sum
-        if self.hot_capacity > 0 and self.threshold < HASH_SPACE:
+        if promote and self.hot_capacity > 0 and self.threshold < HASH_SPACE:
             self._promote_repeats(observed.keys, held_blocks)
 
     def lookup(
@@ -573,7 +579,7 @@ class ReuseDistanceTracker:
         """Keys seen in an earlier recent lookup become hot; hot ones are looked up again.
         Set operations at C speed: most of a hot prefix's keys take no Python step."""
         self._lookups += 1
-        hot, seen = self._hot, self._seen
+        hot, seen = self.hot_blocks, self._seen
         if hot:
             again = hot.keys() & keys
             if again:
@@ -597,7 +603,7 @@ class ReuseDistanceTracker:
             self._bound_memory()
 
     def _promote(self, key: Hashable, held: bool) -> None:
-        self._hot[key] = self._lookups
+        self.hot_blocks[key] = self._lookups
         idle = self._idle
         engine_holds = self.on_promote(key) if self.on_promote is not None else False
         if key in idle.keys:
@@ -609,9 +615,9 @@ class ReuseDistanceTracker:
         """Back under the hot capacity (an eighth below it: demotions come in batches), the
         blocks looked up least recently first."""
         capacity = self.hot_capacity
-        excess = len(self._hot) - capacity + capacity // 8
-        for key, _ in heapq.nsmallest(excess, self._hot.items(), key=operator.itemgetter(1)):
-            del self._hot[key]
+        excess = len(self.hot_blocks) - capacity + capacity // 8
+        for key, _ in heapq.nsmallest(excess, self.hot_blocks.items(), key=operator.itemgetter(1)):
+            del self.hot_blocks[key]
             self._demote(key)
 
     def _demote(self, key: Hashable) -> None:
@@ -627,6 +633,8 @@ class ReuseDistanceTracker:
 
     def _set_threshold(self, threshold: int) -> None:
         self.threshold = threshold
+        # sample_hash(key) < threshold, for a digest: key < threshold_key (None: all tracked).
+        self.threshold_key = threshold.to_bytes(4, "big") if threshold < HASH_SPACE else None
         # Sampled idle blocks that span the largest bound: any older one can only be cold.
         self._idle_limit = self.bounds[-1] / self.block_size * self.rate + 1
         self._published = None

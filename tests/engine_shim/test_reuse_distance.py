@@ -285,6 +285,31 @@ def test_sampling_keeps_memory_bounded_and_is_unbiased() -> None:
     assert worst_single < 0.02
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_the_c_speed_sample_test_is_sample_hash_against_the_threshold(seed: int) -> None:
+    """The tracked keys of a prompt are picked by bytes comparisons at C speed: the same keys,
+    in the same order, as the definition (sampled by ``sample_hash``, or hot), for digests,
+    block ids, short keys and lists that mix them, at any threshold."""
+    rng = random.Random(seed)
+    tracker = ReuseDistanceTracker(BS, 4096)
+    digests = [rng.randbytes(rng.choice((36, 36, 36, 4, 5))) for _ in range(300)]
+    others: list[Hashable] = [rng.randrange(10**6) for _ in range(40)]
+    others += [rng.randbytes(rng.randrange(4)) for _ in range(10)] + ["text"]
+    for rate in (0.9, 0.5, 1 / 3, 1 / 8, 1 / 1000, 0.0):
+        tracker.sample_at_most(rate)
+        tracker.hot_blocks.clear()
+        tracker.hot_blocks.update(dict.fromkeys(rng.sample(digests, 30), 0))
+        for keys in (digests, rng.sample(digests, 50) + others[:3], others, digests[:1], []):
+            expected = [k for k in keys if tracker.tracks(k)]
+            assert list(tracker._sampled_keys(keys)) == expected
+            assert tracker.threshold_key is not None
+            assert all(
+                (k < tracker.threshold_key) == (tracker._sampled(k))
+                for k in keys
+                if type(k) is bytes and len(k) >= 4
+            )
+
+
 def test_bounds_span_a_sixteenth_to_64_times_the_pool() -> None:
     bounds = bucket_bounds(4096, extra=[4096 + 1000])
     assert bounds[0] == 256 and bounds[-1] == 4096 * 64

@@ -198,6 +198,27 @@ def test_prefix_cache_reset_is_seen() -> None:
     d.check()
 
 
+def test_after_a_prefix_cache_reset_the_counter_asks_vllms_new_lookup_map() -> None:
+    """vLLM 0.31-0.33 replace the pool's lookup map on a reset: a block cached again under a
+    key the old map still held is the first of its key, not a duplicate (keyed by its id)."""
+    m, tracker = manager(64)
+    d = Driver(m, tracker)
+    prompt = list(range(200))
+    r = d.admit(prompt)
+    assert r is not None
+    d.free(r)
+    counter = tracker._counts
+    keys = [bytes(h) + (0).to_bytes(4, "big") for h in r.block_hashes[:12]]
+    assert all(counter._first_block(k) is not None for k in keys)
+    assert m.reset_prefix_cache()
+    assert all(counter._first_block(k) is None for k in keys)
+    again = d.admit(prompt)
+    assert again is not None
+    assert not counter.duplicates
+    assert all(counter._first_block(k) is not None for k in keys)
+    d.check()
+
+
 def test_large_pool() -> None:
     m, tracker = manager(100_000)
     d = Driver(m, tracker)
@@ -313,12 +334,14 @@ def test_reuse_distances_predict_vllms_own_pool_at_every_size(whole_prompts_repe
     assert checked >= 6
 
 
-@pytest.mark.parametrize("rate", [1 / 4, 1 / 8])
-def test_a_sampled_curve_tracks_hot_prefixes_in_full(rate: float) -> None:
+@pytest.mark.parametrize(("rate", "per_step"), [(1 / 4, 0), (1 / 8, 0), (1 / 4, 4), (1 / 8, 6)])
+def test_a_sampled_curve_tracks_hot_prefixes_in_full(rate: float, per_step: int) -> None:
     """Sampled at 1/4 or 1/8, the adapter's curve stays within 0.02 of its full tracking at
     every size where a few system prompts carry most lookups: the blocks looked up twice are
     tracked in full, found in vLLM's lookup map and followed through its free queue. Without
-    them (spatial sampling alone) the same events read far off; the pool's counts stay exact."""
+    them (spatial sampling alone) the same events read far off; the pool's counts stay exact.
+    With a scheduler admitting ``per_step`` requests a step, only one of them looks for hot
+    blocks: the curve holds as well."""
     rng = random.Random(7)
     systems = [[rng.randrange(30000) for _ in range(BLOCK * rng.randrange(6, 20))] for _ in "abc"]
     prompts = [
@@ -338,6 +361,8 @@ def test_a_sampled_curve_tracks_hot_prefixes_in_full(rate: float) -> None:
         for i, prompt in enumerate(prompts):
             request = d.admit(prompt, max_tokens=1)
             assert request is not None
+            if per_step and i % per_step == per_step - 1:
+                tracker.note_step()  # what the scheduler does at the end of schedule()
             running.append(request)
             if len(running) > 2 or i % 3:
                 d.free(running.pop(0))
@@ -349,6 +374,10 @@ def test_a_sampled_curve_tracks_hot_prefixes_in_full(rate: float) -> None:
         hist = tracker.snapshot(0, 0).reuse_distance
         assert hist is not None and hist.sampling_rate == sample
         assert (tracker.reuse.hot > 0) == (hot and sample < 1)
+        if hot and sample < 1 and per_step:  # admissions that looked for hot blocks: all of
+            # the first step (no step seen yet), then one a step
+            steps = -(-(len(prompts) - per_step) // per_step)
+            assert tracker.reuse._lookups == per_step + steps
         return list(hist.cumulative_tokens), hist.query_tokens
 
     full, queries = curve(1.0, hot=True)

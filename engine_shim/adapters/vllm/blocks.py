@@ -95,6 +95,29 @@ class FreeQueueCounter:
     sampled are kept in a set and intersected with each call's ids.
     """
 
+    # Slots: the hooks read these on every call, amid the allocator's own memory traffic.
+    __slots__ = (
+        "blocks",
+        "by_id",
+        "cached_tokens",
+        "duplicates",
+        "extra",
+        "failure",
+        "hash_get",
+        "hashed",
+        "id_get",
+        "null_get",
+        "per_block_tokens",
+        "pool",
+        "prev_get",
+        "recency",
+        "sampled",
+        "size",
+        "threshold",
+        "tokens",
+        "tokens_get",
+    )
+
     def __init__(
         self,
         pool: Any,
@@ -136,11 +159,13 @@ class FreeQueueCounter:
         # whole prompt's last block, computed again; two requests filling the same prefix in
         # one step), and its lookup finds the first. Each is a block of its own in the
         # recency order, so it stays keyed by its id: under the hash, two blocks would count
-        # as one and every distance behind them would read short.
+        # as one and every distance behind them would read short. Only those the reuse
+        # tracker follows (by id, or under a sampled or hot hash) are marked: for any other,
+        # nothing is keyed at all.
         self.duplicates: set[int] = set()
-        self.lookup_map = getattr(pool, "cached_block_hash_to_block", None)
         if recency is not None:
-            if callable(getattr(self.lookup_map, "get_one_block", None)):
+            lookup_map = getattr(pool, "cached_block_hash_to_block", None)
+            if callable(getattr(lookup_map, "get_one_block", None)):
                 recency.on_promote, recency.on_demote = self.promoted, self.demoted
             else:  # a hot key's block cannot be found: keep to the sampled blocks
                 recency.hot_capacity = 0
@@ -229,8 +254,10 @@ class FreeQueueCounter:
         return block
 
     def _first_block(self, key: Any) -> Any:
-        """The block vLLM's lookup finds for ``key`` (None too where the map cannot say)."""
-        get_one_block = getattr(self.lookup_map, "get_one_block", None)
+        """The block vLLM's lookup finds for ``key`` (None too where the map cannot say). The
+        pool's map of now: vLLM 0.31-0.33 replace it on ``reset_prefix_cache``."""
+        lookup_map = getattr(self.pool, "cached_block_hash_to_block", None)
+        get_one_block = getattr(lookup_map, "get_one_block", None)
         return None if get_one_block is None else get_one_block(key)
 
     def recency_key(self, block_id: int, key: Any) -> Any:
@@ -345,54 +372,90 @@ class FreeQueueCounter:
             self.stop_recency(exc)
 
     def hook(self, queue: Any) -> None:
-        """Wrap the queue's mutators on this instance (vLLM's pool holds one queue)."""
-        popleft_n, popleft, remove = queue.popleft_n, queue.popleft, queue.remove
-        append, append_n, prepend_n = queue.append, queue.append_n, queue.prepend_n
-        moved, hash_get, id_get, counter = self.moved, self.hash_get, self.id_get, self
+        """Wrap the queue's mutators on this instance (vLLM's pool holds one queue).
 
-        def counted_popleft_n(n: int) -> list[Any]:
-            blocks: list[Any] = popleft_n(n)
-            if n == 1 and not counter.extra:  # a decode step's new block: the common call
-                if hash_get(blocks[0]) is not None:
-                    counter.blocks -= 1
-                    counter.tokens -= counter.size
-                if counter.recency is not None and id_get(blocks[0]) in counter.by_id:
-                    counter._recency(blocks, [None], None, idle=False, by_id=True)
-            else:
-                moved(blocks, False, allocated=True)
+        While no block keeps extra tokens and the reuse tracker is off, a call is counted
+        inline (a step's few hundred blocks cost a few dozen of these calls): the number of
+        hashed blocks among those that moved, at C speed. Otherwise ``moved`` does it all."""
+        _hook_leaving(self, queue)
+        _hook_entering(self, queue)
+
+
+def _hook_leaving(counter: FreeQueueCounter, queue: Any) -> None:
+    """``popleft_n``, ``popleft`` and ``remove``: blocks allocated, or taken by a prefix hit."""
+    popleft_n, popleft, remove = queue.popleft_n, queue.popleft, queue.remove
+    moved, hash_get, id_get = counter.moved, counter.hash_get, counter.id_get
+    extra, size = counter.extra, counter.size
+
+    def counted_popleft_n(n: int) -> list[Any]:
+        blocks: list[Any] = popleft_n(n)
+        if n != 1 or extra:
+            moved(blocks, False, allocated=True)
             return blocks
+        # A decode step's new block: the common call.
+        if hash_get(blocks[0]) is not None:
+            counter.blocks -= 1
+            counter.tokens -= size
+        if counter.recency is not None and id_get(blocks[0]) in counter.by_id:
+            counter._recency(blocks, [None], None, idle=False, by_id=True)
+        return blocks
 
-        def counted_popleft() -> Any:
-            block = popleft()
-            moved([block], False, allocated=True)
-            return block
+    def counted_popleft() -> Any:
+        block = popleft()
+        moved([block], False, allocated=True)
+        return block
 
-        def counted_remove(block: Any) -> None:
-            remove(block)
+    def counted_remove(block: Any) -> None:
+        remove(block)
+        if extra or counter.recency is not None:
             moved([block], False)
+        elif hash_get(block) is not None:
+            counter.blocks -= 1
+            counter.tokens -= size
 
-        def counted_append(block: Any) -> None:
-            append(block)
-            moved([block], True)
+    queue.popleft_n, queue.popleft = counted_popleft_n, counted_popleft
+    queue.remove = counted_remove
 
-        def counted_append_n(blocks: list[Any]) -> None:
-            append_n(blocks)
+
+def _hook_entering(counter: FreeQueueCounter, queue: Any) -> None:
+    """``append``, ``append_n`` and ``prepend_n``: blocks freed (idle from now on)."""
+    append, append_n, prepend_n = queue.append, queue.append_n, queue.prepend_n
+    moved, hash_get, id_get = counter.moved, counter.hash_get, counter.id_get
+    extra, size = counter.extra, counter.size
+
+    def entered(blocks: list[Any]) -> None:
+        if extra:
             moved(blocks, True)
+            return
+        hashes = list(map(hash_get, blocks))
+        cached = len(hashes) - hashes.count(None)
+        if cached:
+            counter.blocks += cached
+            counter.tokens += cached * size
+        recency = counter.recency
+        if recency is not None and not (
+            recency.threshold == counter.threshold
+            and counter.sampled.isdisjoint(map(id_get, blocks))
+        ):
+            counter._recency(blocks, hashes, None, idle=True, by_id=False)
 
-        def counted_prepend_n(blocks: list[Any]) -> None:
-            prepend_n(blocks)
-            moved(blocks, True)
+    def counted_append(block: Any) -> None:
+        append(block)
+        entered([block])
 
-        queue.popleft_n, queue.popleft, queue.remove = (
-            counted_popleft_n,
-            counted_popleft,
-            counted_remove,
-        )
-        queue.append, queue.append_n, queue.prepend_n = (
-            counted_append,
-            counted_append_n,
-            counted_prepend_n,
-        )
+    def counted_append_n(blocks: list[Any]) -> None:
+        append_n(blocks)
+        entered(blocks)
+
+    def counted_prepend_n(blocks: list[Any]) -> None:
+        prepend_n(blocks)
+        entered(blocks)
+
+    queue.append, queue.append_n, queue.prepend_n = (
+        counted_append,
+        counted_append_n,
+        counted_prepend_n,
+    )
 
 
 def cached_tokens_function(
@@ -425,24 +488,66 @@ def tracked_block_class(base: type, layout: BlockLayout, counter: FreeQueueCount
     what they did.
 
     vLLM hashes every block it fills and clears it on every eviction, so both have a fast
-    path: a block outside the free queue (held, or just popped for reuse) changes no count."""
-    set_original, reset_original = (getattr(base, name) for name in HASH_WRITERS)
-    hash_get = counter.hash_get
+    path: a block outside the free queue (held, or just popped for reuse) changes no count,
+    and one that the reuse tracker does not follow (most) costs it no call."""
+    return type(
+        f"Tracked{base.__name__}",
+        (base,),
+        {
+            "__slots__": (),
+            "set_block_hash": _counted_set_block_hash(base, counter),
+            "reset_hash": _counted_reset_hash(base, counter),
+        },
+    )
+
+
+def _counted_set_block_hash(base: type, counter: FreeQueueCounter) -> Callable[..., None]:
+    set_original = base.set_block_hash  # type: ignore[attr-defined]
+    hash_get, id_get, prev_get = counter.hash_get, counter.id_get, counter.prev_get
     contribution, hash_changed = counter.contribution, counter.hash_changed
-    prev_get, rekeyed = counter.prev_get, counter.held_block_rekeyed
-    slow = counter.per_block_tokens
+    rekeyed, slow = counter.held_block_rekeyed, counter.per_block_tokens
+
+    def general(block: Any, block_hash: Any, num_tokens: int | None) -> None:
+        """A block in the queue, one that had a hash already, or tokens kept per block."""
+        old = hash_get(block)
+        counter.hashed += old is None
+        before = contribution(block)
+        set_original(block, block_hash, num_tokens)
+        hash_changed(block, old, before)
 
     def set_block_hash(self: Any, block_hash: Any, num_tokens: int | None = None) -> None:
-        old = hash_get(self)
-        if old is None:
-            counter.hashed += 1
-        if slow or prev_get(self) is not None:
-            before = contribution(self)
-            set_original(self, block_hash, num_tokens)
-            hash_changed(self, old, before)
+        if slow or prev_get(self) is not None or hash_get(self) is not None:
+            general(self, block_hash, num_tokens)
             return
+        # A held block filled and cached: no count changes but the number with a hash.
+        counter.hashed += 1
         set_original(self, block_hash, num_tokens)
-        rekeyed(self, old, block_hash)
+        recency = counter.recency
+        if recency is None:
+            return
+        # Most blocks are nothing to the reuse tracker: not keyed by their id so far, nor
+        # tracked under the new hash (sampled: sample_hash inlined; or hot). Then it costs no
+        # call (a duplicate that nothing tracks needs no mark: vLLM's lookup finds the first).
+        below = recency.threshold_key
+        if (
+            below is None
+            or recency.threshold != counter.threshold
+            or type(block_hash) is not bytes
+            or len(block_hash) < 4
+            or block_hash < below
+            or block_hash in recency.hot_blocks
+            or id_get(self) in counter.by_id
+        ):
+            rekeyed(self, None, block_hash)
+
+    return set_block_hash
+
+
+def _counted_reset_hash(base: type, counter: FreeQueueCounter) -> Callable[..., None]:
+    reset_original = base.reset_hash  # type: ignore[attr-defined]
+    hash_get, id_get, prev_get = counter.hash_get, counter.id_get, counter.prev_get
+    contribution, hash_changed = counter.contribution, counter.hash_changed
+    rekeyed, slow = counter.held_block_rekeyed, counter.per_block_tokens
 
     def reset_hash(self: Any) -> None:
         old = hash_get(self)
@@ -454,10 +559,9 @@ def tracked_block_class(base: type, layout: BlockLayout, counter: FreeQueueCount
             hash_changed(self, old, before)
             return
         reset_original(self)
-        rekeyed(self, old, None)
+        if old is not None and counter.recency is not None:
+            block_id = id_get(self)
+            if block_id in counter.sampled or block_id in counter.by_id or counter.duplicates:
+                rekeyed(self, old, None)
 
-    return type(
-        f"Tracked{base.__name__}",
-        (base,),
-        {"__slots__": (), "set_block_hash": set_block_hash, "reset_hash": reset_hash},
-    )
+    return reset_hash

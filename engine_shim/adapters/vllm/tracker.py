@@ -5,10 +5,12 @@
 
 from __future__ import annotations
 
+import operator
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice, repeat
 from typing import Any
 
 from kvstats.capacity import GroupFootprint, cdiv, kv_cache_size_tokens, max_concurrency
@@ -266,6 +268,10 @@ class BlockPoolTracker(_Base):
         )
         # Lookups' distances from get_computed_blocks until the stats record the admission.
         self._lookups: dict[str, Observation] = {}
+        # Scheduler calls seen (note_step), and the one whose admission last looked for hot
+        # blocks: one admission per step does (every one where no scheduler drives steps).
+        self._steps = 0
+        self._promoted_at = -1
         tracked = tracked_block_class(block_class, self.layout, self._counts)
         for block in pool.blocks:
             block.__class__ = tracked
@@ -288,8 +294,7 @@ class BlockPoolTracker(_Base):
                 try:
                     self._observe(request, reuse, suffix)
                 except Exception as exc:  # the curve stops; vLLM's lookup still runs
-                    counts.recency = None
-                    counts.failure = f"reuse-distance tracking stopped: {exc!r}"[:300]
+                    counts.stop_recency(exc)
             return original(request, *args, **kwargs)
 
         self.manager.get_computed_blocks = lookup
@@ -301,11 +306,12 @@ class BlockPoolTracker(_Base):
         # vLLM never looks up the block holding the prompt's last token.
         cacheable = min(len(hashes), (int(request.num_tokens) - 1) // self.block_size)
         # Every key: the tracker buckets the tracked ones and, at admission, makes the keys
-        # an earlier lookup had too hot.
-        keys = [bytes(h) + suffix for h in hashes[:cacheable]]
+        # an earlier lookup had too hot. Built at C speed (hash + group id, as vLLM's map).
+        keys = list(map(operator.add, islice(hashes, cacheable), repeat(suffix)))
         if len(self._lookups) > 4096:  # requests aborted while waiting
             self._lookups.clear()
-        used = self._used_blocks()
+        pool = self.pool
+        used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
         self._lookups[request.request_id] = reuse.observe(keys, used * self.block_size)
 
     def _wrap_prefix_stats(self) -> None:
@@ -313,14 +319,22 @@ class BlockPoolTracker(_Base):
         original: Callable[[Any, int], None] = self.manager.record_prefix_cache_stats
         lookup_enabled = getattr(self.manager, "prefix_cache_lookup_enabled", lambda r: True)
 
+        lookups = self._lookups
+
         def record(request: Any, num_hits: int) -> None:
-            looked_up = self._lookups.pop(str(getattr(request, "request_id", "")), None)
-            if lookup_enabled(request) and getattr(request, "num_preemptions", 0) <= 0:
+            looked_up = (
+                lookups.pop(str(getattr(request, "request_id", "")), None) if lookups else None
+            )
+            if getattr(request, "num_preemptions", 0) <= 0 and lookup_enabled(request):
                 self.prefix_query_tokens += int(request.num_tokens)
                 self.prefix_hit_tokens += int(num_hits)
                 if looked_up is not None and self._counts.recency is not None:
+                    promote = self._steps == 0 or self._promoted_at != self._steps
+                    self._promoted_at = self._steps
                     try:
-                        self._counts.recency.record(int(request.num_tokens), looked_up)
+                        self._counts.recency.record(
+                            int(request.num_tokens), looked_up, promote=promote
+                        )
                     except Exception as exc:  # the curve stops; vLLM's bookkeeping goes on
                         self._counts.stop_recency(exc)
             original(request, num_hits)
@@ -342,6 +356,17 @@ class BlockPoolTracker(_Base):
 
     def _physical_blocks(self) -> int:
         return self._used_blocks() + self._counts.blocks
+
+    def note_step(self) -> None:
+        """The high-water marks (twice per step: one read of the free count, no calls)."""
+        self._steps += 1
+        pool = self.pool
+        used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
+        if used > self._peak_used:
+            self._peak_used = used
+        physical = used + self._counts.blocks
+        if physical > self._peak_physical:
+            self._peak_physical = physical
 
     def counts(self) -> tuple[int, int, int]:
         """(used, evictable, available) blocks, the null block excluded. O(1)."""
