@@ -374,9 +374,10 @@ class FreeQueueCounter:
     def hook(self, queue: Any) -> None:
         """Wrap the queue's mutators on this instance (vLLM's pool holds one queue).
 
-        While no block keeps extra tokens and the reuse tracker is off, a call is counted
-        inline (a step's few hundred blocks cost a few dozen of these calls): the number of
-        hashed blocks among those that moved, at C speed. Otherwise ``moved`` does it all."""
+        While no block keeps extra tokens, a call is counted inline (a step's few hundred
+        blocks cost a few dozen of these calls): the number of hashed blocks among those that
+        moved, at C speed; the reuse tracker hears of it only where the call moved a block it
+        follows. Otherwise (and for the rarer calls) ``moved`` does it all."""
         _hook_leaving(self, queue)
         _hook_entering(self, queue)
 

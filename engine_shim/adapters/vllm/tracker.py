@@ -111,6 +111,7 @@ class _Base:
         self._sequence = 0
         self.capacity: LiveCapacity | None = None
         self.problem: str | None = None  # the shim's own failure, said in every snapshot
+        self.scheduler_calls = 0  # note_step's count: which admissions share a step
         used = self._used_blocks()
         self._peak_used = used
         self._peak_physical = used
@@ -118,15 +119,17 @@ class _Base:
     def _used_blocks(self) -> int:
         return int(self.pool.num_gpu_blocks) - 1 - int(self.pool.get_num_free_blocks())
 
-    def _physical_blocks(self) -> int | None:
+    def _physical_blocks(self, used: int) -> int | None:
+        """Used + evictable blocks, where the view knows evictable."""
         return None
 
     def note_step(self) -> None:
-        """The high-water marks, at the end of each scheduler call (O(1))."""
+        """The high-water marks, at the end of each scheduler call (O(1), one pool read)."""
+        self.scheduler_calls += 1
         used = self._used_blocks()
         if used > self._peak_used:
             self._peak_used = used
-        physical = self._physical_blocks()
+        physical = self._physical_blocks(used)
         if physical is not None and physical > self._peak_physical:
             self._peak_physical = physical
 
@@ -268,9 +271,8 @@ class BlockPoolTracker(_Base):
         )
         # Lookups' distances from get_computed_blocks until the stats record the admission.
         self._lookups: dict[str, Observation] = {}
-        # Scheduler calls seen (note_step), and the one whose admission last looked for hot
-        # blocks: one admission per step does (every one where no scheduler drives steps).
-        self._steps = 0
+        # The scheduler call whose admission last looked for hot blocks: one admission per
+        # step does (every one where no scheduler drives steps: no call counted).
         self._promoted_at = -1
         tracked = tracked_block_class(block_class, self.layout, self._counts)
         for block in pool.blocks:
@@ -310,8 +312,7 @@ class BlockPoolTracker(_Base):
         keys = list(map(operator.add, islice(hashes, cacheable), repeat(suffix)))
         if len(self._lookups) > 4096:  # requests aborted while waiting
             self._lookups.clear()
-        pool = self.pool
-        used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
+        used = self._used_blocks()
         self._lookups[request.request_id] = reuse.observe(keys, used * self.block_size)
 
     def _wrap_prefix_stats(self) -> None:
@@ -329,8 +330,9 @@ class BlockPoolTracker(_Base):
                 self.prefix_query_tokens += int(request.num_tokens)
                 self.prefix_hit_tokens += int(num_hits)
                 if looked_up is not None and self._counts.recency is not None:
-                    promote = self._steps == 0 or self._promoted_at != self._steps
-                    self._promoted_at = self._steps
+                    calls = self.scheduler_calls
+                    promote = calls == 0 or self._promoted_at != calls
+                    self._promoted_at = calls
                     try:
                         self._counts.recency.record(
                             int(request.num_tokens), looked_up, promote=promote
@@ -354,19 +356,8 @@ class BlockPoolTracker(_Base):
         """Blocks holding a prefix-cache entry, in use or evictable (what KV events count)."""
         return self._counts.hashed
 
-    def _physical_blocks(self) -> int:
-        return self._used_blocks() + self._counts.blocks
-
-    def note_step(self) -> None:
-        """The high-water marks (twice per step: one read of the free count, no calls)."""
-        self._steps += 1
-        pool = self.pool
-        used = pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
-        if used > self._peak_used:
-            self._peak_used = used
-        physical = used + self._counts.blocks
-        if physical > self._peak_physical:
-            self._peak_physical = physical
+    def _physical_blocks(self, used: int) -> int:
+        return used + self._counts.blocks
 
     def counts(self) -> tuple[int, int, int]:
         """(used, evictable, available) blocks, the null block excluded. O(1)."""
