@@ -62,6 +62,7 @@ def main() -> int:
                     model,
                     Path(tmp) / f"{name}-{m}",
                     scheduler=SHIM_SCHEDULER,
+                    extra_env={"KVCACHE_SHIM_REUSE_DISTANCE": "on"},
                     extra_args=(
                         "--num-gpu-blocks-override",
                         str(blocks),

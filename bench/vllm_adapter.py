@@ -4,13 +4,15 @@ Run in the vLLM environment: ``.venv-vllm/bin/python bench/vllm_adapter.py``.
 
 A step is what the scheduler asks of the KV cache manager in a decode-heavy batch: every
 running request grows by one token (a new block every 16), a few finish (their blocks become
-evictable prefix cache) and are replaced by new requests that hit a shared prefix. The same
-seeded steps run with the plain manager and with the adapter attached, side by side: the
-tracked blocks' setters, the lookup and stats wrappers, and what the scheduler subclass adds to
-each step (its lock around schedule and update_from_output, the high-water marks, the clock,
-the iteration count). A snapshot is built per stats read, not per step: its cost is timed on
-its own (``snapshot``), and amortised over a 1 s poll it is the per-read figure / steps per
-second. Run once per vLLM release (``PYTHONPATH=.venv-vllm/matrix/0.32.0``) to compare them.
+evictable prefix cache) and are replaced by new requests that hit a shared prefix; the stats
+logger takes vLLM's prefix-cache stats. The same seeded steps run with the plain manager and
+with the shim attached, side by side: its counting, its stats wrapper, and what the scheduler
+subclass adds to each step (its lock around schedule and update_from_output, the high-water
+mark, the clock, the iteration count). Timings on a shared host wander; the Python bytecodes
+each lane runs, counted by tracing the same steps, do not. A snapshot is built per stats
+read, not per step: its cost is timed on its own (``snapshot``), and amortised over a 1 s poll
+it is the per-read figure / steps per second. Run once per vLLM release
+(``PYTHONPATH=.venv-vllm/matrix/0.32.0``) to compare them.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Lane:
                 self.new_request()
             elif not driver.decode(request, rng.randrange(30000)):
                 driver.free(request)
+        driver.take_stats()  # the scheduler's make_stats, every step (log_stats is on)
         if view is not None:
             with view.lock:  # schedule()
                 view.steps_in_flight += 1
@@ -83,36 +86,75 @@ class Lane:
             with view.lock:  # update_from_output()
                 view.steps_in_flight -= 1
                 view.tracker.iterations += 1
-                view.tracker.note_step()
                 view.touched()
         self.times.append(time.perf_counter() - start)
 
 
-def run(num_blocks: int, steps: int, batch: int, seed: int) -> dict[str, Any]:
-    """Plain vLLM, the adapter, and the adapter without reuse distances, in lockstep on the same
-    seeded steps (each lane's state stays identical), the order rotating every step, so that
-    drift, cache warmth and other load fall on all three alike; per-step paired differences."""
-    lanes = {
-        "plain": Lane(num_blocks, batch, seed, tracked=False),
-        "shim": Lane(num_blocks, batch, seed, tracked=True),
-        "counts": Lane(num_blocks, batch, seed, tracked=True, reuse=False),
-    }
-    order = list(lanes.values())
+def bytecodes_per_step(lane: Lane, steps: int = 10) -> float:
+    """Python bytecodes a lane's steps run, counted by tracing: the noise-free side of the
+    cost (the same seeded steps on every lane; C work and cache effects are not in it)."""
+    executed = 0
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal executed
+        frame.f_trace_opcodes = True
+        executed += event == "opcode"
+        return trace
+
+    sys.settrace(trace)
+    try:
+        for _ in range(steps):
+            lane.step()
+    finally:
+        sys.settrace(None)
+    return executed / steps
+
+
+def paired(num_blocks: int, steps: int, batch: int, seed: int, curve: bool) -> dict[str, Any]:
+    """Plain vLLM and the shim in lockstep on the same seeded steps (each lane's state stays
+    identical), which one goes first alternating every step, so that drift and other load fall
+    on both alike; per-step paired differences. One pair at a time: a third lane beside them
+    (the curve's, with its own memory traffic) would add its noise to the other two."""
+    plain = Lane(num_blocks, batch, seed, tracked=False)
+    shim = Lane(num_blocks, batch, seed, tracked=True, reuse=curve)
     gc.collect()
     gc.disable()  # as vLLM's engine core does after start-up (it freezes the heap)
     for i in range(steps):
-        for lane in order[i % 3 :] + order[: i % 3]:
+        for lane in (plain, shim) if i % 2 else (shim, plain):
             lane.step()
     gc.enable()
-    plain = lanes["plain"].times
-    result: dict[str, Any] = {"plain": statistics.mean(plain)}
-    for name in ("shim", "counts"):
-        diffs = [t - p for t, p in zip(lanes[name].times, plain, strict=True)]
-        result[name] = (statistics.mean(diffs), statistics.median(diffs))
-    shim = lanes["shim"]
+    assert shim.tracker is not None
+    assert brute_force_evictable(shim.manager.block_pool) == shim.tracker.evictable_blocks
+    diffs = [t - p for t, p in zip(shim.times, plain.times, strict=True)]
+    return {
+        "plain": statistics.mean(plain.times),
+        "diff": (statistics.mean(diffs), statistics.median(diffs)),
+        # Still in lockstep: the same next steps, traced.
+        "ops": (bytecodes_per_step(plain), bytecodes_per_step(shim)),
+        "shim": shim,
+    }
+
+
+def run(num_blocks: int, steps: int, batch: int, seed: int) -> dict[str, Any]:
+    """The shim as it starts by default (counts only) against plain vLLM, then the shim with
+    the what-if curve against plain vLLM; then what a stats read, an O(N) scan and the
+    iteration log would cost on the curve's pool."""
+    counts = paired(num_blocks, steps, batch, seed, curve=False)
+    curve = paired(num_blocks, steps, batch, seed, curve=True)
+    result: dict[str, Any] = {
+        "plain": statistics.mean((counts["plain"], curve["plain"])),
+        "counts": counts["diff"],
+        "shim": curve["diff"],
+        "ops": {
+            "plain": counts["ops"][0],
+            "counts": counts["ops"][1],
+            "shim": curve["ops"][1] - curve["ops"][0] + counts["ops"][0],
+        },
+    }
+    shim: Lane = curve["shim"]
     assert shim.tracker is not None and shim.view is not None
     t0 = time.perf_counter()
-    assert brute_force_evictable(shim.manager.block_pool) == shim.tracker.evictable_blocks
+    brute_force_evictable(shim.manager.block_pool)
     result["scan"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(200):
@@ -144,28 +186,34 @@ def main() -> None:
     from vllm import __version__ as vllm_version
 
     print(
-        f"vLLM {vllm_version}: the adapter's cost per scheduler step; plain vLLM, the adapter and"
-        f" the adapter with KVCACHE_SHIM_REUSE_DISTANCE=off in lockstep on the same seeded steps"
-        f" ({args.steps} steps x {args.reps} seeds); mean (median) of the per-step differences"
+        f"vLLM {vllm_version}: the shim's cost per scheduler step, as it starts by default"
+        f" (counts only) and with the what-if curve (KVCACHE_SHIM_REUSE_DISTANCE=on), each in"
+        f" lockstep with plain vLLM on the same seeded steps ({args.steps} steps x {args.reps}"
+        f" seeds); mean (median) of the per-step differences"
     )
     for batch in (int(b) for b in args.batches.split(",")):
         for size in (int(s) for s in args.sizes.split(",")):
             runs = [run(size, args.steps, batch, seed) for seed in range(args.reps)]
             shim = [r["shim"] for r in runs]
             counts = [r["counts"] for r in runs]
+
+            def ops(lane: str, runs: list[dict[str, Any]] = runs) -> float:
+                return float(statistics.mean(r["ops"][lane] for r in runs))
+
             print(
                 f"  {batch:>3} running, {size:>9,} blocks: plain vLLM"
-                f" {statistics.mean(r['plain'] for r in runs) * 1e6:7.1f} us/step; adapter"
-                f" {statistics.mean(m for m, _ in shim) * 1e6:+6.1f}"
-                f" ({statistics.mean(m for _, m in shim) * 1e6:+.1f}) us, counts only"
+                f" {statistics.mean(r['plain'] for r in runs) * 1e6:7.1f} us/step; shim"
                 f" {statistics.mean(m for m, _ in counts) * 1e6:+6.1f}"
-                f" ({statistics.mean(m for _, m in counts) * 1e6:+.1f}) us; a snapshot read"
-                f" {statistics.median(r['read'] for r in runs) * 1e6:4.1f} us; the iteration log"
-                f" {statistics.median(r['log_line'] for r in runs) * 1e6:4.1f} us per step;"
-                f" an O(N) scan"
-                f" {statistics.median(r['scan'] for r in runs) * 1e3:5.1f} ms"
-                f" (per-seed adapter means:"
-                f" {', '.join(f'{m * 1e6:+.0f}' for m, _ in shim)} us)"
+                f" ({statistics.mean(m for _, m in counts) * 1e6:+.1f}) us, with the curve"
+                f" {statistics.mean(m for m, _ in shim) * 1e6:+6.1f}"
+                f" ({statistics.mean(m for _, m in shim) * 1e6:+.1f}) us; per-seed means: shim"
+                f" {', '.join(f'{m * 1e6:+.0f}' for m, _ in counts)}, with the curve"
+                f" {', '.join(f'{m * 1e6:+.0f}' for m, _ in shim)} us; Python bytecodes per step:"
+                f" plain vLLM {ops('plain'):,.0f}, shim {ops('counts') - ops('plain'):+,.0f},"
+                f" with the curve {ops('shim') - ops('plain'):+,.0f}; a snapshot read"
+                f" {statistics.median(r['read'] for r in runs) * 1e6:4.1f} us, the iteration log"
+                f" {statistics.median(r['log_line'] for r in runs) * 1e6:4.1f} us per step, an"
+                f" O(N) scan {statistics.median(r['scan'] for r in runs) * 1e3:5.1f} ms"
             )
 
 

@@ -151,6 +151,7 @@ class Driver:
         # (a re-admitted preempted request is vLLM's "preempted" bucket, not a new query).
         self.first_queries = 0
         self.first_hits = 0
+        self.taken = (0, 0)  # vLLM's prefix-cache stats handed out by take_stats
         # With KV events on: vLLM's own events, encoded as its publisher does, read by the
         # exporter's stream bookkeeping, one batch per check.
         self.stream = EventStreamState()
@@ -205,15 +206,23 @@ class Driver:
         assert snap.pools[0].evictable_prefix_tokens == self.tracker.evictable_tokens
         peak = snap.pools[0].peak_used_slots
         assert peak is not None and used * block <= peak <= snap.pools[0].capacity_slots
-        assert (self.tracker.prefix_query_tokens, self.tracker.prefix_hit_tokens) == (
-            self.first_queries,
-            self.first_hits,
-        )
+        assert self.tracker.prefix_totals() == (self.first_queries, self.first_hits)
         assert snap.counters.prefix_query_tokens == self.first_queries
+        assert snap.counters.prefix_hit_tokens == {"device": self.first_hits}
         # vLLM's own statistics agree: re-admissions land in its preempted_* fields.
         stats = self.m.prefix_cache_stats
         assert stats is not None
-        assert (stats.queries, stats.hits) == (self.first_queries, self.first_hits)
+        assert (self.taken[0] + stats.queries, self.taken[1] + stats.hits) == (
+            self.first_queries,
+            self.first_hits,
+        )
+
+    def take_stats(self) -> None:
+        """What the scheduler's ``make_stats`` does once per step: take vLLM's prefix-cache
+        stats for the stats loggers (vLLM starts a new object)."""
+        stats = self.m.make_prefix_cache_stats()
+        assert stats is not None
+        self.taken = (self.taken[0] + stats.queries, self.taken[1] + stats.hits)
 
     def admit(self, prompt: list[int], max_tokens: int = 64) -> Request | None:
         self.ids += 1

@@ -289,8 +289,8 @@ def what_if_panels(d: Dashboard, c: MixinConfig, sel: str) -> Dashboard:
         .unit("short")
         .description(
             "What the prefix hit ratio would have been over the dashboard's time range with a KV cache of each "
-            "size (tokens), from the reuse distances of the lookups (reference engine and vLLM shim; see "
-            "docs/reuse-distance.md). The rows marked pool, pool_host (+ host tier) and top (64x the pool) are "
+            "size (tokens), from the reuse distances of the lookups (reference engine, and vLLM shim with "
+            "KVCACHE_SHIM_REUSE_DISTANCE=on; see docs/reuse-distance.md). The rows marked pool, pool_host (+ host tier) and top (64x the pool) are "
             "this engine's; sizes above the pool are what more KV memory would buy."
         )
         .datasource(DS)

@@ -49,6 +49,7 @@ from engine_shim.adapters.vllm import (
     kv_allocation_bytes,
     reuse_distances_enabled,
 )
+from engine_shim.adapters.vllm.blocks import FreeQueueCounter
 from kvstats.snapshot import ProducerStatus
 from kvstats.validate import parse_snapshot
 
@@ -75,7 +76,9 @@ def test_the_blind_spot_vllm_leaves() -> None:
 
 ops = st.lists(
     st.tuples(
-        st.sampled_from(["admit", "admit", "decode", "decode", "decode", "free", "readmit"]),
+        st.sampled_from(
+            ["admit", "admit", "decode", "decode", "decode", "free", "readmit", "stats"]
+        ),
         st.integers(0, 3),
         st.integers(1, 300),
         st.integers(0, 2**31),
@@ -86,12 +89,14 @@ ops = st.lists(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=ops, sliding=st.sampled_from([None, 64]))
+@given(ops=ops, sliding=st.sampled_from([None, 64]), curve=st.booleans())
 def test_counts_equal_a_brute_force_count_after_every_step(
-    ops: list[Any], sliding: int | None
+    ops: list[Any], sliding: int | None, curve: bool
 ) -> None:
-    # Small: eviction under pressure is routine. KV events on: vLLM's own events agree.
-    m, tracker = manager(48, sliding, kv_events=True)
+    """With the curve (the general hooks) and without (the counts fused into vLLM's hash
+    writers): small, so eviction under pressure is routine; KV events on: vLLM's own agree."""
+    m, tracker = manager(48, sliding, reuse_distances=curve, kv_events=True)
+    assert tracker.counting == ("hooks" if curve else "fused")
     d = Driver(m, tracker)
     prefixes = [[(p * 1000 + i) % 30000 for i in range(200)] for p in range(4)]
     for op, prefix, length, seed in ops:
@@ -111,6 +116,8 @@ def test_counts_equal_a_brute_force_count_after_every_step(
             d.readmit(rng.choice(list(d.preempted.values())))
         elif op == "free" and d.running:
             d.free(rng.choice(list(d.running.values())))
+        elif op == "stats":
+            d.take_stats()
         d.check()
     for request in list(d.running.values()):
         d.free(request)
@@ -132,19 +139,21 @@ def test_reuse_distances_off_leaves_out_the_curve_and_nothing_else() -> None:
             d.check()
         snap = tracker.snapshot(0, 0)
         assert (snap.reuse_distance is not None) is on
-        # Still counted: the hash writers and the free queue's mutators stay wrapped.
+        # Still counted: by the general hooks with the curve, by the fused writers and queue
+        # methods without it.
         assert "set_block_hash" in vars(type(m.block_pool.blocks[1]))
-        assert "append_n" in vars(m.block_pool.free_block_queue)
+        queue = m.block_pool.free_block_queue
+        assert "append_n" in (vars(queue) if on else vars(type(queue)))
+        assert tracker.counting == ("hooks" if on else "fused")
         counts[on] = (
             tracker.counts(),
             snap.counters.prefix_query_tokens,
             snap.counters.prefix_hit_tokens,
         )
     assert counts[True] == counts[False]
-    assert (
-        reuse_distances_enabled({})
-        and reuse_distances_enabled({"KVCACHE_SHIM_REUSE_DISTANCE": " OFF "}) is False
-    )
+    assert reuse_distances_enabled({}) is False  # asked for: it costs per step
+    assert reuse_distances_enabled({"KVCACHE_SHIM_REUSE_DISTANCE": " ON "})
+    assert reuse_distances_enabled({"KVCACHE_SHIM_REUSE_DISTANCE": " OFF "}) is False
     with pytest.raises(ValueError, match="KVCACHE_SHIM_REUSE_DISTANCE must be 'on' or 'off'"):
         reuse_distances_enabled({"KVCACHE_SHIM_REUSE_DISTANCE": "0"})
 
@@ -208,6 +217,7 @@ def test_after_a_prefix_cache_reset_the_counter_asks_vllms_new_lookup_map() -> N
     assert r is not None
     d.free(r)
     counter = tracker._counts
+    assert isinstance(counter, FreeQueueCounter)  # the curve is on: the general hooks
     keys = [bytes(h) + (0).to_bytes(4, "big") for h in r.block_hashes[:12]]
     assert all(counter._first_block(k) is not None for k in keys)
     assert m.reset_prefix_cache()
@@ -453,6 +463,8 @@ def test_partial_caching_counts_equal_a_brute_force_count(ops: list[Any]) -> Non
                 d.free(request)
         elif op == "free" and d.running:
             d.free(rng.choice(list(d.running.values())))
+        elif op == "stats":
+            d.take_stats()
         d.check()
 
 
@@ -462,11 +474,10 @@ def test_peaks_hold_a_burst_between_two_reads() -> None:
     d = Driver(m, tracker)
     tracker.snapshot(0, 0)
     burst = [d.admit([i * 1000 + j for j in range(160)]) for i in range(4)]  # 10 blocks each
-    tracker.note_step()  # the scheduler calls it after each schedule / update_from_output
-    for request in burst:
+    tracker.note_step()  # the scheduler calls it at the end of each schedule()
+    for request in burst:  # update_from_output: finished requests free their blocks
         assert request is not None
         d.free(request)
-    tracker.note_step()
     pool = tracker.snapshot(0, 0).pools[0]
     assert pool.used_slots == 0 and pool.peak_used_slots == 40 * BLOCK
     assert pool.peak_physical_slots == 40 * BLOCK  # still cached: physical stays at its peak
@@ -703,13 +714,14 @@ def test_only_the_two_hash_writers_write_a_blocks_hash() -> None:
     assert writes and not strays, f"other writes to a block's hash: {strays[:10]}"
 
 
-def test_blocks_of_another_pool_freed_through_this_one_are_not_counted_here() -> None:
+@pytest.mark.parametrize("curve", [True, False])
+def test_blocks_of_another_pool_freed_through_this_one_are_not_counted_here(curve: bool) -> None:
     """Deferred frees may carry blocks of several pools (0.34: each block holds a weak
     reference to its own): vLLM hands them to their own pool, and this pool's counts stay
-    its own, each pool counted once."""
+    its own, each pool counted once (by the general hooks, and fused)."""
     from vllm.v1.core.block_pool import BlockPool
 
-    m, tracker = manager(32)
+    m, tracker = manager(32, reuse_distances=curve)
     d = Driver(m, tracker)
     request = d.admit(list(range(64)))
     assert request is not None

@@ -94,6 +94,8 @@ class CheckingScheduler(KVCacheShimScheduler):  # type: ignore[misc,valid-type]
                 ),
             ],
             "status": None if snap.status is None else snap.status.state,
+            "counting": self.kvcache_tracker.counting,
+            "curve": snap.reuse_distance is not None,
             # The shim's resident slots, and the bounds a bridge with a whole event stream
             # would publish at this step (from the true cached count and vLLM's usage).
             "cached": [snap.prefix_resident_slots.get("device", 0) // bs, cached],

@@ -29,6 +29,10 @@ SHARED = list(range(3, 3 + 3 * BLOCK))  # a 3-block prefix every request shares
 UNIQUE = 200  # then 200 tokens of its own: one more full block and a partial one
 OUTPUT = 16
 MODELS = ("gemma2", "llama")  # hybrid (sliding-window + full attention) and full attention
+# Each way of counting runs live: the what-if curve on (the general hooks) and off (the default:
+# the counts fused into vLLM's own methods).
+CURVE = {"gemma2": "on", "llama": "off"}
+COUNTING = {"gemma2": "hooks", "llama": "fused"}
 
 
 def unique_tokens(seed: int, n: int) -> list[int]:
@@ -86,7 +90,11 @@ def assert_every_step_counted_exactly(server: VllmServer) -> list[dict[str, Any]
 def idle_server(
     request: pytest.FixtureRequest, models: dict[str, Path], workdir: Path
 ) -> Iterator[VllmServer]:
-    with VllmServer(models[request.param], workdir / f"idle-{request.param}").running() as server:
+    with VllmServer(
+        models[request.param],
+        workdir / f"idle-{request.param}",
+        extra_env={"KVCACHE_SHIM_REUSE_DISTANCE": CURVE[request.param]},
+    ).running() as server:
         yield server
 
 
@@ -117,6 +125,8 @@ def test_shared_prefix_then_idle(idle_server: VllmServer) -> None:
     full = snap.pools[0]
     checks = assert_every_step_counted_exactly(server)
     expected_blocks, expected_hits = EXPECTED[kind]
+    assert {c["counting"] for c in checks} == {COUNTING[kind]}
+    assert {c["curve"] for c in checks} == {CURVE[kind] == "on"}
     assert checks[-1]["evictable_by_group"] == expected_blocks
     assert full.used_slots == 0
     assert full.evictable_slots == sum(expected_blocks.values()) * BLOCK
@@ -173,6 +183,9 @@ def test_the_start_up_line_says_what_it_verified(idle_server: VllmServer) -> Non
     line = next((x for x in log.splitlines() if "kvcache shim" in x and "verified" in x), None)
     assert line is not None, "the shim's start-up line is not in vLLM's log"
     assert "vllm 0.32.0" in line and "KVCacheBlock.{ref_cnt,_block_hash,is_null}" in line
+    curve = CURVE[idle_server.model.name]
+    assert f"what-if curve {curve}" in line
+    assert ("counting fused into" in line) is (curve == "off")
     assert f"http://127.0.0.1:{idle_server.shim_port}/v1/kv/stats" in line
 
 

@@ -11,7 +11,8 @@ Each engine core (one per data-parallel rank) then serves ``GET /v1/kv/stats`` o
 0.34 (``docs/engines.md`` has the matrix CI runs). On a release it does not recognise, vLLM
 still starts and serves, and the snapshot says ``unsupported`` (see ``scheduler``).
 
-The parts: ``blocks`` (each release's block layout, the counting subclass), ``tracker`` (the
+The parts: ``blocks`` (each release's block layout, the general counting hooks), ``fused`` (the
+counts fused into vLLM's own methods, on code the shim was tested with), ``tracker`` (the
 snapshot from the counts, or from vLLM's public pool API), ``facts`` (config and settings),
 ``scheduler`` (the scheduler mixin over vLLM's class, its lock, the endpoint); the live view
 and the endpoint themselves are any in-process adapter's (``engine_shim/adapters/live.py``).

@@ -41,8 +41,10 @@ def _switch(
 
 
 def reuse_distances_enabled(environ: Mapping[str, str] = os.environ) -> bool:
-    """``KVCACHE_SHIM_REUSE_DISTANCE``: ``on`` (the default) or ``off``."""
-    return _switch(environ, "KVCACHE_SHIM_REUSE_DISTANCE", "on", ("on",), ("off",))
+    """``KVCACHE_SHIM_REUSE_DISTANCE``: ``on`` or ``off`` (the default). The what-if curve
+    costs per scheduler step several times what the counts do (``docs/engines.md``): it is
+    asked for, not paid by everyone."""
+    return _switch(environ, "KVCACHE_SHIM_REUSE_DISTANCE", "off", ("on",), ("off",))
 
 
 def iteration_log_enabled(environ: Mapping[str, str] = os.environ) -> bool:

@@ -130,7 +130,13 @@ def _startup_line(tracker: Tracker, host: str, port: int, log_steps: bool) -> No
     if isinstance(tracker, BlockPoolTracker):
         hooked = (
             f"verified KVCacheBlock.{{ref_cnt,{tracker.layout.hash_field},is_null}} and"
-            f" {len(POOL_MUTATORS + SCHEDULER_HOOKS)} scheduler hooks"
+            f" {len(POOL_MUTATORS + SCHEDULER_HOOKS)} scheduler hooks; counting "
+            + (
+                "fused into vLLM's hash writers and free queue"
+                if tracker.counting == "fused"
+                else "by hooks on vLLM's hash writers and free queue"
+            )
+            + f"; what-if curve {'on' if tracker.reuse is not None else 'off'}"
         )
     else:
         hooked = "UNSUPPORTED: used/free blocks only"
@@ -233,7 +239,8 @@ class ShimScheduling:
             view.tracker.iterations += 1
             if self._kvcache_log_steps:
                 log.info(view.tracker.step_line(*view._counts()))
-        view.tracker.note_step()
+        # No high-water mark here: update_from_output only frees blocks, which lowers used and
+        # never raises used + evictable; schedule() (every allocation) notes them.
 
 
 def _preempt_request(self: Any, *args: Any, **kwargs: Any) -> Any:

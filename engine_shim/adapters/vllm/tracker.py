@@ -32,6 +32,7 @@ from .blocks import (
     cached_tokens_function,
     tracked_block_class,
 )
+from .fused import FusedCounts, install_fused, why_not_fused
 
 # Public block-pool API, the same in every release since the V1 engine: what a degraded view
 # reads, and what the tracker needs besides the blocks' own fields.
@@ -119,12 +120,17 @@ class _Base:
     def _used_blocks(self) -> int:
         return int(self.pool.num_gpu_blocks) - 1 - int(self.pool.get_num_free_blocks())
 
+    def prefix_totals(self) -> tuple[int, int]:
+        """(query tokens, hit tokens) of first admissions since start."""
+        return self.prefix_query_tokens, self.prefix_hit_tokens
+
     def _physical_blocks(self, used: int) -> int | None:
         """Used + evictable blocks, where the view knows evictable."""
         return None
 
     def note_step(self) -> None:
-        """The high-water marks, at the end of each scheduler call (O(1), one pool read)."""
+        """The high-water marks, at the end of each ``schedule()``: every allocation happens
+        there (O(1), one pool read). It also counts scheduler steps."""
         self.scheduler_calls += 1
         used = self._used_blocks()
         if used > self._peak_used:
@@ -167,6 +173,7 @@ class _Base:
             elif live[0] is not None:
                 concurrency, capacity_tokens = live
         self._sequence += 1
+        queries, hits = self.prefix_totals()
         return Snapshot(
             engine=EngineIdentity(
                 kind="vllm",
@@ -184,8 +191,8 @@ class _Base:
             capacity_tokens=capacity_tokens,
             requests=Requests(running=running, waiting=waiting),
             counters=Counters(
-                prefix_query_tokens=self.prefix_query_tokens,
-                prefix_hit_tokens={"device": self.prefix_hit_tokens},
+                prefix_query_tokens=queries,
+                prefix_hit_tokens={"device": hits},
                 preemptions=self.preemptions,
                 iterations=self.iterations,
             ),
@@ -261,26 +268,44 @@ class BlockPoolTracker(_Base):
         # size; groups of several sizes need each block's own: then tokens are kept per block.
         sizes = {int(s.block_size) for s in specs}
         hash_block = getattr(pool, "hash_block_size", None)
-        self._counts = FreeQueueCounter(
-            pool,
-            self.layout,
-            self.cached_tokens,
-            self.block_size,
-            self.reuse,
-            per_block_tokens=len(sizes) > 1 or sizes != {hash_block},
-        )
+        per_block_tokens = len(sizes) > 1 or sizes != {hash_block}
+        # Without the curve and partial entries, the counts live in vLLM's own hash writers
+        # where its code is one the shim was tested with (see ``fused``).
+        self.counting = "hooks"
+        if self.reuse is None and not per_block_tokens and why_not_fused(pool) is None:
+            self._counts: FreeQueueCounter | FusedCounts = install_fused(
+                pool, self.layout, self.block_size
+            )
+            self.counting = "fused"
+        else:
+            self._counts = self._install_hooks(pool, block_class, per_block_tokens)
         # Lookups' distances from get_computed_blocks until the stats record the admission.
         self._lookups: dict[str, Observation] = {}
         # The scheduler call whose admission last looked for hot blocks: one admission per
         # step does (every one where no scheduler drives steps: no call counted).
         self._promoted_at = -1
-        tracked = tracked_block_class(block_class, self.layout, self._counts)
-        for block in pool.blocks:
-            block.__class__ = tracked
-        self._counts.hook(pool.free_block_queue)
+        self._vllms_prefix_stats = False  # counted from vLLM's PrefixCacheStats
         self._wrap_prefix_stats()
         if self.reuse is not None:
             self._wrap_lookups(self.reuse)
+
+    def _install_hooks(
+        self, pool: Any, block_class: type, per_block_tokens: bool
+    ) -> FreeQueueCounter:
+        """The general counting: hooks on the free queue and the block's hash writers."""
+        counts = FreeQueueCounter(
+            pool,
+            self.layout,
+            self.cached_tokens,
+            self.block_size,
+            self.reuse,
+            per_block_tokens=per_block_tokens,
+        )
+        tracked = tracked_block_class(block_class, self.layout, counts)
+        for block in pool.blocks:
+            block.__class__ = tracked
+        counts.hook(pool.free_block_queue)
+        return counts
 
     def _wrap_lookups(self, reuse: ReuseDistanceTracker) -> None:
         """Reuse distances of a new request's prompt blocks, taken before the lookup pins them.
@@ -316,7 +341,10 @@ class BlockPoolTracker(_Base):
         self._lookups[request.request_id] = reuse.observe(keys, used * self.block_size)
 
     def _wrap_prefix_stats(self) -> None:
-        """Count prefix queries/hits where the scheduler records them, whatever log_stats says."""
+        """Count prefix queries/hits where the scheduler records them, whatever log_stats says;
+        without the curve, from vLLM's own stats where it keeps them (no call per admission)."""
+        if self.reuse is None and self._read_vllms_prefix_stats():
+            return
         original: Callable[[Any, int], None] = self.manager.record_prefix_cache_stats
         lookup_enabled = getattr(self.manager, "prefix_cache_lookup_enabled", lambda r: True)
 
@@ -342,6 +370,42 @@ class BlockPoolTracker(_Base):
             original(request, num_hits)
 
         self.manager.record_prefix_cache_stats = record
+
+    def _read_vllms_prefix_stats(self) -> bool:
+        """With log_stats on, vLLM records every admission's query and hit tokens (preempted
+        ones apart, as here) in ``prefix_cache_stats``, which ``make_prefix_cache_stats`` hands
+        to the stats logger and replaces once per step: the totals are what it handed out
+        plus what the current object holds. False where this vLLM keeps no such stats."""
+        manager = self.manager
+        stats = getattr(manager, "prefix_cache_stats", None)
+        original = getattr(manager, "make_prefix_cache_stats", None)
+        if not (
+            getattr(manager, "log_stats", False)
+            and callable(original)
+            and isinstance(getattr(stats, "queries", None), int)
+            and isinstance(getattr(stats, "hits", None), int)
+        ):
+            return False
+
+        def make_prefix_cache_stats() -> Any:
+            taken = original()
+            if taken is not None:
+                self.prefix_query_tokens += taken.queries
+                self.prefix_hit_tokens += taken.hits
+            return taken
+
+        manager.make_prefix_cache_stats = make_prefix_cache_stats
+        self._vllms_prefix_stats = True
+        return True
+
+    def prefix_totals(self) -> tuple[int, int]:
+        if not self._vllms_prefix_stats:
+            return self.prefix_query_tokens, self.prefix_hit_tokens
+        current = self.manager.prefix_cache_stats
+        return (
+            self.prefix_query_tokens + int(current.queries),
+            self.prefix_hit_tokens + int(current.hits),
+        )
 
     @property
     def evictable_blocks(self) -> int:
