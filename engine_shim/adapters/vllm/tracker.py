@@ -105,6 +105,7 @@ class _Base:
         self.facts = facts
         self.block_size = block_size
         self.instance_id = uuid.uuid4().hex
+        # Counted per admission, or what vLLM's stats handed out (``prefix_totals`` is the total).
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
         self.preemptions = 0
