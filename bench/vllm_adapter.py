@@ -12,7 +12,8 @@ mark, the clock, the iteration count). Timings on a shared host wander; the Pyth
 each lane runs, counted by tracing the same steps, do not. A snapshot is built per stats
 read, not per step: its cost is timed on its own (``snapshot``), and amortised over a 1 s poll
 it is the per-read figure / steps per second. Run once per vLLM release
-(``PYTHONPATH=.venv-vllm/matrix/0.32.0``) to compare them.
+(``PYTHONPATH=.venv-vllm/matrix/0.32.0``) to compare them. ``vllm_adapter_instructions.py``
+counts the same steps' machine instructions under valgrind (C work included, no noise).
 """
 
 from __future__ import annotations
@@ -110,6 +111,28 @@ def bytecodes_per_step(lane: Lane, steps: int = 10) -> float:
     return executed / steps
 
 
+def lockstep(plain: Lane, other: Lane, steps: int) -> list[float]:
+    """Both lanes' steps, which goes first alternating; the other's extra time per step."""
+    gc.collect()
+    gc.disable()  # as vLLM's engine core does after start-up (it freezes the heap)
+    for i in range(steps):
+        for lane in (plain, other) if i % 2 else (other, plain):
+            lane.step()
+    gc.enable()
+    return [t - p for t, p in zip(other.times, plain.times, strict=True)]
+
+
+def floor(num_blocks: int, steps: int, batch: int, seed: int) -> tuple[float, float]:
+    """Plain vLLM against plain vLLM, built and run as a pair is: what this method reads
+    where there is nothing to find (the host's noise, and the second lane's place in memory)."""
+    diffs = lockstep(
+        Lane(num_blocks, batch, seed, tracked=False),
+        Lane(num_blocks, batch, seed, tracked=False),
+        steps,
+    )
+    return statistics.mean(diffs), statistics.median(diffs)
+
+
 def paired(num_blocks: int, steps: int, batch: int, seed: int, curve: bool) -> dict[str, Any]:
     """Plain vLLM and the shim in lockstep on the same seeded steps (each lane's state stays
     identical), which one goes first alternating every step, so that drift and other load fall
@@ -117,15 +140,9 @@ def paired(num_blocks: int, steps: int, batch: int, seed: int, curve: bool) -> d
     (the curve's, with its own memory traffic) would add its noise to the other two."""
     plain = Lane(num_blocks, batch, seed, tracked=False)
     shim = Lane(num_blocks, batch, seed, tracked=True, reuse=curve)
-    gc.collect()
-    gc.disable()  # as vLLM's engine core does after start-up (it freezes the heap)
-    for i in range(steps):
-        for lane in (plain, shim) if i % 2 else (shim, plain):
-            lane.step()
-    gc.enable()
+    diffs = lockstep(plain, shim, steps)
     assert shim.tracker is not None
     assert brute_force_evictable(shim.manager.block_pool) == shim.tracker.evictable_blocks
-    diffs = [t - p for t, p in zip(shim.times, plain.times, strict=True)]
     # Still in lockstep: the same next steps, traced (plain's count, and the shim's extra).
     plain_ops = bytecodes_per_step(plain)
     return {
@@ -183,6 +200,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batches", default="64,256")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--floor", action="store_true", help="also plain vLLM against plain vLLM, per seed"
+    )
     args = parser.parse_args()
     from vllm import __version__ as vllm_version
 
@@ -195,6 +215,14 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         for size in (int(s) for s in args.sizes.split(",")):
             runs = [run(size, args.steps, batch, seed) for seed in range(args.reps)]
+            if args.floor:
+                floors = [floor(size, args.steps, batch, seed) for seed in range(args.reps)]
+                print(
+                    f"  {batch:>3} running, {size:>9,} blocks: plain vLLM against plain vLLM"
+                    f" {statistics.mean(m for m, _ in floors) * 1e6:+6.1f}"
+                    f" ({statistics.mean(m for _, m in floors) * 1e6:+.1f}) us; per-seed means:"
+                    f" {', '.join(f'{m * 1e6:+.0f}' for m, _ in floors)} us"
+                )
             shim = [r["shim"] for r in runs]
             counts = [r["counts"] for r in runs]
 

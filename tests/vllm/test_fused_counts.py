@@ -22,6 +22,7 @@ from engine_shim.adapters.vllm import BlockPoolTracker, EngineFacts, block_layou
 from engine_shim.adapters.vllm.fused import (
     RELIED,
     fused_methods,
+    rebuilt,
     relied_on,
     source_digest,
     why_not_fused,
@@ -35,6 +36,47 @@ def test_every_release_of_the_matrix_is_counted_fused_without_the_curve() -> Non
     # With the curve, or with partial entries (tokens per block), the general hooks count.
     assert manager(32)[1].counting == "hooks"
     assert partial_caching_manager(32, reuse_distances=False)[1].counting == "hooks"
+
+
+def test_the_fused_pool_keeps_vllms_queue_state_on_an_instance_of_the_counted_class() -> None:
+    """The queue is rebuilt, not swapped in place: its attributes, in vLLM's order, on a new
+    instance of the counting subclass (an instance whose class is swapped afterwards would miss
+    the interpreter's attribute caches on every access); every node, the list's two ends
+    included, of the one counted block class."""
+    m, config = new_manager(32)
+    pool = m.block_pool
+    before = pool.free_block_queue
+    state = list(vars(before).items())
+    free = [b.block_id for b in before.get_all_free_blocks()]
+    facts = EngineFacts(model="t", max_model_len=64)
+    tracker = BlockPoolTracker(m, config, facts, reuse_distances=False)
+    assert tracker.counting == "fused"
+    queue = pool.free_block_queue
+    assert queue is not before and type(queue).__bases__ == (type(before),)
+    assert list(vars(queue).items()) == state
+    assert [b.block_id for b in queue.get_all_free_blocks()] == free
+    counted = type(pool.blocks[0])
+    assert {type(b) for b in pool.blocks} == {counted}
+    assert type(queue.fake_free_list_head) is type(queue.fake_free_list_tail) is counted
+
+
+def test_an_instance_with_a_dict_is_rebuilt_and_a_slotted_one_swapped_in_place() -> None:
+    class Plain:
+        def __init__(self) -> None:
+            self.b, self.a = 2, 1
+
+    class Slotted:
+        __slots__ = ("a",)
+        a: int
+
+    instance = Plain()
+    copy = rebuilt(instance, type("Sub", (Plain,), {}))
+    assert copy is not instance and type(copy).__name__ == "Sub"
+    assert list(vars(copy).items()) == [("b", 2), ("a", 1)]
+    slotted = Slotted()
+    slotted.a = 1
+    sub = type("SlottedSub", (Slotted,), {"__slots__": ()})
+    assert rebuilt(slotted, sub) is slotted and type(slotted) is sub and slotted.a == 1
 
 
 @pytest.mark.parametrize(
@@ -121,7 +163,9 @@ def test_the_fused_writers_write_what_vllms_write() -> None:
 
 queue_ops = st.lists(
     st.tuples(
-        st.sampled_from(["append", "append_n", "prepend_n", "remove", "popleft", "popleft_n"]),
+        st.sampled_from(
+            ["append", "append_n", "prepend_n", "remove", "popleft", "popleft_n", "step"]
+        ),
         st.integers(0, 2**31),
     ),
     max_size=80,
@@ -148,6 +192,8 @@ def test_the_fused_queue_moves_blocks_as_vllms_own_and_counts_the_cached_ones(
     queues[0].__class__ = type("Fused", (FreeKVCacheBlockQueue,), methods.queue)
     popped_cached = 0  # popped blocks leave the count at their reset (get_new_blocks)
     for op, seed in ops:
+        if op == "step":  # the end of a scheduler step: the changes fold into the totals
+            assert counts.step_evictable() == counts.blocks
         outcomes = [
             apply(queue, blocks, op, seed)
             for queue, blocks in zip(queues, (ours, theirs), strict=True)
@@ -209,6 +255,8 @@ def test_fused_counts_equal_a_brute_force_count_through_eviction_and_resets(
                 d.free(request)
             assert m.reset_prefix_cache()
             assert (tracker.evictable_blocks, tracker.cached_blocks) == (0, 0)
+        if rng.random() < 0.3:
+            tracker.note_step()  # the end of a schedule(): the fused counts fold their changes
         d.check()
     assert brute_force_evictable(m.block_pool) == tracker.evictable_blocks
 

@@ -313,6 +313,10 @@ class FreeQueueCounter:
         except Exception as exc:
             self.stop_recency(exc)
 
+    def step_evictable(self) -> int:
+        """Evictable blocks at the end of a scheduler step (as ``FusedCounts``)."""
+        return self.blocks
+
     def stop_recency(self, exc: BaseException) -> None:
         """Monitoring never takes serving down: the curve stops, the counts go on."""
         self.recency = None

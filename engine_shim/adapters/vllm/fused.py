@@ -13,8 +13,10 @@ Python call per event, about a hundred per scheduler step at 256 running request
   every cached block it pops before it hands it out, so a popped block leaves the evictable
   count at that reset (outside the queue and not yet referenced).
 
-The counts live in closure cells shared by those functions (an update is four bytecodes);
-``FusedCounts`` reads them.
+The counts live in closure cells shared by those functions (an update is four bytecodes, and
+allocates nothing: the cells hold the changes since the last scheduler step, small ints, folded
+into the totals once per step); ``FusedCounts`` reads them. The free queue is rebuilt as an
+instance of the counting subclass, not swapped in place (see ``rebuilt``).
 
 This rests on vLLM's code as it is, so it is used only where the source of every function it
 replaces or relies on is one the shim was tested with (``KNOWN_SOURCES``, one digest per
@@ -153,11 +155,14 @@ class FusedCounts:
     moves blocks between the two (the queue). Every cached block holds ``size`` tokens here
     (no partial entries)."""
 
-    __slots__ = ("_read", "failure", "recency", "size")
+    __slots__ = ("_fold", "_read", "failure", "recency", "size")
     recency: ReuseDistanceTracker | None
 
-    def __init__(self, read: Callable[[], tuple[int, int]], block_size: int) -> None:
+    def __init__(
+        self, read: Callable[[], tuple[int, int]], fold: Callable[[], None], block_size: int
+    ) -> None:
         self._read = read
+        self._fold = fold
         self.size = block_size
         self.recency = None  # the what-if curve needs the general hooks
         self.failure: str | None = None
@@ -180,6 +185,13 @@ class FusedCounts:
     def tokens(self) -> int:
         return self._read()[0] * self.size
 
+    def step_evictable(self) -> int:
+        """Evictable blocks at the end of a scheduler step. Called only on the engine core's
+        thread, the one that runs vLLM's writers, and under the shim's lock: the changes fold
+        into the totals here, where no write can fall between and no reader sees it half done."""
+        self._fold()
+        return self._read()[0]
+
     def stop_recency(self, exc: BaseException) -> None:
         """There is no curve here to stop."""
 
@@ -187,7 +199,11 @@ class FusedCounts:
 # vLLM's own steps (``KVCacheBlock`` and ``FreeKVCacheBlockQueue``, Apache-2.0; the same in
 # 0.31-0.34 but for style and the hash's field names), each counting as it goes.
 _METHODS = '''
-def make(evictable, held):
+def make(total_evictable, total_held):
+    # The counts: totals plus changes since the last fold, kept near {bias}. CPython keeps the
+    # ints -5..256 preallocated; a count in the thousands would allocate a new int (and free
+    # the old one) at every update, which would cost more than the rest of the counting.
+    evictable = held = {bias}
     def set_block_hash(self, block_hash, num_tokens=None):
         nonlocal evictable, held
         assert self.{hash} is None and self.{tokens} is None, (
@@ -204,9 +220,10 @@ def make(evictable, held):
         """Reset the block hash when the block is evicted."""
         nonlocal evictable, held
         if self.{hash} is not None:
-            # Referenced: held. Otherwise in the queue, or just popped from it by
-            # get_new_blocks (still counted as evictable: the pop is not hooked).
-            if self.ref_cnt and self.prev_free_block is None:
+            # Referenced: held. Otherwise in the queue (vLLM keeps each block there at
+            # ref_cnt 0), or just popped from it by get_new_blocks (still counted as
+            # evictable: the pop is not hooked).
+            if self.ref_cnt:
                 held -= 1
             else:
                 evictable -= 1
@@ -289,10 +306,18 @@ def make(evictable, held):
             held += 1
 
     def read():
-        return evictable, held
+        return total_evictable + evictable - {bias}, total_held + held - {bias}
 
-    return read, (set_block_hash, reset_hash), (append, append_n, prepend_n, remove)
+    def fold():
+        nonlocal evictable, held, total_evictable, total_held
+        total_evictable += evictable - {bias}
+        total_held += held - {bias}
+        evictable = held = {bias}
+
+    return read, fold, (set_block_hash, reset_hash), (append, append_n, prepend_n, remove)
 '''
+# Where the changes start (within CPython's small ints, with room both ways for a step's).
+_BIAS = 128
 
 
 @dataclass(frozen=True)
@@ -314,10 +339,10 @@ def fused_methods(
     if not all(field.isidentifier() for field in fields.values()):
         raise ValueError(f"fused methods need the hash and prefix-length fields: {fields}")
     namespace: dict[str, Any] = {}
-    exec(_METHODS.format(**fields), namespace)
-    read, writers, queue = namespace["make"](evictable, held)
+    exec(_METHODS.format(bias=_BIAS, **fields), namespace)
+    read, fold, writers, queue = namespace["make"](evictable, held)
     return FusedMethods(
-        FusedCounts(read, block_size),
+        FusedCounts(read, fold, block_size),
         dict(zip(("set_block_hash", "reset_hash"), writers, strict=True)),
         dict(zip(("append", "append_n", "prepend_n", "remove"), queue, strict=True)),
     )
@@ -350,7 +375,23 @@ def install_fused(pool: Any, layout: BlockLayout, block_size: int) -> FusedCount
         f"Counted{block_class.__name__}", (block_class,), {"__slots__": (), **fused.block}
     )
     counted_queue = type(f"Counted{type(queue).__name__}", (type(queue),), fused.queue)
-    for block in pool.blocks:
-        block.__class__ = counted
-    queue.__class__ = counted_queue
+    ends = [queue.fake_free_list_head, queue.fake_free_list_tail]
+    for block in (*pool.blocks, *(end for end in ends if type(end) is block_class)):
+        block.__class__ = counted  # the list's ends too: every node of one class
+    pool.free_block_queue = rebuilt(queue, counted_queue)
     return fused.counts
+
+
+def rebuilt(instance: Any, cls: type) -> Any:
+    """``instance``'s attributes on a new instance of ``cls``, set in the same order.
+
+    CPython lays an instance's attributes out by its class: one whose ``__class__`` is
+    swapped afterwards misses the interpreter's attribute caches on every access (a dict
+    lookup each, about twice the cost). Slotted objects (the blocks) have no such layout."""
+    if not hasattr(instance, "__dict__"):
+        instance.__class__ = cls
+        return instance
+    copy: Any = object.__new__(cls)
+    for name, value in vars(instance).items():
+        setattr(copy, name, value)
+    return copy

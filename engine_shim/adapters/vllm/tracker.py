@@ -422,7 +422,7 @@ class BlockPoolTracker(_Base):
         return self._counts.hashed
 
     def _physical_blocks(self, used: int) -> int:
-        return used + self._counts.blocks
+        return used + self._counts.step_evictable()
 
     def counts(self) -> tuple[int, int, int]:
         """(used, evictable, available) blocks, the null block excluded. O(1)."""
